@@ -1,0 +1,223 @@
+"""LRBM: the learnable spatial modulation of a large depthwise kernel (Rep3D, ICML 2026).
+
+    P[k]  = beta / (||k - c||_2 + beta)      distance-decay prior, c the kernel centre
+    M     = P + f_theta(P)                    f_theta: the LRBM generator
+    W_eff = W * M                             element-wise; the convolution uses W_eff
+
+With M fixed, a gradient step of lr on W moves W_eff by -lr * M^2 * dL/dW_eff: the mask is a
+spatially varying learning rate, faster at the kernel centre. Folding for deployment is
+``equivalent_kernel`` (pure maths) followed by a module swap in the owning block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..blocks import check_kernel_size, check_positive_int
+from ..dwconv import DepthwiseConv3d
+
+MODULATIONS = ("lrbm", "fixed", "none")
+
+
+def check_modulation(modulation: str) -> str:
+    if modulation not in MODULATIONS:
+        raise ValueError(
+            f"modulation must be one of {MODULATIONS} ('lrbm': M = P + f(P), the paper's default; "
+            f"'fixed': M = P; 'none': plain large kernel), got {modulation!r}."
+        )
+    return modulation
+
+
+def compute_distance_prior(
+    kernel_size: int,
+    beta: float = 1.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reciprocal distance-decay prior ``P[k] = beta / (||k - c||_2 + beta)`` on a K x K x K grid.
+
+    Args:
+        kernel_size: odd kernel size K.
+        beta: decay scale; larger values flatten the prior. Defaults to 1 (the paper's value).
+        device: device of the returned tensor.
+        dtype: dtype of the returned tensor.
+
+    Returns:
+        A (K, K, K) tensor, 1 at the centre, decreasing with Euclidean distance from it.
+    """
+    check_kernel_size(kernel_size)
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta!r}.")
+    offsets = torch.arange(kernel_size, device=device, dtype=torch.float64) - kernel_size // 2
+    dz, dy, dx = torch.meshgrid(offsets, offsets, offsets, indexing="ij")
+    dist = torch.sqrt(dz**2 + dy**2 + dx**2)
+    return (beta / (dist + beta)).to(dtype)
+
+
+class MapLayerNorm(nn.Module):
+    """LayerNorm over a whole single-channel K^3 map, with one scalar gain and bias.
+
+    Normalising over the map (not over the single channel, which would make the output equal to the
+    bias whatever the input) keeps the generator's output a function of its input. The scalar affine
+    keeps the parameter names and shapes of the reference release (``weight``/``bias`` of shape [1]).
+    """
+
+    def __init__(self, init_weight: float = 1.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1,), float(init_weight)))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-3:], eps=self.eps) * self.weight + self.bias
+
+
+class LRBMGenerator(nn.Module):
+    """The LRBM generator f_theta: conv -> LN -> (sigmoid -> conv -> LN) x (depth - 1) on the prior map.
+
+    Every convolution is single-channel with 'same' padding, so the output keeps the K^3 size. One
+    mask serves all channels of a block: a few hundred parameters per convolution.
+
+    Args:
+        kernel_size: generator convolution kernel size. Defaults to 7 (the paper's value).
+        depth: number of convolutions. Defaults to 2 (the paper's value).
+        init_scale: initial gain of the last LayerNorm; see the note below. Defaults to 1e-2.
+
+    Initialisation: the last LayerNorm's gain starts at ``init_scale`` (small) and its bias at 0, so
+    f_theta(P) is about ``init_scale`` in magnitude and M starts near the prior P: training begins from
+    the Fixed-Prior model and the generator learns a correction. The gain is small rather than 0
+    because a zero gain would give every earlier generator parameter a zero gradient at the start.
+    """
+
+    def __init__(self, kernel_size: int = 7, depth: int = 2, init_scale: float = 1e-2) -> None:
+        super().__init__()
+        check_kernel_size(kernel_size, "generator_kernel_size")
+        check_positive_int("generator_depth", depth)
+        self.depth = depth
+        # Names follow the reference release (prior_conv, norm_w, prior_conv2, norm_w2, ...) so that
+        # its generator weights map onto ours.
+        for i in range(1, depth + 1):
+            suffix = "" if i == 1 else str(i)
+            # No bias: the LayerNorm right after subtracts the map's mean, so a bias would get no gradient.
+            self.add_module(f"prior_conv{suffix}", nn.Conv3d(1, 1, kernel_size, padding=kernel_size // 2, bias=False))
+            self.add_module(f"norm_w{suffix}", MapLayerNorm(init_weight=init_scale if i == depth else 1.0))
+
+    def forward(self, prior: torch.Tensor) -> torch.Tensor:
+        """Map a (K, K, K) prior to the (K, K, K) correction f_theta(prior)."""
+        x = prior[None, None]
+        for i in range(1, self.depth + 1):
+            suffix = "" if i == 1 else str(i)
+            if i > 1:
+                x = torch.sigmoid(x)
+            x = getattr(self, f"norm_w{suffix}")(getattr(self, f"prior_conv{suffix}")(x))
+        return x[0, 0]
+
+
+class KernelModulation(nn.Module):
+    """Produces the modulation mask M of one block's K^3 depthwise kernel.
+
+    Args:
+        kernel_size: K, the size of the modulated kernel.
+        modulation: ``"lrbm"`` (M = P + f(P)) or ``"fixed"`` (M = P).
+        beta: prior decay scale. Defaults to 1.
+        generator_kernel_size: LRBM generator kernel size. Defaults to 7.
+        generator_depth: LRBM generator depth. Defaults to 2.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int,
+        modulation: str = "lrbm",
+        beta: float = 1.0,
+        generator_kernel_size: int = 7,
+        generator_depth: int = 2,
+    ) -> None:
+        super().__init__()
+        check_modulation(modulation)
+        if modulation == "none":
+            raise ValueError("KernelModulation needs modulation 'lrbm' or 'fixed'; for 'none' build no modulation.")
+        self.modulation = modulation
+        # Persistent although it is a function of K and beta: its presence in a state dict marks a
+        # training (unfolded) checkpoint, whose weight is W rather than W * M (see networks.load_network_weights).
+        self.register_buffer("prior", compute_distance_prior(kernel_size, beta))
+        self.generator = LRBMGenerator(generator_kernel_size, generator_depth) if modulation == "lrbm" else None
+
+    def forward(self) -> torch.Tensor:
+        """Return M, a (K, K, K) float32 tensor."""
+        if self.generator is None:
+            return self.prior
+        # The mask is tiny and scales every kernel element: compute it in float32 even under autocast.
+        with torch.autocast(device_type=self.prior.device.type, enabled=False):
+            return self.prior + self.generator(self.prior.float())
+
+    def extra_repr(self) -> str:
+        return f"modulation={self.modulation}, kernel_size={self.prior.shape[0]}"
+
+
+def modulated_kernel(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """W_eff = W * M, with M (K, K, K) broadcast over the (C, 1, K, K, K) depthwise weight."""
+    if mask is None:
+        return weight
+    return weight * mask.to(weight.dtype)
+
+
+class ModulatedDepthwiseConv3d(DepthwiseConv3d):
+    """A depthwise 'same' convolution whose kernel is modulated by an LRBM mask during training.
+
+    In training and evaluation before folding, the convolution uses ``W_eff = W * M`` with M computed
+    in that forward pass, so both W and the generator get gradients; ``self.weight`` is never re-bound.
+    :meth:`reparameterize` folds W_eff into ``self.weight`` and drops the generator and prior; the module
+    then behaves exactly like a plain :class:`DepthwiseConv3d` (the deployed form).
+
+    Args:
+        channels: number of channels C.
+        kernel_size: odd kernel size K.
+        modulation: ``"lrbm"``, ``"fixed"`` or ``"none"`` (no mask: a plain large kernel).
+        bias: whether the convolution has a bias (the mask never touches it). Defaults to False.
+        impl: depthwise convolution implementation, see :mod:`networks.dwconv`.
+        beta, generator_kernel_size, generator_depth: see :class:`KernelModulation`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        modulation: str = "lrbm",
+        bias: bool = False,
+        impl: str = "auto",
+        beta: float = 1.0,
+        generator_kernel_size: int = 7,
+        generator_depth: int = 2,
+    ) -> None:
+        super().__init__(channels, kernel_size, bias=bias, impl=impl)
+        check_modulation(modulation)
+        self.modulation = (
+            None
+            if modulation == "none"
+            else KernelModulation(kernel_size, modulation, beta, generator_kernel_size, generator_depth)
+        )
+
+    @property
+    def is_folded(self) -> bool:
+        return self.modulation is None
+
+    def equivalent_kernel(self) -> torch.Tensor:
+        """W_eff = W * M for the current parameters (differentiable; mutates nothing)."""
+        return modulated_kernel(self.weight, None if self.modulation is None else self.modulation())
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if weight is None and self.modulation is not None:
+            weight = self.equivalent_kernel()
+        return super().forward(x, weight)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the mask into the weight, in place, and drop the generator and prior. Idempotent."""
+        if self.modulation is None:
+            return
+        folded = self.equivalent_kernel().detach().to(self.weight.dtype)
+        self.weight.copy_(folded)
+        del self.modulation
+        self.modulation = None

@@ -1,0 +1,122 @@
+"""Pieces shared by the large-kernel networks (REP3D, 3D UX-Net): norms, argument checks and the
+UNETR-style decoder that both wire to a 4-stage hierarchical encoder."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+
+
+class LayerNormChannelsFirst(nn.Module):
+    """LayerNorm over the channel axis of an (N, C, D, H, W) tensor, with per-channel affine parameters.
+
+    Args:
+        channels: number of channels C.
+        eps: added to the variance. Defaults to 1e-6 (the ConvNeXt / 3D UX-Net value).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Move channels last so that F.layer_norm (one fused kernel) normalises over them.
+        y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_kernel_size(kernel_size: int, name: str = "kernel_size") -> None:
+    if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(
+            f"{name} must be a positive odd integer (a 'same' depthwise kernel has a centre), got {kernel_size!r}; "
+            "the paper uses 21 for REP3D and 7 for 3D UX-Net."
+        )
+
+
+def check_stages(depths: Sequence[int], feature_size: Sequence[int], num_stages: int = 4) -> None:
+    depths, feature_size = list(depths), list(feature_size)
+    if len(depths) != num_stages or len(feature_size) != num_stages:
+        raise ValueError(
+            f"depths and feature_size must each list {num_stages} stages (the decoder has {num_stages} skip levels), "
+            f"got depths={depths} ({len(depths)}) and feature_size={feature_size} ({len(feature_size)}); "
+            "e.g. depths=(2, 2, 2, 2), feature_size=(48, 96, 192, 384)."
+        )
+    for name, values in (("depths", depths), ("feature_size", feature_size)):
+        for v in values:
+            check_positive_int(f"every entry of {name}", v)
+
+
+def check_spatial_size(x: torch.Tensor, divisor: int, network: str) -> None:
+    """Raise a ValueError naming a usable ROI if ``x``'s spatial size is not a multiple of ``divisor``."""
+    if x.ndim != 5:
+        raise ValueError(f"{network} expects a 5-D input (batch, channels, D, H, W), got shape {tuple(x.shape)}.")
+    bad = [s for s in x.shape[2:] if s % divisor]
+    if bad:
+        fix = tuple(max(divisor, round(s / divisor) * divisor) for s in x.shape[2:])
+        raise ValueError(
+            f"{network} needs every spatial size to be a multiple of {divisor}, got {tuple(x.shape[2:])}; "
+            f"use an ROI such as --roi {' '.join(map(str, fix))}."
+        )
+
+
+class UnetrDecoderNet(nn.Module):
+    """A 4-stage hierarchical encoder wired to MONAI's UNETR blocks, as in 3D UX-Net and REP3D.
+
+    Subclasses build the encoder and store it under the attribute named by ``encoder_attr`` (the
+    reference releases' checkpoint prefix); the encoder returns four feature maps of strides 2, 4, 8, 16.
+    The decoder: ``encoder1`` on the raw input, ``encoder2..5`` on the encoder outputs, ``decoder5..2``
+    UnetrUpBlocks with skips, ``decoder1`` and a 1x1x1 ``out`` head.
+    """
+
+    encoder_attr = "encoder"
+    network_name = "network"
+    size_divisor = 16
+
+    def _build_decoder(
+        self,
+        in_channels: int,
+        out_channels: int,
+        feature_size: Sequence[int],
+        hidden_size: int,
+        norm_name: str | tuple,
+        res_block: bool,
+        spatial_dims: int = 3,
+    ) -> None:
+        f = list(feature_size)
+        common = dict(spatial_dims=spatial_dims, kernel_size=3, norm_name=norm_name, res_block=res_block)
+        self.encoder1 = UnetrBasicBlock(in_channels=in_channels, out_channels=f[0], stride=1, **common)
+        self.encoder2 = UnetrBasicBlock(in_channels=f[0], out_channels=f[1], stride=1, **common)
+        self.encoder3 = UnetrBasicBlock(in_channels=f[1], out_channels=f[2], stride=1, **common)
+        self.encoder4 = UnetrBasicBlock(in_channels=f[2], out_channels=f[3], stride=1, **common)
+        self.encoder5 = UnetrBasicBlock(in_channels=f[3], out_channels=hidden_size, stride=1, **common)
+        self.decoder5 = UnetrUpBlock(in_channels=hidden_size, out_channels=f[3], upsample_kernel_size=2, **common)
+        self.decoder4 = UnetrUpBlock(in_channels=f[3], out_channels=f[2], upsample_kernel_size=2, **common)
+        self.decoder3 = UnetrUpBlock(in_channels=f[2], out_channels=f[1], upsample_kernel_size=2, **common)
+        self.decoder2 = UnetrUpBlock(in_channels=f[1], out_channels=f[0], upsample_kernel_size=2, **common)
+        self.decoder1 = UnetrBasicBlock(in_channels=f[0], out_channels=f[0], stride=1, **common)
+        self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=f[0], out_channels=out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_spatial_size(x, self.size_divisor, self.network_name)
+        outs = getattr(self, self.encoder_attr)(x)
+        enc1 = self.encoder1(x)
+        enc2 = self.encoder2(outs[0])
+        enc3 = self.encoder3(outs[1])
+        enc4 = self.encoder4(outs[2])
+        enc5 = self.encoder5(outs[3])
+        dec4 = self.decoder5(enc5, enc4)
+        dec3 = self.decoder4(dec4, enc3)
+        dec2 = self.decoder3(dec3, enc2)
+        dec1 = self.decoder2(dec2, enc1)
+        return self.out(self.decoder1(dec1))
