@@ -1,0 +1,154 @@
+"""The 3D UX-Net encoder: ConvNeXt-style blocks with a large depthwise kernel in 4 stages.
+
+"3D UX-Net: A Large Kernel Volumetric ConvNet Modernizing Hierarchical Transformer for Medical
+Image Segmentation", Lee et al., ICLR 2023. Block: depthwise Conv3d(K, bias) -> LayerNorm ->
+Conv3d(C, 4C, 1, groups=C) -> GELU -> Conv3d(4C, C, 1, groups=C) -> layer scale -> residual.
+Stem, downsampling and per-stage output norms are laid out as in the Rep3D encoder, and the module
+names follow the authors' release so that its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.layers import DropPath
+
+from ..blocks import LayerNormChannelsFirst, check_kernel_size, check_positive_int, check_stages
+from ..Rep3D.lrbm import ModulatedDepthwiseConv3d, check_modulation
+
+__all__ = ["UXNetBlock", "UXNetEncoder"]
+
+
+class UXNetBlock(nn.Module):
+    """One 3D UX-Net block (an inverted bottleneck whose pointwise convolutions are grouped per channel).
+
+    Args:
+        channels: number of channels C.
+        kernel_size: odd depthwise kernel size K. Defaults to 7 (the paper's value).
+        modulation: ``"none"`` (default, the original block), ``"lrbm"`` or ``"fixed"``: an LRBM mask on the
+            depthwise kernel while training (the paper's ablation), folded by
+            :func:`networks.reparameterize_model`.
+        deploy: build the folded form only (no mask), to load folded weights into. Defaults to False.
+        dwconv: depthwise convolution implementation (``"auto"``, ``"native"``, ``"fft"``).
+        layer_scale_init_value: initial value of the per-channel output scale ``gamma``; 0 or less
+            builds no scale. Defaults to 1e-6.
+        drop_path: stochastic depth rate of the residual branch. Defaults to 0.
+        beta, generator_kernel_size, generator_depth: LRBM settings (1, 7, 2 in the paper).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        modulation: str = "none",
+        deploy: bool = False,
+        dwconv: str = "auto",
+        layer_scale_init_value: float = 1e-6,
+        drop_path: float = 0.0,
+        beta: float = 1.0,
+        generator_kernel_size: int = 7,
+        generator_depth: int = 2,
+    ) -> None:
+        super().__init__()
+        check_positive_int("channels", channels)
+        check_kernel_size(kernel_size)
+        check_modulation(modulation)
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path!r}; the paper uses 0.")
+        self.dwconv = ModulatedDepthwiseConv3d(
+            channels,
+            kernel_size,
+            modulation="none" if deploy else modulation,
+            bias=True,
+            impl=dwconv,
+            beta=beta,
+            generator_kernel_size=generator_kernel_size,
+            generator_depth=generator_depth,
+        )
+        # Over channels, per voxel: the release's channels-last LayerNorm computes the same function.
+        self.norm = LayerNormChannelsFirst(channels, eps=1e-6)
+        # Grouped per channel (not full 1x1 convolutions): each channel gets its own 4-wide MLP.
+        self.pwconv1 = nn.Conv3d(channels, 4 * channels, kernel_size=1, groups=channels)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Conv3d(4 * channels, channels, kernel_size=1, groups=channels)
+        self.gamma = (
+            nn.Parameter(torch.full((channels,), float(layer_scale_init_value)))
+            if layer_scale_init_value > 0
+            else None
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+        if self.gamma is not None:
+            y = y * self.gamma.view(1, -1, 1, 1, 1)
+        return x + self.drop_path(y)
+
+
+class UXNetEncoder(nn.Module):
+    """The 3D UX-Net hierarchical encoder; returns the four stage outputs (strides 2, 4, 8, 16).
+
+    Args:
+        in_channels: input channels. Defaults to 1.
+        depths: blocks per stage. Defaults to (2, 2, 2, 2).
+        feature_size: channels per stage. Defaults to (48, 96, 192, 384).
+        drop_path_rate: stochastic depth of the last block; rates rise linearly from 0. Defaults to 0.
+        kernel_size, modulation, deploy, dwconv, layer_scale_init_value, beta, generator_kernel_size,
+            generator_depth: passed to every :class:`UXNetBlock`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        feature_size: Sequence[int] = (48, 96, 192, 384),
+        kernel_size: int = 7,
+        modulation: str = "none",
+        deploy: bool = False,
+        dwconv: str = "auto",
+        layer_scale_init_value: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        beta: float = 1.0,
+        generator_kernel_size: int = 7,
+        generator_depth: int = 2,
+    ) -> None:
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_stages(depths, feature_size)
+        dims = list(feature_size)
+        # Same stem / downsampling layout as the Rep3D encoder (and the same module names).
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv3d(in_channels, dims[0], kernel_size=7, stride=2, padding=3), LayerNormChannelsFirst(dims[0]))]
+        )
+        for i in range(3):
+            self.downsample_layers.append(
+                nn.Sequential(LayerNormChannelsFirst(dims[i]), nn.Conv3d(dims[i], dims[i + 1], kernel_size=2, stride=2))
+            )
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        block_args = dict(
+            kernel_size=kernel_size,
+            modulation=modulation,
+            deploy=deploy,
+            dwconv=dwconv,
+            layer_scale_init_value=layer_scale_init_value,
+            beta=beta,
+            generator_kernel_size=generator_kernel_size,
+            generator_depth=generator_depth,
+        )
+        self.stages = nn.ModuleList()
+        start = 0
+        for i in range(4):
+            blocks = [UXNetBlock(dims[i], drop_path=rates[start + j], **block_args) for j in range(depths[i])]
+            self.stages.append(nn.Sequential(*blocks))
+            start += depths[i]
+        for i in range(4):
+            self.add_module(f"norm{i}", LayerNormChannelsFirst(dims[i]))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for i in range(4):
+            x = self.stages[i](self.downsample_layers[i](x))
+            outs.append(getattr(self, f"norm{i}")(x))
+        return outs
