@@ -3,7 +3,7 @@ UNETR-style decoder that both wire to a 4-stage hierarchical encoder."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -68,6 +68,55 @@ def check_spatial_size(x: torch.Tensor, divisor: int, network: str) -> None:
             f"{network} needs every spatial size to be a multiple of {divisor}, got {tuple(x.shape[2:])}; "
             f"use an ROI such as --roi {' '.join(map(str, fix))}."
         )
+
+
+class HierarchicalEncoder(nn.Module):
+    """The 4-stage layout shared by the 3D UX-Net and Rep3D encoders (and their checkpoint names).
+
+    Stem: Conv3d(k=7, stride 2, pad 3) + channels-first LayerNorm; before stages 2-4: channels-first
+    LayerNorm + Conv3d(k=2, stride 2); after each stage a channels-first LayerNorm (``norm0..3``).
+    ``forward`` returns the four normalised stage outputs (strides 2, 4, 8, 16).
+
+    Args:
+        in_channels: input channels.
+        depths: blocks per stage.
+        feature_size: channels per stage.
+        make_block: ``make_block(channels, index)`` builds one block; ``index`` counts blocks over all
+            stages from 0 (for depth-dependent settings such as stochastic depth).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        depths: Sequence[int],
+        feature_size: Sequence[int],
+        make_block: Callable[[int, int], nn.Module],
+    ) -> None:
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_stages(depths, feature_size)
+        dims = list(feature_size)
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv3d(in_channels, dims[0], kernel_size=7, stride=2, padding=3), LayerNormChannelsFirst(dims[0]))]
+        )
+        for i in range(3):
+            self.downsample_layers.append(
+                nn.Sequential(LayerNormChannelsFirst(dims[i]), nn.Conv3d(dims[i], dims[i + 1], kernel_size=2, stride=2))
+            )
+        self.stages = nn.ModuleList()
+        start = 0
+        for i in range(4):
+            self.stages.append(nn.Sequential(*[make_block(dims[i], start + j) for j in range(depths[i])]))
+            start += depths[i]
+        for i in range(4):
+            self.add_module(f"norm{i}", LayerNormChannelsFirst(dims[i]))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for i in range(4):
+            x = self.stages[i](self.downsample_layers[i](x))
+            outs.append(getattr(self, f"norm{i}")(x))
+        return outs
 
 
 class UnetrDecoderNet(nn.Module):

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..blocks import LayerNormChannelsFirst, check_kernel_size, check_positive_int, check_stages
+from ..blocks import HierarchicalEncoder, check_kernel_size, check_positive_int
 from .lrbm import MODULATIONS, ModulatedDepthwiseConv3d, check_modulation, compute_distance_prior
 
 __all__ = ["MODULATIONS", "Rep3DBlock", "Rep3DEncoder", "compute_distance_prior"]
@@ -81,7 +81,7 @@ class Rep3DBlock(nn.Module):
         return self.act(self.norm(self.dwconv(x)))
 
 
-class Rep3DEncoder(nn.Module):
+class Rep3DEncoder(HierarchicalEncoder):
     """The Rep3D hierarchical encoder; returns the four stage outputs (strides 2, 4, 8, 16).
 
     Args:
@@ -105,35 +105,20 @@ class Rep3DEncoder(nn.Module):
         generator_kernel_size: int = 7,
         generator_depth: int = 2,
     ) -> None:
-        super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_stages(depths, feature_size)
-        dims = list(feature_size)
-        self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv3d(in_channels, dims[0], kernel_size=7, stride=2, padding=3), LayerNormChannelsFirst(dims[0]))]
-        )
-        for i in range(3):
-            self.downsample_layers.append(
-                nn.Sequential(LayerNormChannelsFirst(dims[i]), nn.Conv3d(dims[i], dims[i + 1], kernel_size=2, stride=2))
-            )
-        block_args = dict(
-            kernel_size=kernel_size,
-            modulation=modulation,
-            deploy=deploy,
-            dwconv=dwconv,
-            beta=beta,
-            generator_kernel_size=generator_kernel_size,
-            generator_depth=generator_depth,
-        )
-        self.stages = nn.ModuleList(
-            [nn.Sequential(*[Rep3DBlock(dims[i], **block_args) for _ in range(depths[i])]) for i in range(4)]
-        )
-        for i in range(4):
-            self.add_module(f"norm{i}", LayerNormChannelsFirst(dims[i]))
+        # Checked here so that a bad value fails once, before any block is built.
+        check_kernel_size(kernel_size)
+        check_modulation(modulation)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for i in range(4):
-            x = self.stages[i](self.downsample_layers[i](x))
-            outs.append(getattr(self, f"norm{i}")(x))
-        return outs
+        def make_block(channels: int, index: int) -> Rep3DBlock:
+            return Rep3DBlock(
+                channels,
+                kernel_size=kernel_size,
+                modulation=modulation,
+                deploy=deploy,
+                dwconv=dwconv,
+                beta=beta,
+                generator_kernel_size=generator_kernel_size,
+                generator_depth=generator_depth,
+            )
+
+        super().__init__(in_channels, depths, feature_size, make_block)
