@@ -1,0 +1,463 @@
+"""Pieces shared by ``main_train.py`` and ``test_seg.py``: network and runtime flags, device and AMP
+selection, sliding-window prediction, the Dice metric, atomic checkpoints, seeding.
+
+    parser = argparse.ArgumentParser()
+    engine.add_network_args(parser)
+    engine.add_runtime_args(parser)
+    args = parser.parse_args()
+    device = engine.select_device(args.gpu)
+    model = networks.build_network(args.network, 1, 5, **engine.network_overrides(args)).to(device)
+    probs = engine.sliding_window_predict(model, image, roi=(96, 96, 96), amp_dtype=engine.resolve_amp("auto", device))
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import logging
+import math
+import os
+import random
+import tempfile
+import warnings
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+
+import networks
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AMP_CHOICES",
+    "DiceAccumulator",
+    "add_network_args",
+    "add_runtime_args",
+    "autocast",
+    "dice_scores",
+    "dice_table",
+    "is_oom",
+    "network_overrides",
+    "resolve_amp",
+    "save_checkpoint_atomic",
+    "select_device",
+    "set_seed",
+    "sliding_window_predict",
+    "str2bool",
+    "unwrap_model",
+]
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+MODULATIONS = ("lrbm", "fixed", "none")
+# Flags of add_network_args that become build_network keywords (dest -> keyword).
+_NETWORK_KWARGS = ("modulation", "kernel_size", "dwconv", "feature_size", "depths", "hidden_size")
+
+
+# --------------------------------------------------------------------------------------------------
+# flags
+
+
+def str2bool(value: str | bool) -> bool:
+    """argparse ``type`` for real booleans: True/False, yes/no, 1/0, on/off (any case)."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if v in ("false", "f", "no", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False, yes/no, 1/0), got {value!r}")
+
+
+def _network_name(value: str) -> str:
+    try:
+        return networks.canonical_name(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    # add_dataset_args (load_datasets_transforms) defines some of the same flags (--roi): keep the
+    # first definition so that the two helpers can be called in either order.
+    if any(f in parser._option_string_actions for f in flags):
+        return
+    parser.add_argument(*flags, **kwargs)
+
+
+def add_network_args(parser: argparse.ArgumentParser) -> None:
+    """Add the network flags: ``--network --modulation --kernel_size --dwconv --feature_size --depths
+    --hidden_size``.
+
+    Every option except ``--network`` (default REP3D) and ``--dwconv`` (default auto) defaults to
+    ``None``, meaning "the network's own default" (the paper's settings), so that a checkpoint's
+    settings can fill in what the user did not give.
+
+    Args:
+        parser: the script's parser.
+    """
+    g = parser.add_argument_group("network")
+    g.add_argument("--network", type=_network_name, default="REP3D", help=f"network to build (case-insensitive): {', '.join(networks.NETWORK_NAMES)}")
+    g.add_argument("--modulation", choices=MODULATIONS, default=None, help="kernel modulation of REP3D / 3DUXNET: lrbm (M = P + f(P), the paper's), fixed (M = P), none (plain kernel). Default: the network's own")
+    g.add_argument("--kernel_size", type=int, default=None, help="depthwise kernel size (odd; REP3D 21, 3DUXNET 7 by default)")
+    g.add_argument("--dwconv", choices=networks.DWCONV_IMPLS, default="auto", help="how large depthwise convolutions are computed: native conv3d, fft, or auto (per shape and device); same result")
+    g.add_argument("--feature_size", type=int, nargs=4, default=None, metavar="C", help="channels of the 4 encoder stages (paper: 48 96 192 384); smaller for quick experiments")
+    g.add_argument("--depths", type=int, nargs=4, default=None, metavar="N", help="blocks per encoder stage (paper: 2 2 2 2)")
+    g.add_argument("--hidden_size", type=int, default=None, help="bottleneck channels (paper: 768)")
+
+
+def network_overrides(args: argparse.Namespace | dict) -> dict:
+    """Keyword arguments for :func:`networks.build_network` from the flags of :func:`add_network_args`.
+
+    ``None`` values (not given) are dropped, and so is ``dwconv="auto"`` (every network's default),
+    so that networks without large depthwise kernels (SwinUNETR, UNETR, ...) accept the result.
+    Lists stay lists (JSON- and ``weights_only``-friendly checkpoints).
+    """
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    out = {}
+    for key in _NETWORK_KWARGS:
+        v = values.get(key)
+        if v is None or (key == "dwconv" and v == "auto"):
+            continue
+        out[key] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--gpu --amp --roi --sw_batch_size --overlap/--val_overlap``.
+
+    ``--roi`` defaults to ``None`` (the dataset preset's ROI); it is skipped when the parser already
+    has it (``load_datasets_transforms.add_dataset_args`` defines the same flag).
+    """
+    _add(
+        parser,
+        "--gpu",
+        type=int,
+        default=0,
+        help="CUDA device index for a single-process run (-1 = CPU; falls back to CPU when no GPU is visible). "
+        "Not for multi-GPU: select GPUs with CUDA_VISIBLE_DEVICES and launch with torchrun --nproc_per_node N (DDP)",
+    )
+    _add(parser, "--amp", choices=AMP_CHOICES, default="auto", help="mixed precision: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16 (CUDA only), off")
+    _add(parser, "--roi", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="training crop / sliding-window ROI in voxels (default: the dataset preset's)")
+    _add(parser, "--sw_batch_size", type=int, default=4, help="windows per forward pass in sliding-window inference; lower it if GPU memory runs out")
+    _add(parser, "--overlap", "--val_overlap", dest="overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+
+
+# --------------------------------------------------------------------------------------------------
+# device, precision
+
+
+def select_device(gpu: int | None) -> torch.device:
+    """The device to run on.
+
+    Args:
+        gpu: CUDA index, ``-1`` for CPU, ``None`` for "cuda:0 if available". When no GPU is visible the
+            CPU is used (with a warning if a GPU index was asked for explicitly other than 0).
+
+    Raises:
+        ValueError: an index beyond the visible GPUs.
+    """
+    if gpu is not None and gpu < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if gpu not in (None, 0):
+            warnings.warn(f"--gpu {gpu} asked for but no CUDA GPU is visible: running on the CPU", stacklevel=2)
+        return torch.device("cpu")
+    index = 0 if gpu is None else int(gpu)
+    n = torch.cuda.device_count()
+    if index >= n:
+        raise ValueError(f"--gpu {index}: only {n} GPU(s) visible (indices 0..{n - 1}); pass one of those, or -1 for the CPU")
+    return torch.device("cuda", index)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device`` (``None`` = full float32).
+
+    ``auto``: bf16 on CUDA GPUs that support it, else fp16; off on the CPU (CPU autocast is slower
+    than float32 for these networks). ``bf16`` is allowed on the CPU; ``fp16`` needs CUDA.
+    """
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {amp!r}")
+    device = torch.device(device)
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp fp16 needs a CUDA GPU; on the CPU pass --amp bf16 or --amp off")
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``device`` in ``dtype``; a no-op context when ``dtype`` is ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------------------------------
+# inference
+
+
+def _flip_sets(spatial_dims: int) -> Iterator[tuple[int, ...]]:
+    dims = tuple(range(2, 2 + spatial_dims))
+    for r in range(len(dims) + 1):
+        yield from itertools.combinations(dims, r)
+
+
+def sliding_window_predict(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi: Sequence[int],
+    sw_batch_size: int = 4,
+    overlap: float = 0.5,
+    mode: str = "gaussian",
+    amp_dtype: torch.dtype | None = None,
+    tta: bool = False,
+    sw_device: torch.device | str | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities of ``model`` over a whole volume, by MONAI's sliding-window inferer.
+
+    Runs under ``torch.no_grad()``; put the model in eval mode first.
+
+    Args:
+        model: the network (logits out).
+        image: (N, C_in, D, H, W) volume; volumes smaller than ``roi`` are padded (and cropped back).
+        roi: window size in voxels.
+        sw_batch_size: windows per forward pass.
+        overlap: window overlap in [0, 1).
+        mode: blending of overlapping windows, ``"gaussian"`` (default) or ``"constant"``.
+        amp_dtype: autocast dtype of the forward passes (``None`` = float32); windows are stitched in float32.
+        tta: also average over the mirrorings of the spatial axes (all 8 flip combinations in 3-D,
+            each flipped back): 8x the compute.
+        sw_device: where the windows run (default: ``image``'s device).
+        device: where the stitched output is kept (e.g. ``"cpu"`` to save GPU memory on big volumes).
+
+    Returns:
+        float32 probabilities (N, C_out, D, H, W) on ``device``.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"--overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise ValueError(f"--sw_batch_size must be >= 1, got {sw_batch_size}")
+    roi = [int(r) for r in roi]
+    run_device = torch.device(sw_device) if sw_device is not None else image.device
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with autocast(run_device, amp_dtype):
+            out = model(x)
+        return out.float()  # stitch in float32: bf16 accumulation loses the small weights at window edges
+
+    def once(x: torch.Tensor) -> torch.Tensor:
+        logits = sliding_window_inference(
+            x, roi, sw_batch_size, predictor, overlap=overlap, mode=mode, sw_device=sw_device, device=device
+        )
+        return torch.softmax(torch.as_tensor(logits).float(), dim=1)
+
+    with torch.no_grad():
+        if not tta:
+            return once(image)
+        total = None
+        n = 0
+        for dims in _flip_sets(image.ndim - 2):
+            x = torch.flip(image, dims) if dims else image
+            p = once(x)
+            p = torch.flip(p, dims) if dims else p
+            total = p if total is None else total.add_(p)
+            n += 1
+        return total.div_(n)
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+
+
+def _as_label_map(x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, 1, ...) class indices from probabilities/logits (N, C, ...) or a class map (N, 1, ...) / (N, ...)."""
+    x = torch.as_tensor(x)
+    if x.ndim >= 2 and x.shape[1] == num_classes and num_classes > 1 and x.is_floating_point() and x.ndim >= 4:
+        return x.argmax(dim=1, keepdim=True)
+    if x.ndim >= 2 and x.shape[1] == 1:
+        return x.long() if x.is_floating_point() else x
+    return x.unsqueeze(1).long() if x.is_floating_point() else x.unsqueeze(1)
+
+
+def dice_scores(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-case, per-foreground-class Dice by ``monai.metrics.DiceMetric(include_background=False,
+    reduction="none")``.
+
+    Args:
+        pred: probabilities or logits (N, C, ...), or a class map (N, 1, ...).
+        label: ground-truth class map (N, 1, ...) (or (N, ...)).
+        num_classes: classes including background.
+
+    Returns:
+        (N, num_classes - 1) float tensor on the CPU; NaN where the ground truth lacks the class
+        (MONAI's ``ignore_empty``), so such cases do not count for that class.
+    """
+    y_pred = _as_label_map(pred, num_classes)
+    y = _as_label_map(label, num_classes).to(y_pred.device)
+    if y.shape[2:] != y_pred.shape[2:]:
+        raise ValueError(f"prediction {tuple(y_pred.shape[2:])} and label {tuple(y.shape[2:])} differ in size; compare them on the same grid")
+    metric = DiceMetric(include_background=False, reduction="none", num_classes=num_classes, ignore_empty=True)
+    # Label maps (not one-hot): DiceMetric compares class by class, no (C x volume) one-hot copies.
+    return metric(y_pred=y_pred, y=y).detach().float().cpu()
+
+
+class DiceAccumulator:
+    """Running per-class Dice over validation cases, reducible across DDP ranks.
+
+    Keeps, per foreground class, the sum of Dice over the cases where the class is present in the
+    ground truth, and the number of those cases; the per-class Dice is their ratio (the mean over
+    cases), the mean foreground Dice the mean over classes that were present at least once.
+
+    Args:
+        num_classes: classes including background.
+        class_names: optional names (background first) for :meth:`as_dict` and :func:`dice_table`.
+
+    Example::
+
+        acc = DiceAccumulator(5)
+        for image, label in cases:
+            acc.add(sliding_window_predict(model, image, roi), label)
+        acc.all_reduce()        # under DDP, every rank then holds the totals
+        print(acc.mean(), acc.per_class())
+    """
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
+        self.num_classes = int(num_classes)
+        names = list(class_names) if class_names is not None else ["background"] + [f"class_{i}" for i in range(1, num_classes)]
+        if len(names) != num_classes:
+            raise ValueError(f"class_names has {len(names)} names for {num_classes} classes; give one per class, background first")
+        self.class_names = names
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(self.num_classes - 1, dtype=torch.float64)
+        self.counts = torch.zeros(self.num_classes - 1, dtype=torch.float64)
+        self.cases = 0
+
+    def add(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Score a batch (see :func:`dice_scores`) and add it; returns its (N, C-1) scores."""
+        scores = dice_scores(pred, label, self.num_classes).double()
+        self.add_scores(scores)
+        return scores.float()
+
+    def add_scores(self, scores: torch.Tensor) -> None:
+        """Add precomputed (N, C-1) per-case scores (NaN = class absent)."""
+        scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1, self.num_classes - 1)
+        valid = ~torch.isnan(scores)
+        self.sums += torch.where(valid, scores, torch.zeros_like(scores)).sum(0)
+        self.counts += valid.sum(0).double()
+        self.cases += scores.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum the totals over the ranks of the default process group (no-op without one)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        backend = torch.distributed.get_backend()
+        dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        buf = torch.cat([self.sums, self.counts, torch.tensor([float(self.cases)], dtype=torch.float64)]).to(dev)
+        torch.distributed.all_reduce(buf)
+        buf = buf.cpu()
+        k = self.num_classes - 1
+        self.sums, self.counts, self.cases = buf[:k].clone(), buf[k : 2 * k].clone(), int(buf[-1].item())
+
+    def per_class(self) -> list[float]:
+        """Mean Dice of each foreground class (NaN for a class never present in the ground truth)."""
+        return [float(s / c) if c > 0 else float("nan") for s, c in zip(self.sums.tolist(), self.counts.tolist())]
+
+    def mean(self) -> float:
+        """Mean foreground Dice over the classes that were present (NaN if none was)."""
+        vals = [v for v in self.per_class() if not math.isnan(v)]
+        return float(sum(vals) / len(vals)) if vals else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        """``{class name: Dice}`` for the foreground classes."""
+        return dict(zip(self.class_names[1:], self.per_class()))
+
+
+def dice_table(per_class: Sequence[float] | dict[str, float], class_names: Sequence[str] | None = None, title: str | None = None) -> str:
+    """A small text table of per-class Dice and their mean (foreground classes only).
+
+    Args:
+        per_class: Dice per foreground class (list, or ``{name: dice}``).
+        class_names: names of all classes, background first (ignored for a dict).
+        title: optional first line.
+    """
+    if isinstance(per_class, dict):
+        names, values = list(per_class), list(per_class.values())
+    else:
+        values = list(per_class)
+        names = list(class_names)[1:] if class_names is not None else [f"class_{i}" for i in range(1, len(values) + 1)]
+        if len(names) != len(values):
+            raise ValueError(f"{len(values)} Dice values for {len(names)} foreground class names")
+    width = max([len(n) for n in names] + [len("mean (foreground)")])
+    lines = [title] if title else []
+    for n, v in zip(names, values):
+        lines.append(f"  {n:<{width}}  {'n/a' if math.isnan(v) else f'{v:.4f}'}")
+    present = [v for v in values if not math.isnan(v)]
+    mean = sum(present) / len(present) if present else float("nan")
+    lines.append(f"  {'mean (foreground)':<{width}}  {'n/a' if math.isnan(mean) else f'{mean:.4f}'}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# files, seeds, errors
+
+
+def save_checkpoint_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then ``os.replace``d
+    over ``path``: a crash mid-write leaves the previous checkpoint intact."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU). Does not force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is a CUDA (or other accelerator) out-of-memory error."""
+    if isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
