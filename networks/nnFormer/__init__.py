@@ -1,0 +1,3 @@
+from .nnFormer import nnFormer
+
+__all__ = ["nnFormer"]
