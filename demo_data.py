@@ -100,19 +100,19 @@ def make_demo_case(index: int, split: str = "train", size: tuple[int, int, int] 
 
     image = np.full(shape, _HU["air"], dtype=np.float32)
     label = np.zeros(shape, dtype=np.uint8)
-    bx, by = 0.88 * hx * scale(), 0.68 * hy * scale()
+    bx, by = 0.9 * hx * rng.uniform(0.92, 1.04), 0.75 * hy * rng.uniform(0.92, 1.04)
     body_r = (x / bx) ** 2 + (y / by) ** 2
     image[body_r <= 1.0] = _HU["fat"]
     image[body_r <= 0.82] = _HU["body"]
     s = scale()
-    liver = ellipsoid((jitter(0.30 * hx), jitter(0.08 * hy), jitter(0.15 * hz)), (0.34 * hx * s, 0.32 * hy * s, 0.45 * hz * s))
+    liver = ellipsoid((jitter(0.33 * hx), jitter(0.10 * hy), jitter(0.15 * hz)), (0.38 * hx * s, 0.36 * hy * s, 0.50 * hz * s))
     s = scale()
-    spleen = ellipsoid((jitter(-0.42 * hx), jitter(-0.05 * hy), jitter(0.25 * hz)), (0.16 * hx * s, 0.18 * hy * s, 0.25 * hz * s))
+    spleen = ellipsoid((jitter(-0.45 * hx), jitter(0.0 * hy), jitter(0.25 * hz)), (0.20 * hx * s, 0.22 * hy * s, 0.32 * hz * s))
     kidneys = np.zeros(shape, dtype=bool)
     for side in (1.0, -1.0):
         s = scale()
-        kidneys |= ellipsoid((jitter(side * 0.35 * hx), jitter(-0.38 * hy), jitter(-0.2 * hz)), (0.12 * hx * s, 0.10 * hy * s, 0.24 * hz * s))
-    spine = ((x - jitter(0.0, 0.01)) / (0.11 * hx)) ** 2 + ((y - (-0.52 * hy)) / (0.11 * hy)) ** 2 <= 1.0
+        kidneys |= ellipsoid((jitter(side * 0.42 * hx), jitter(-0.38 * hy), jitter(-0.15 * hz)), (0.15 * hx * s, 0.14 * hy * s, 0.30 * hz * s))
+    spine = ((x - jitter(0.0, 0.01)) / (0.13 * hx)) ** 2 + ((y - (-0.52 * hy)) / (0.13 * hy)) ** 2 <= 1.0
     for mask, name, value in ((liver, "liver", 1), (spleen, "spleen", 3), (kidneys, "kidney", 2), (spine, "bone", 4)):
         mask = mask & (body_r <= 0.82)
         image[mask] = _HU[name] + rng.uniform(-10.0, 10.0)

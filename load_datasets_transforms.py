@@ -714,7 +714,7 @@ def _load_header(path: str, role: str, problems: list[str]):
     hdr = img.header
     try:
         nbytes = int(np.prod(shape)) * np.dtype(hdr.get_data_dtype()).itemsize
-        offset = int(hdr.get("vox_offset", 0))
+        offset = int(getattr(img.dataobj, "offset", 0) or hdr.get_data_offset())
     except Exception:
         nbytes, offset = 0, 0
     suspect = False
@@ -898,7 +898,7 @@ def _preprocess(cfg: DatasetConfig, keys: list[str], modes: list[str]) -> list:
         LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
         Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes),
-        Orientationd(keys=keys, axcodes="RAS"),
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     crop = CropForegroundd(keys=keys, source_key="image", allow_smaller=True)
     if cfg.intensity == "window":
@@ -935,7 +935,16 @@ def get_train_transforms(cfg: DatasetConfig, roi: Sequence[int] | None = None, c
         chain += [EnsureTyped(keys=keys, track_meta=False), ToDeviced(keys=keys, device=device)]
     chain += [
         RandCropByPosNegLabeld(
-            keys=keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=crop_sample, image_key="image", image_threshold=0
+            keys=keys,
+            label_key="label",
+            spatial_size=roi,
+            pos=1,
+            neg=1,
+            num_samples=crop_sample,
+            # Windowed CT: background crops are centred inside the body (> a_min), not in air.
+            # z-scored MRI is negative in half the body, so there any background voxel may serve.
+            image_key="image" if cfg.intensity == "window" else None,
+            image_threshold=0,
         ),
         RandShiftIntensityd(keys="image", offsets=0.10, prob=0.5),
         RandAffined(
