@@ -60,6 +60,12 @@ class DepthwiseConv3d(nn.Conv3d):
     releases load unchanged. ``forward(x, weight)`` convolves with a given kernel instead of
     ``self.weight``: that is how a modulated kernel ``W * M`` is applied without re-binding the parameter.
 
+    Inference cache: when the FFT path convolves with ``self.weight`` and no gradient can reach it
+    (under ``torch.no_grad()``/``inference_mode()``, or with ``weight.requires_grad`` off), the kernel
+    spectrum is computed once per input size and reused. It is keyed on the weight's storage, version
+    counter, device and dtype, so loading weights, an optimizer step or ``.to()`` invalidates it; it is
+    never saved in the state dict nor copied by ``copy.deepcopy``. :meth:`clear_spectrum_cache` drops it.
+
     Args:
         channels: number of input and output channels.
         kernel_size: odd kernel size K.
@@ -67,15 +73,60 @@ class DepthwiseConv3d(nn.Conv3d):
         impl: ``"auto"`` (default), ``"native"`` or ``"fft"``.
     """
 
+    #: input sizes whose spectrum is kept per layer (sliding-window inference needs one; a last,
+    #: smaller window or a second model input size may need another)
+    spectrum_cache_size: int = 4
+
     def __init__(self, channels: int, kernel_size: int, bias: bool = False, impl: str = "auto") -> None:
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd for a 'same' depthwise convolution, got {kernel_size}.")
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
         self.impl = check_impl(impl)
+        self._spectrum_cache: dict = {}
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if weight is None and self._may_cache():
+            from . import fftconv
+
+            if self.impl == "fft" or (self.impl == "auto" and fftconv.fft_is_faster(x, self.weight)):
+                spectrum = self._cached_spectrum(x)
+                return fftconv.fft_depthwise_conv3d(x, self.weight, self.bias, kernel_spectrum=spectrum)
         w = self.weight if weight is None else weight
         return depthwise_conv3d(x, w, self.bias, self.impl)
+
+    def _may_cache(self) -> bool:
+        # Only when no gradient can flow to the weight: the cached spectrum is detached from it.
+        return not (torch.is_grad_enabled() and self.weight.requires_grad) and not torch.compiler.is_compiling()
+
+    def _cached_spectrum(self, x: torch.Tensor) -> torch.Tensor:
+        from . import fftconv
+
+        w = self.weight
+        size = tuple(x.shape[2:])
+        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+        hit = self._spectrum_cache.get(size)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        spectrum = fftconv.fft_kernel_spectrum(w, size)
+        self._spectrum_cache.pop(size, None)
+        while len(self._spectrum_cache) >= self.spectrum_cache_size:
+            self._spectrum_cache.pop(next(iter(self._spectrum_cache)))
+        self._spectrum_cache[size] = (key, spectrum)
+        return spectrum
+
+    def clear_spectrum_cache(self) -> None:
+        """Drop the cached kernel spectra (they are rebuilt on the next inference call)."""
+        self._spectrum_cache = {}
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's signature
+        self.clear_spectrum_cache()  # a device/dtype move would leave the old spectra behind
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # deepcopy and pickle: the cache is derived data
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_spectrum_cache"] = {}
+        return state
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", impl={self.impl}"
