@@ -45,6 +45,11 @@ class RoiCheckedUNETR(UNETR):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.img_size = tuple(self.feat_size[i] * self.patch_size[i] for i in range(len(self.feat_size)))
+        # MONAI's TransformerBlock builds a cross-attention LayerNorm that UNETR never uses: freeze it so that
+        # it does not pose as trainable. Its keys stay, so MONAI-trained checkpoints still load.
+        for name, param in self.named_parameters():
+            if ".norm_cross_attn." in name:
+                param.requires_grad_(False)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if x_in.ndim != 5:

@@ -1,0 +1,3 @@
+from .TransBTS import TransBTS
+
+__all__ = ["TransBTS"]
