@@ -1,0 +1,282 @@
+"""test_seg.py: native-space geometry of the written predictions, metrics, checkpoint variants, TTA,
+clear errors. Tiny REP3D, 3 classes, ~16^3 volumes after resampling to 2 mm."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import test_seg
+from networks import build_network, reparameterize_model
+
+TINY = dict(kernel_size=5, depths=[1, 1, 1, 1], feature_size=[8, 16, 16, 32], hidden_size=32)
+NAMES = ["background", "organ", "lesion"]
+DATASET = {
+    "name": "custom", "spacing": [2.0, 2.0, 2.0], "intensity": "window", "a_min": -100.0, "a_max": 300.0,
+    "num_classes": 3, "class_names": NAMES, "roi": [32, 32, 32], "cache_rate": 0.0,
+}  # fmt: skip
+FAST = ["--num_workers", "0", "--gpu", "-1"]
+SHAPE = (24, 20, 14)
+BOX = (slice(3, 13), slice(4, 12), slice(3, 9))  # off-centre: a flipped prediction would miss it
+
+
+def tiny_training_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = build_network("REP3D", 1, 3, modulation="lrbm", dwconv="native", **TINY)
+    with torch.no_grad():  # move every weight off its init so that the LRBM mask is far from trivial
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return net.eval()
+
+
+def checkpoint(state: dict, meta: bool = True, prefix: str = "", out_channels: int = 3) -> dict:
+    state = {prefix + k: v for k, v in state.items()}
+    if not meta:
+        return state
+    return {
+        "state_dict": state, "network": "REP3D", "network_kwargs": {"modulation": "lrbm", "dwconv": "native", **TINY},
+        "in_channels": 1, "out_channels": out_channels, "dataset": {**DATASET, "num_classes": out_channels,
+        "class_names": NAMES + [f"c{i}" for i in range(3, out_channels)]}, "step": 10, "best_metric": 0.5, "args": {"seed": 0},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def training_ckpt(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "best_metric_model.pth"
+    torch.save(checkpoint(tiny_training_model().state_dict()), path)
+    return str(path)
+
+
+def affine(kind: str) -> np.ndarray:
+    if kind == "ras":
+        a = np.diag([2.0, 2.0, 2.0, 1.0])
+    elif kind == "lps":
+        a = np.diag([-1.6, -1.6, 2.5, 1.0])
+    elif kind == "aniso":  # LAS, strongly anisotropic
+        a = np.diag([-1.2, 2.4, 3.5, 1.0])
+    else:  # oblique: rotated 20 degrees about z
+        t = np.deg2rad(20)
+        a = np.eye(4)
+        a[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.diag([1.5, 1.8, 2.2])
+    a[:3, 3] = [12.3, -40.1, 7.7]
+    return a
+
+
+def write_case(folder, name: str, kind: str, label_folder=None, qform_only: bool = False, four_d: bool = False) -> str:
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    img = np.full(SHAPE, -1000.0, np.float32)  # air margin: the foreground crop and its inverse are exercised
+    img[1:-1, 1:-1, 1:-1] = 0.0
+    img[BOX] = 200.0
+    img += rng.normal(0, 5, SHAPE).astype(np.float32)
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[BOX] = 1
+    os.makedirs(folder, exist_ok=True)
+    data = img.astype(np.int16)[..., None] if four_d else img.astype(np.int16)
+    nimg = nib.Nifti1Image(data, affine(kind))
+    if qform_only:  # the affine then comes from a float32 quaternion: copied, not recomputed
+        nimg.set_qform(affine(kind), code=1)
+        nimg.set_sform(None, code=0)
+    path = os.path.join(folder, f"{name}.nii.gz")
+    nib.save(nimg, path)
+    if label_folder is not None:
+        os.makedirs(label_folder, exist_ok=True)
+        nib.save(nib.Nifti1Image(lab, nib.load(path).affine, header=nib.load(path).header), os.path.join(label_folder, f"{name}.nii.gz"))
+    return path
+
+
+class PerVoxel(nn.Module):
+    """Class 1 where the windowed intensity exceeds 0.5 (the box), else 0; class 2 never. A per-voxel
+    function: flip-equivariant and window-independent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([-10.0, 10.0, 0.0]).view(3, 1, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([5.0, -5.0, -100.0]))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def run(argv):
+    return test_seg.run_inference(test_seg.parse_args(argv + FAST))
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_predictions_keep_native_geometry_and_are_aligned(tmp_path, training_ckpt, monkeypatch, capsys):
+    """RAS, LPS (qform only), anisotropic LAS, oblique and a 4-D (X,Y,Z,1) input: each output has the
+    input's exact shape, affine and orientation, and (per-voxel model) lands on the box it segments."""
+    root = tmp_path / "data"
+    kinds = {"ras": {}, "lps": {"qform_only": True}, "aniso": {}, "oblique": {}, "fourd": {"four_d": True}}
+    inputs = {k: write_case(root / "imagesTs", k, "ras" if k == "fourd" else k, root / "labelsTs", **kw) for k, kw in kinds.items()}
+    monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
+    out = tmp_path / "pred"
+    res = test_seg.main(["--trained_weights", training_ckpt, "--root", str(root), "--output", str(out), "--save_probabilities"] + FAST)
+    assert res == 0
+    printed = capsys.readouterr().out
+    for k, src in inputs.items():
+        ref, pred = nib.load(src), nib.load(out / f"{k}_seg.nii.gz")
+        assert pred.shape == ref.shape, k
+        assert np.array_equal(pred.affine, ref.affine), k
+        assert nib.aff2axcodes(pred.affine) == nib.aff2axcodes(ref.affine)
+        assert pred.get_data_dtype() == np.uint8
+        seg = np.asarray(pred.dataobj).reshape(SHAPE)
+        box = np.zeros(SHAPE, bool)
+        box[BOX] = True
+        assert dice(seg == 1, box) > 0.85, k
+        prob = nib.load(out / f"{k}_prob.nii.gz")
+        assert prob.shape == SHAPE + (3,) and np.array_equal(prob.affine, ref.affine), k
+        assert dice(prob.get_fdata().argmax(-1) == 1, box) > 0.9, k
+    # labels in labelsTs -> metrics files and the printed table
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == len(inputs) * 2 and {r["name"] for r in rows} == {"organ", "lesion"}
+    summary = json.load(open(out / "summary.json"))
+    assert summary["cases"] == len(inputs) and summary["classes"][0]["dice"] > 0.85
+    assert summary["classes"][1]["n"] == 0  # no lesion in any label: not scored
+    assert "organ" in printed and "mean (foreground)" in printed
+    assert (out / "summary.csv").is_file() and (out / "inference_args.json").is_file()
+
+
+def test_perfect_prediction_scores_one_and_misses_are_flagged():
+    lab = np.zeros((12, 10, 8), np.uint8)
+    lab[2:6, 2:6, 2:5] = 1
+    lab[7:10, 5:9, 3:7] = 2
+    m = test_seg.case_metrics(lab, lab, 3, spacing=[1.5, 1.5, 2.0])
+    assert m["dice"] == [1.0, 1.0] and m["hd95"] == [0.0, 0.0]
+    rows = [{"case": "a", "class": c, "name": NAMES[c], "dice": m["dice"][c - 1], "hd95": m["hd95"][c - 1]} for c in (1, 2)]
+    summary = test_seg.summarize_metrics(rows, NAMES)
+    table = test_seg.metrics_table(summary)
+    assert summary["mean_dice"] == 1.0
+    lines = table.splitlines()
+    assert any(line.startswith("1 organ") and "1.0000" in line for line in lines)
+    assert lines[-1].startswith("mean (foreground)") and "1.0000" in lines[-1]
+    # a shifted organ and a missed lesion are not perfect: Dice < 1, HD95 > 0, inf for the miss
+    bad = np.roll(lab, 2, axis=0)
+    bad[bad == 2] = 0
+    m2 = test_seg.case_metrics(bad, lab, 3, spacing=[1.5, 1.5, 2.0])
+    assert m2["dice"][0] < 1.0 and m2["hd95"][0] >= 3.0 - 1e-6 and m2["dice"][1] == 0.0 and m2["hd95"][1] == float("inf")
+    with pytest.raises(ValueError, match="same grid"):
+        test_seg.case_metrics(lab[:-1], lab, 3)
+
+
+def test_checkpoint_variants_give_identical_predictions(tmp_path, training_ckpt):
+    """A training checkpoint, its folded copy, a DDP (module.-prefixed) one and a bare state dict
+    (settings from flags) predict the same labels and probabilities."""
+    src = write_case(tmp_path / "in", "case_0000", "lps")
+    net = tiny_training_model()
+    folded = reparameterize_model(net).state_dict()
+    assert not any(".modulation." in k for k in folded)
+    variants = {
+        "folded": (checkpoint(folded), []),
+        "ddp": (checkpoint(net.state_dict(), prefix="module."), []),
+        "bare": (checkpoint(folded, meta=False, prefix="module."), [
+            "--dataset", "custom", "--spacing", "2", "2", "2", "--a_min", "-100", "--a_max", "300", "--num_classes", "3",
+            "--roi", "32", "32", "32", "--kernel_size", "5", "--depths", "1", "1", "1", "1",
+            "--feature_size", "8", "16", "16", "32", "--hidden_size", "32", "--dwconv", "native"]),
+    }  # fmt: skip
+    probs = ["--save_probabilities", "--resample_probabilities"]
+    ref = run(["--trained_weights", training_ckpt, "--input", src, "--output", str(tmp_path / "train")] + probs)
+    seg_ref = np.asarray(nib.load(ref["predictions"][0]).dataobj)
+    prob_ref = nib.load(ref["probabilities"][0])
+    assert os.path.basename(ref["predictions"][0]) == "case_seg.nii.gz"  # nnU-Net _0000 suffix dropped
+    assert prob_ref.shape == SHAPE + (3,) and np.array_equal(prob_ref.affine, nib.load(src).affine)
+    p = prob_ref.get_fdata()
+    assert np.allclose(p.sum(-1), 1.0, atol=1e-3)
+    assert (p.argmax(-1) == seg_ref).mean() > 0.99  # labels = argmax of these (up to uint16 rounding)
+    assert len(np.unique(seg_ref)) > 1  # a constant map would make the comparison vacuous
+    for name, (ck, flags) in variants.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(ck, path)
+        res = run(["--trained_weights", str(path), "--input", src, "--output", str(tmp_path / name)] + probs + flags)
+        assert np.array_equal(np.asarray(nib.load(res["predictions"][0]).dataobj), seg_ref), name
+        assert np.allclose(nib.load(res["probabilities"][0]).get_fdata(), p, atol=1e-4), name
+
+
+def test_mirroring_tta_leaves_a_flip_equivariant_model_unchanged():
+    torch.manual_seed(0)
+    image = torch.rand(1, 1, 19, 14, 11)  # asymmetric content and size
+    image[..., :5, :, :] += 1.0
+    kw = dict(roi=(16, 16, 16), device=torch.device("cpu"), sw_batch_size=2, overlap=0.25)
+    plain = test_seg.predict_volume(PerVoxel(), image, **kw)
+    tta = test_seg.predict_volume(PerVoxel(), image, tta=True, **kw)
+    assert plain.shape == (1, 3, 19, 14, 11)
+    assert torch.allclose(plain, tta, atol=1e-5)
+    # a model that is not flip-equivariant is changed by TTA (the check above can fail)
+    conv = nn.Conv3d(1, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.normal_()
+    a = test_seg.predict_volume(conv, image, **kw)
+    b = test_seg.predict_volume(conv, image, tta=True, **kw)
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (["--num_classes", "4"], "trained for 3 classes"),
+        (["--dataset", "amos"], "trained for 3 classes"),
+        (["--network", "3DUXNET"], "holds a REP3D model"),
+        (["--kernel_size", "7"], "--kernel_size 7 contradicts"),
+    ],
+)
+def test_flags_contradicting_the_checkpoint_are_refused(tmp_path, training_ckpt, capsys, flags, expect):
+    src = write_case(tmp_path / "in", "a", "ras")
+    code = test_seg.main(["--trained_weights", training_ckpt, "--input", src, "--output", str(tmp_path / "o")] + flags + FAST)
+    err = capsys.readouterr().err
+    assert code == 2 and expect in err and "Traceback" not in err
+
+
+def test_bare_state_dict_of_another_class_count_is_refused(tmp_path, capsys):
+    src = write_case(tmp_path / "in", "a", "ras")
+    torch.save(reparameterize_model(tiny_training_model()).state_dict(), tmp_path / "bare.pth")
+    flags = ["--dataset", "custom", "--spacing", "2", "2", "2", "--a_min", "-100", "--a_max", "300", "--num_classes", "5",
+             "--roi", "32", "32", "32", "--kernel_size", "5", "--depths", "1", "1", "1", "1", "--feature_size", "8", "16", "16", "32",
+             "--hidden_size", "32"]  # fmt: skip
+    code = test_seg.main(["--trained_weights", str(tmp_path / "bare.pth"), "--input", src, "--output", str(tmp_path / "o")] + flags + FAST)
+    err = capsys.readouterr().err
+    assert code == 2 and "class count" in err
+
+
+def test_missing_or_corrupt_inputs_give_clear_messages(tmp_path, training_ckpt, capsys):
+    out = ["--output", str(tmp_path / "o")] + FAST
+    assert test_seg.main(["--trained_weights", training_ckpt, "--input", str(tmp_path / "nope.nii.gz")] + out) == 2
+    assert "nope.nii.gz: not found" in capsys.readouterr().err
+    src = write_case(tmp_path / "in", "a", "ras")
+    raw = gzip.open(src).read()
+    with gzip.open(tmp_path / "in" / "b.nii.gz", "wb") as f:
+        f.write(raw[: len(raw) // 2])  # truncated voxel data
+    assert test_seg.main(["--trained_weights", training_ckpt, "--input", str(tmp_path / "in")] + out) == 2
+    err = capsys.readouterr().err
+    assert "b.nii.gz" in err and "corrupt" in err and "Traceback" not in err
+    assert test_seg.main(["--trained_weights", str(tmp_path / "missing.pth"), "--input", src] + out) == 2
+    assert "missing.pth does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert test_seg.main(["--trained_weights", str(tmp_path / "junk.pth"), "--input", src] + out) == 2
+    assert "could not read checkpoint" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_flags(tmp_path, training_ckpt, monkeypatch, capsys):
+    src = write_case(tmp_path / "in", "a", "ras")
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(test_seg.engine, "sliding_window_predict", oom)
+    code = test_seg.main(["--trained_weights", training_ckpt, "--input", src, "--output", str(tmp_path / "o")] + FAST)
+    err = capsys.readouterr().err
+    assert code == 2 and "--sw_batch_size" in err and "--stitch_on_cpu" in err and "Traceback" not in err
