@@ -228,6 +228,14 @@ def resolve_checkpoint(args: argparse.Namespace) -> dict:
         )
     elif args.num_classes is not None and cfg.num_classes != int(args.num_classes):
         cfg = dataclasses.replace(cfg, num_classes=int(args.num_classes), class_names=["background"] + [f"class_{i}" for i in range(1, int(args.num_classes))])
+    if args.roi is not None:
+        cfg = dataclasses.replace(cfg, roi=tuple(int(r) for r in args.roi))
+    # Networks built for one input size (UNETR, nnFormer, ...: img_size) need windows of that size.
+    if kwargs.get("img_size") is not None:
+        size = tuple(int(r) for r in kwargs["img_size"])
+        if args.roi is not None and tuple(args.roi) != size:
+            problems.append(f"--roi {' '.join(map(str, args.roi))}: {name} was built for inputs of {' x '.join(map(str, size))}: drop --roi")
+        cfg = dataclasses.replace(cfg, roi=size)
     if problems:
         raise InferenceError("the flags do not fit the checkpoint:\n" + "\n".join(f"  - {p}" for p in problems))
     return {
@@ -577,8 +585,6 @@ def run_inference(args: argparse.Namespace) -> dict:
 
     resolved = resolve_checkpoint(args)
     cfg: DatasetConfig = resolved["cfg"]
-    if args.roi is not None:
-        cfg = dataclasses.replace(cfg, roi=tuple(int(r) for r in args.roi))
     cases = resolve_inputs(args)
     device = engine.select_device(args.gpu)
     amp_dtype = engine.resolve_amp(args.amp, device)

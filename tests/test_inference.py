@@ -152,6 +152,17 @@ def test_predictions_keep_native_geometry_and_are_aligned(tmp_path, training_ckp
     assert (out / "summary.csv").is_file() and (out / "inference_args.json").is_file()
 
 
+def test_labels_folder_pairs_by_case_name(tmp_path, training_ckpt, monkeypatch):
+    """--input folder + --labels folder (nnU-Net names: image case_0000, label case_seg): scored."""
+    write_case(tmp_path / "img", "case_0000", "lps", label_folder=tmp_path / "lab")
+    os.rename(tmp_path / "lab" / "case_0000.nii.gz", tmp_path / "lab" / "case_seg.nii.gz")
+    write_case(tmp_path / "img", "other", "ras")  # no label: predicted, not scored
+    monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
+    res = run(["--trained_weights", training_ckpt, "--input", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "--output", str(tmp_path / "o")])
+    assert len(res["predictions"]) == 2 and {r["case"] for r in res["rows"]} == {"case"}
+    assert res["summary"]["classes"][0]["dice"] > 0.85 and "organ" in res["table"]
+
+
 def test_perfect_prediction_scores_one_and_misses_are_flagged():
     lab = np.zeros((12, 10, 8), np.uint8)
     lab[2:6, 2:6, 2:5] = 1
