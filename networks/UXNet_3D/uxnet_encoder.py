@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from monai.networks.layers import DropPath
 
-from ..blocks import LayerNormChannelsFirst, check_kernel_size, check_positive_int, check_stages
+from ..blocks import HierarchicalEncoder, LayerNormChannelsFirst, check_kernel_size, check_positive_int
 from ..Rep3D.lrbm import ModulatedDepthwiseConv3d, check_modulation
 
 __all__ = ["UXNetBlock", "UXNetEncoder"]
@@ -87,7 +87,7 @@ class UXNetBlock(nn.Module):
         return x + self.drop_path(y)
 
 
-class UXNetEncoder(nn.Module):
+class UXNetEncoder(HierarchicalEncoder):
     """The 3D UX-Net hierarchical encoder; returns the four stage outputs (strides 2, 4, 8, 16).
 
     Args:
@@ -114,41 +114,24 @@ class UXNetEncoder(nn.Module):
         generator_kernel_size: int = 7,
         generator_depth: int = 2,
     ) -> None:
-        super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_stages(depths, feature_size)
-        dims = list(feature_size)
-        # Same stem / downsampling layout as the Rep3D encoder (and the same module names).
-        self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv3d(in_channels, dims[0], kernel_size=7, stride=2, padding=3), LayerNormChannelsFirst(dims[0]))]
-        )
-        for i in range(3):
-            self.downsample_layers.append(
-                nn.Sequential(LayerNormChannelsFirst(dims[i]), nn.Conv3d(dims[i], dims[i + 1], kernel_size=2, stride=2))
-            )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        block_args = dict(
-            kernel_size=kernel_size,
-            modulation=modulation,
-            deploy=deploy,
-            dwconv=dwconv,
-            layer_scale_init_value=layer_scale_init_value,
-            beta=beta,
-            generator_kernel_size=generator_kernel_size,
-            generator_depth=generator_depth,
-        )
-        self.stages = nn.ModuleList()
-        start = 0
-        for i in range(4):
-            blocks = [UXNetBlock(dims[i], drop_path=rates[start + j], **block_args) for j in range(depths[i])]
-            self.stages.append(nn.Sequential(*blocks))
-            start += depths[i]
-        for i in range(4):
-            self.add_module(f"norm{i}", LayerNormChannelsFirst(dims[i]))
+        check_kernel_size(kernel_size)
+        check_modulation(modulation)
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}; the paper uses 0.")
+        rates = torch.linspace(0, drop_path_rate, max(sum(depths), 1)).tolist()
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for i in range(4):
-            x = self.stages[i](self.downsample_layers[i](x))
-            outs.append(getattr(self, f"norm{i}")(x))
-        return outs
+        def make_block(channels: int, index: int) -> UXNetBlock:
+            return UXNetBlock(
+                channels,
+                kernel_size=kernel_size,
+                modulation=modulation,
+                deploy=deploy,
+                dwconv=dwconv,
+                layer_scale_init_value=layer_scale_init_value,
+                drop_path=rates[index],
+                beta=beta,
+                generator_kernel_size=generator_kernel_size,
+                generator_depth=generator_depth,
+            )
+
+        super().__init__(in_channels, depths, feature_size, make_block)
