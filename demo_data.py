@@ -56,16 +56,16 @@ _SPLITS = {"train": ("imagesTr", "labelsTr", "demo_tr"), "val": ("imagesVal", "l
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 
-def _affine(codes: str, spacing: tuple[float, float, float], shape: tuple[int, int, int], fov_mm: np.ndarray, origin_shift: np.ndarray) -> np.ndarray:
-    """Voxel-to-RAS+ world affine whose grid covers ``fov_mm`` centred on the world origin."""
-    signs = {"R": 1.0, "L": -1.0, "A": 1.0, "P": -1.0, "S": 1.0, "I": -1.0}
+def _affine(codes: str, spacing: tuple[float, float, float], shape: tuple[int, int, int], origin_shift: np.ndarray) -> np.ndarray:
+    """Voxel-to-RAS+ world affine with voxel axes along ``codes`` and the grid centred near 0."""
+    world = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
     aff = np.eye(4)
+    aff[:3, :3] = 0.0
     for i, c in enumerate(codes):
-        aff[i, i] = signs[c] * spacing[i]
-    # Put the grid centre at the world origin, then shift it a little.
+        axis, sign = world[c]
+        aff[axis, i] = sign * spacing[i]
     centre_vox = (np.asarray(shape) - 1) / 2.0
     aff[:3, 3] = -aff[:3, :3] @ centre_vox + origin_shift
-    del fov_mm
     return aff
 
 
@@ -82,7 +82,7 @@ def make_demo_case(index: int, split: str = "train", size: tuple[int, int, int] 
     codes, spacing = _STYLES[(index + 2 * _SPLIT_CODE[split]) % len(_STYLES)]
     fov = np.asarray(size, dtype=float) * np.asarray(DEMO_SPACING)
     shape = tuple(int(max(8, round(f / s))) for f, s in zip(fov, spacing))
-    aff = _affine(codes, spacing, shape, fov, rng.uniform(-4.0, 4.0, 3))
+    aff = _affine(codes, spacing, shape, rng.uniform(-4.0, 4.0, 3))
     # World coordinates (RAS+, mm) of every voxel centre.
     ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), axis=-1)
     xyz = ijk @ aff[:3, :3].T.astype(np.float32) + aff[:3, 3].astype(np.float32)

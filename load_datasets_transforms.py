@@ -78,6 +78,7 @@ __all__ = [
     "loader_kwargs_from_args",
     "list_cases",
     "list_images",
+    "nifti_files",
     "check_cases",
     "check_dataset",
     "get_train_transforms",
@@ -310,7 +311,6 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the script's parser (or an argument group).
     """
-    g = parser.add_argument_group("data") if isinstance(parser, argparse.ArgumentParser) else parser
     _add(parser, "--root", type=str, default=None, help="dataset folder (imagesTr/labelsTr/imagesVal/labelsVal[/imagesTs], or with an MSD dataset.json). Without it the synthetic demo dataset is generated and used.")
     _add(parser, "--dataset", type=str, default=None, help=f"preset: {', '.join(PRESETS)}, or 'custom' (give --spacing/--num_classes/... or --dataset_config). Default: 'demo' without --root.")
     _add(parser, "--dataset_config", type=str, default=None, help="JSON file with spacing, intensity, a_min, a_max, num_classes, class_names, roi; overrides the preset")
@@ -326,7 +326,6 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--cache_rate", type=float, default=None, help="fraction of cases kept pre-processed in memory (default: the preset's, 0.1; demo 1.0); lower it if RAM runs out")
     _add(parser, "--num_workers", type=int, default=2, help="data-loading worker processes (0 loads in the main process)")
     _add(parser, "--cache_on_gpu", action="store_true", help="keep cached volumes on the GPU and run the random transforms there (ThreadDataLoader, no workers); needs CUDA and GPU memory for the cache")
-    del g
 
 
 def _arg(args, name: str, default=None):
@@ -373,7 +372,8 @@ def loader_kwargs_from_args(args, cfg: DatasetConfig) -> dict:
     """Keyword arguments of :func:`get_loaders` taken from the shared flags.
 
     Resolves ``--cache_rate`` (default: the preset's) and ``--cache_on_gpu`` (``device="cuda"``,
-    refused with a clear message when CUDA is absent). ``root`` falls back to the demo folder.
+    refused with a clear message when CUDA is absent). Without ``--root`` and ``--datalist``,
+    ``root`` is the demo folder for the demo preset and an error for any other.
     """
     cache_rate = _arg(args, "cache_rate")
     device = None
@@ -382,12 +382,17 @@ def loader_kwargs_from_args(args, cfg: DatasetConfig) -> dict:
             raise ValueError("--cache_on_gpu needs a CUDA GPU and none is visible; drop the flag to cache in RAM")
         gpu = _arg(args, "gpu", None)
         device = f"cuda:{gpu}" if isinstance(gpu, int) else "cuda"
+    root, datalist = _arg(args, "root"), _arg(args, "datalist")
+    if root is None and datalist is None:
+        if cfg.name != "demo":
+            raise ValueError(f"--dataset {cfg.name} needs its data: pass --root (the dataset folder) or --datalist")
+        root = demo_data.DEMO_ROOT_DEFAULT
     return {
-        "root": _arg(args, "root") or demo_data.DEMO_ROOT_DEFAULT,
+        "root": root,
         "roi": cfg.roi,
         "cache_rate": cfg.cache_rate if cache_rate is None else float(cache_rate),
         "num_workers": int(_arg(args, "num_workers", 2)),
-        "datalist": _arg(args, "datalist"),
+        "datalist": datalist,
         "fold": int(_arg(args, "fold", 0) or 0),
         "device": device,
     }
@@ -422,13 +427,19 @@ def case_name(path: str, role: str = "image") -> str:
     return stem
 
 
-def _nifti_files(folder: str) -> list[str]:
-    # Hidden files are skipped: MSD archives ship macOS "._case.nii.gz" resource forks.
+def nifti_files(folder: str) -> list[str]:
+    """Sorted NIfTI files (.nii, .nii.gz) of a folder, the rule every listing here uses.
+
+    Hidden files are skipped: MSD archives ship macOS "._case.nii.gz" resource forks.
+    """
     return sorted(
         os.path.join(folder, f)
         for f in os.listdir(folder)
         if not f.startswith(".") and _strip_ext(f) is not None and os.path.isfile(os.path.join(folder, f))
     )
+
+
+_nifti_files = nifti_files  # older name, used by test_seg.py
 
 
 def _pair_folder(image_dir: str, label_dir: str | None, problems: list[str], labels_required: bool) -> list[dict]:

@@ -212,6 +212,12 @@ def test_cli_flags():
     cfg = ldt.config_from_args(args)
     assert (cfg.spacing, cfg.intensity, cfg.class_names, cfg.roi) == ((1.0, 1.0, 2.0), "zscore", ["bg", "a", "b"], (32, 32, 16))
     assert ldt.loader_kwargs_from_args(args, cfg)["cache_rate"] == 0.5
+    # a datalist without --root keeps root None (paths relative to the datalist); a real preset
+    # without any data is refused instead of silently training on the demo
+    args = parser.parse_args(["--dataset", "kits", "--datalist", "/d/list.json"])
+    assert ldt.loader_kwargs_from_args(args, ldt.config_from_args(args))["root"] is None
+    with pytest.raises(ValueError, match="--dataset kits needs its data"):
+        ldt.loader_kwargs_from_args(parser.parse_args(["--dataset", "kits"]), ldt.get_dataset_config("kits"))
     with pytest.raises(ValueError, match="--dataset is required"):
         ldt.config_from_args(parser.parse_args(["--root", "/x"]))
     if not torch.cuda.is_available():
