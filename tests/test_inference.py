@@ -158,9 +158,10 @@ def test_labels_folder_pairs_by_case_name(tmp_path, training_ckpt, monkeypatch):
     os.rename(tmp_path / "lab" / "case_0000.nii.gz", tmp_path / "lab" / "case_seg.nii.gz")
     write_case(tmp_path / "img", "other", "ras")  # no label: predicted, not scored
     monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
-    res = run(["--trained_weights", training_ckpt, "--input", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "--output", str(tmp_path / "o")])
+    res = run(["--trained_weights", training_ckpt, "--input", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "--output", str(tmp_path / "o"), "--no_hd95"])
     assert len(res["predictions"]) == 2 and {r["case"] for r in res["rows"]} == {"case"}
     assert res["summary"]["classes"][0]["dice"] > 0.85 and "organ" in res["table"]
+    assert np.isnan(res["summary"]["classes"][0]["hd95"])  # --no_hd95
 
 
 def test_perfect_prediction_scores_one_and_misses_are_flagged():
