@@ -1,0 +1,547 @@
+"""GPU benchmark of the depthwise 21^3 convolution (native vs FFT) and of whole networks (issue 7).
+
+One run prints, each timed as the median of several repetitions after warm-up (CUDA events):
+
+* check:   FFT vs float64 native convolution on the GPU (relative errors, output and gradients);
+* stages:  native vs fft at the four REP3D stage shapes (batch 2, K=21), forward and forward+backward,
+           fp32 and AMP (bf16 autocast), plus the plain-autograd FFT for comparison;
+* sweep:   native vs fft forward+backward for smaller kernels (calibrates ``impl="auto"``);
+* train:   one training iteration (2 x 1 x 96^3, 16 classes, AMP bf16, AdamW, MONAI DiceCE) of REP3D
+           with dwconv native and fft, 3DUXNET and SwinUNETR;
+* infer:   sliding-window inference (roi 96, sw_batch_size 4, overlap 0.5, AMP) of a 1x1x256x256x160
+           volume, REP3D deploy native / fft and 3DUXNET;
+* profile: torch.profiler of the REP3D fft iteration: top kernels and time per category;
+* cuts:    the REP3D fft iteration with fused AdamW, cudnn.benchmark, channels_last_3d, a CUDA graph of
+           the whole step, torch.compile; and SwinUNETR / 3DUXNET with the settings that paid.
+
+Usage (on the GPU machine)::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu.py --json $OUT/bench.json 2>&1 | tee $OUT/bench.log
+
+``--quick`` runs tiny shapes on any device (a smoke test of the script, numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from networks import build_network  # noqa: E402
+from networks.dwconv import native_depthwise_conv3d, set_dwconv_impl  # noqa: E402
+from networks.fftconv import _fft_cost, _native_cost, fft_depthwise_conv3d, fft_is_faster, fft_plan  # noqa: E402
+
+RESULTS: dict[str, Any] = {}
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 10, budget_s: float = 3.0) -> dict:
+    """Median (and min/max) milliseconds of ``fn`` after ``warmup`` calls; fewer reps if one is slow."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    # A first timed call sizes the repetitions so that slow native convolutions stay within budget.
+    times = [_time_once(fn, device)]
+    n = max(2, min(reps, int(budget_s * 1e3 / max(times[0], 1e-3))))
+    times += [_time_once(fn, device) for _ in range(n - 1)]
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
+
+
+def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def fmt(r: dict | None) -> str:
+    return "     n/a" if r is None else f"{r['median_ms']:8.2f}"
+
+
+NET_AMP = True  # AMP for the network sections (off only for a CPU smoke test: CPU bf16 is very slow)
+
+
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+# --------------------------------------------------------------------------------------------------
+# the convolution alone
+
+
+def autograd_fft_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The FFT convolution differentiated by autograd through torch.fft (no custom backward), to
+    compare with the custom autograd.Function of networks.fftconv."""
+    n = x.shape[2:]
+    (shape, crop) = fft_plan(tuple(n), tuple(w.shape[2:]))
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        c = crop[0]
+        w = w[:, :, c : w.shape[2] - c, c : w.shape[3] - c, c : w.shape[4] - c].float()
+        k = w.shape[2]
+        h = F.pad(w.flip(2, 3, 4)[:, 0], (0, shape[2] - k, 0, shape[1] - k, 0, shape[0] - k))
+        h = torch.roll(h, shifts=(-(k // 2),) * 3, dims=(1, 2, 3))
+        y = torch.fft.irfftn(torch.fft.rfftn(x.float(), s=shape) * torch.fft.rfftn(h, s=shape), s=shape)
+        return y[..., : n[0], : n[1], : n[2]].contiguous()
+
+
+IMPLS = {"native": native_depthwise_conv3d, "fft": fft_depthwise_conv3d, "fft_autograd": autograd_fft_conv}
+
+
+def conv_case(fn, b, c, n, k, device, amp, backward, bias=False):
+    x = torch.randn(b, c, n, n, n, device=device, requires_grad=backward)
+    w = (torch.randn(c, 1, k, k, k, device=device) / k**1.5).requires_grad_(backward)
+    bb = torch.randn(c, device=device, requires_grad=backward) if bias else None
+    gy = None
+
+    def run():
+        nonlocal gy
+        with torch.set_grad_enabled(backward), autocast(device, amp):
+            y = fn(x, w, bb) if bias else fn(x, w)
+        if backward:
+            if gy is None or gy.dtype != y.dtype:
+                gy = torch.randn_like(y)
+            y.backward(gy)
+            x.grad = w.grad = None
+
+    return run
+
+
+def section_check(device, stages, k):
+    log("\n== check: FFT vs float64 native convolution on this device (relative L2 errors) ==")
+    rows = []
+    for _, n in stages:
+        x = torch.randn(2, 2, n, n, n, device=device, requires_grad=True)
+        w = torch.randn(2, 1, k, k, k, device=device, requires_grad=True)
+        y = fft_depthwise_conv3d(x, w)
+        g = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, w), g)
+        xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        yd = F.conv3d(xd, wd, padding=k // 2, groups=2)
+        rx, rw = torch.autograd.grad(yd, (xd, wd), g.double())
+        errs = [((a.double() - r).norm() / r.norm()).item() for a, r in ((y, yd), (gx, rx), (gw, rw))]
+        rows.append({"n": n, "k": k, "out": errs[0], "grad_x": errs[1], "grad_w": errs[2]})
+        log(f"  N={n:3d} K={k}: out {errs[0]:.1e}  grad_x {errs[1]:.1e}  grad_w {errs[2]:.1e}")
+    RESULTS["check"] = rows
+
+
+def section_stages(device, stages, k, batch):
+    log(f"\n== stages: depthwise {k}^3, batch {batch}: median ms (native / fft / fft via autograd) ==")
+    log(f"  {'stage':>12} {'mode':>10} {'native':>8} {'fft':>8} {'fft_ag':>8} {'speedup':>8}")
+    rows = []
+    totals = {}
+    for c, n in stages:
+        for amp in (False, True):
+            for backward in (False, True):
+                mode = ("fwd+bwd" if backward else "fwd") + ("/amp" if amp else "/fp32")
+                r = {}
+                for name, fn in IMPLS.items():
+                    if name == "fft_autograd" and amp:
+                        r[name] = None
+                        continue
+                    run = conv_case(fn, batch, c, n, k, device, amp, backward)
+                    r[name] = bench(run, device, warmup=1 if name == "native" else 3, reps=20)
+                    del run
+                speed = r["native"]["median_ms"] / r["fft"]["median_ms"]
+                log(f"  {f'{c}@{n}^3':>12} {mode:>10} {fmt(r['native'])} {fmt(r['fft'])} {fmt(r['fft_autograd'])} {speed:8.1f}x")
+                rows.append({"channels": c, "n": n, "mode": mode, **{k_: v for k_, v in r.items()}})
+                for name in ("native", "fft"):
+                    totals.setdefault((mode, name), 0.0)
+                    totals[(mode, name)] += 2 * r[name]["median_ms"]  # two blocks per stage
+    log("  the 8 depthwise convs of an iteration (2 per stage):")
+    for mode in ("fwd+bwd/fp32", "fwd+bwd/amp", "fwd/fp32", "fwd/amp"):
+        nat, fft = totals[(mode, "native")], totals[(mode, "fft")]
+        log(f"    {mode:>12}: native {nat:8.1f} ms   fft {fft:6.2f} ms   ({nat / fft:.0f}x)")
+    RESULTS["stages"] = rows
+    RESULTS["stages_8conv_total_ms"] = {f"{m}/{i}": v for (m, i), v in totals.items()}
+
+
+def section_sweep(device, stages, kernels, batch):
+    log(f"\n== sweep: fwd+bwd fp32 ms, batch {batch} (calibrates impl='auto'; cost ratio = native MACs / FFT n log n) ==")
+    rows = []
+    for c, n in stages:
+        for k in kernels:
+            r = {name: bench(conv_case(IMPLS[name], batch, c, n, k, device, False, True), device, warmup=1, reps=10, budget_s=1.5)
+                 for name in ("native", "fft")}
+            plan = fft_plan((n,) * 3, (k,) * 3)
+            k_eff = [k - 2 * cc for cc in plan.kernel_crop]
+            ratio = _native_cost(batch, c, (n,) * 3, k_eff) / _fft_cost(batch, c, plan.fft_shape)
+            x_meta = torch.empty(batch, c, n, n, n, device=device)
+            auto = "fft" if fft_is_faster(x_meta, torch.empty(c, 1, k, k, k, device=device)) else "native"
+            best = "fft" if r["fft"]["median_ms"] < r["native"]["median_ms"] else "native"
+            log(f"  {c:4d}@{n:2d}^3 K={k:2d}: native {fmt(r['native'])} fft {fmt(r['fft'])}  cost ratio {ratio:7.2f}  "
+                f"faster: {best:6s} auto: {auto}{'' if auto == best else '  <-- auto wrong'}")
+            rows.append({"channels": c, "n": n, "k": k, "cost_ratio": ratio, "auto": auto, "best": best, **r})
+    RESULTS["sweep"] = rows
+
+
+# --------------------------------------------------------------------------------------------------
+# whole networks
+
+
+def make_train_step(model, device, roi, batch, classes, fused=False, channels_last=False, lr=1e-4):
+    from monai.losses import DiceCELoss
+
+    kwargs = {"fused": True} if fused else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.08, **kwargs)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    x = torch.randn(batch, 1, *roi, device=device)
+    y = torch.randint(0, classes, (batch, 1, *roi), device=device).float()
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, NET_AMP):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, (model, opt, loss_fn, x, y)
+
+
+def graph_train_step(model, device, roi, batch, classes):
+    """The whole step (forward, backward, fused AdamW) captured once in a CUDA graph and replayed."""
+    from monai.losses import DiceCELoss
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.08, fused=True, capturable=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    x = torch.randn(batch, 1, *roi, device=device)
+    y = torch.randint(0, classes, (batch, 1, *roi), device=device).float()
+
+    def body():
+        with autocast(device, True):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    # Gradients set to None before capture: the captured backward then writes (not accumulates) them
+    # into the graph's own buffers, so replays need no zero_grad.
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        body()
+
+    def step():
+        graph.replay()
+
+    return step
+
+
+def peak_mem(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_mem(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_train(label, name, overrides, device, roi, batch, classes, reps, **kw):
+    reset_mem(device)
+    try:
+        model = build_network(name, 1, classes, **overrides).to(device).train()
+    except Exception as err:  # noqa: BLE001 - a network another helper has not finished yet
+        log(f"  {label:34s} skipped: cannot build {name}: {type(err).__name__}: {err}")
+        return None
+    try:
+        if kw.pop("graph", False):
+            step = graph_train_step(model, device, roi, batch, classes)
+        else:
+            compile_mode = kw.pop("compile", None)
+            if compile_mode:
+                model = torch.compile(model, mode=None if compile_mode is True else compile_mode)
+            step, _ = make_train_step(model, device, roi, batch, classes, **kw)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        first = time.perf_counter() - t0
+        r = bench(step, device, warmup=2, reps=reps, budget_s=8.0)
+    except Exception as err:  # noqa: BLE001 - report and carry on with the other rows
+        log(f"  {label:34s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        traceback.print_exc(limit=3)
+        return None
+    r["peak_gib"] = peak_mem(device)
+    r["first_step_s"] = first
+    log(f"  {label:34s} {fmt(r)} ms  (min {r['min_ms']:.1f}, max {r['max_ms']:.1f}, n={r['reps']}, "
+        f"peak {r['peak_gib']:.1f} GiB, first step {first:.1f} s)")
+    del model, step
+    return r
+
+
+def section_train(device, roi, batch, classes, reps, tiny):
+    log(f"\n== train: one iteration, {batch} x 1 x {'x'.join(map(str, roi))}, {classes} classes, AMP bf16, AdamW, DiceCE ==")
+    nets = [
+        ("REP3D (lrbm) dwconv=native", "REP3D", {"dwconv": "native"}),
+        ("REP3D (lrbm) dwconv=fft", "REP3D", {"dwconv": "fft"}),
+        ("3DUXNET dwconv=native", "3DUXNET", {"dwconv": "native"}),
+        ("3DUXNET dwconv=auto", "3DUXNET", {"dwconv": "auto"}),
+        ("SwinUNETR", "SwinUNETR", {}),
+    ]
+    rows = {}
+    for label, name, ov in nets:
+        rows[label] = run_train(label, name, {**ov, **tiny.get(name, {})}, device, roi, batch, classes, reps)
+    RESULTS["train"] = rows
+
+
+def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5):
+    from monai.inferers import sliding_window_inference
+
+    log(f"\n== infer: sliding window, volume 1x1x{'x'.join(map(str, volume))}, roi {roi[0]}, sw_batch_size {sw_batch}, "
+        f"overlap {overlap}, AMP bf16 ==")
+    vol = torch.randn(1, 1, *volume, device=device)
+    nets = [
+        ("REP3D deploy dwconv=native", "REP3D", {"deploy": True, "dwconv": "native"}),
+        ("REP3D deploy dwconv=fft", "REP3D", {"deploy": True, "dwconv": "fft"}),
+        ("3DUXNET dwconv=native", "3DUXNET", {"dwconv": "native"}),
+        ("3DUXNET dwconv=auto", "3DUXNET", {"dwconv": "auto"}),
+    ]
+    rows = {}
+    for label, name, ov in nets:
+        reset_mem(device)
+        try:
+            model = build_network(name, 1, classes, **ov, **tiny.get(name, {})).to(device).eval()
+        except Exception as err:  # noqa: BLE001
+            log(f"  {label:30s} skipped: {type(err).__name__}: {err}")
+            rows[label] = None
+            continue
+
+        def run():
+            with torch.no_grad(), autocast(device, NET_AMP):
+                return sliding_window_inference(vol, roi, sw_batch, model, overlap=overlap)
+
+        r = bench(run, device, warmup=1, reps=5, budget_s=15.0)
+        r["peak_gib"] = peak_mem(device)
+        rows[label] = r
+        log(f"  {label:30s} {r['median_ms'] / 1e3:7.3f} s  (min {r['min_ms'] / 1e3:.3f}, n={r['reps']}, peak {r['peak_gib']:.1f} GiB)")
+        del model
+    RESULTS["infer"] = rows
+
+
+def _kernel_category(name: str) -> str:
+    n = name.lower()
+    rules = [
+        ("fft", ("fft", "vector_fft", "regular_fft", "cufft", "r2c", "c2r", "c2c")),
+        ("adamw", ("adam", "multi_tensor")),
+        ("conv (cuDNN)", ("cudnn", "conv", "sm90_xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "winograd", "cutlass", "gemm")),
+        ("norm", ("norm", "welford", "batch_norm", "layer_norm", "instance")),
+        ("softmax/loss", ("softmax", "nll", "cross_entropy", "log_softmax")),
+        ("reduce", ("reduce",)),
+        ("copy/cast/pad", ("copy", "cast", "cat", "pad", "index", "scatter", "gather", "fill", "memset", "memcpy")),
+        ("elementwise", ("elementwise", "vectorized", "unrolled", "gelu", "mul", "add", "sigmoid")),
+    ]
+    for cat, keys in rules:
+        if any(k in n for k in keys):
+            return cat
+    return "other"
+
+
+def section_profile(device, roi, batch, classes, tiny, steps=3):
+    from torch.profiler import ProfilerActivity, profile
+
+    log(f"\n== profile: REP3D (lrbm) dwconv=fft training iteration, {steps} steps ==")
+    model = build_network("REP3D", 1, classes, dwconv="fft", **tiny.get("REP3D", {})).to(device).train()
+    step, _ = make_train_step(model, device, roi, batch, classes)
+    for _ in range(3):
+        step()
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - t0) * 1e3 / steps
+    kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")] if device.type == "cuda" else []
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps if kernels else float("nan")
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, [0.0, 0])
+        by_name[e.name][0] += e.time_range.elapsed_us() / 1e3 / steps
+        by_name[e.name][1] += 1
+    cats: dict[str, float] = {}
+    for name, (t, _) in by_name.items():
+        cats[_kernel_category(name)] = cats.get(_kernel_category(name), 0.0) + t
+    log(f"  wall per step (profiled) {wall:.1f} ms; GPU kernels busy {busy:.1f} ms/step "
+        f"({busy / wall * 100:.0f}%: the rest is launch gaps / CPU / sync); kernels per step {len(kernels) // steps}")
+    log("  GPU time per step by category:")
+    for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
+        log(f"    {cat:16s} {t:7.2f} ms  {t / busy * 100:5.1f}%")
+    log("  top 25 kernels (ms per step, launches per step):")
+    for name, (t, cnt) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+        log(f"    {t:7.2f} ms {cnt // steps:5d}x  {name[:110]}")
+    log("  top 20 operators by device time (torch.profiler table):")
+    sort_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    try:
+        log(prof.key_averages().table(sort_by=sort_key, row_limit=20, max_name_column_width=60))
+    except Exception as err:  # noqa: BLE001 - table column names differ between versions
+        log(f"  (table unavailable: {err})")
+    RESULTS["profile"] = {"wall_ms": wall, "busy_ms": busy, "categories_ms": cats,
+                          "top_kernels": sorted(((n, t) for n, (t, _) in by_name.items()), key=lambda kv: -kv[1])[:40]}
+
+
+def section_cuts(device, roi, batch, classes, reps, tiny, do_compile=True):
+    log("\n== cuts: the REP3D (lrbm) fft iteration with cheap speed-ups (each alone, then together) ==")
+    ov = {"dwconv": "fft", **tiny.get("REP3D", {})}
+    rows = {}
+    rows["base (foreach AdamW)"] = run_train("base (foreach AdamW)", "REP3D", ov, device, roi, batch, classes, reps)
+    rows["fused AdamW"] = run_train("fused AdamW", "REP3D", ov, device, roi, batch, classes, reps, fused=True)
+    torch.backends.cudnn.benchmark = True
+    rows["cudnn.benchmark"] = run_train("cudnn.benchmark", "REP3D", ov, device, roi, batch, classes, reps)
+    rows["cudnn.benchmark + fused"] = run_train("cudnn.benchmark + fused", "REP3D", ov, device, roi, batch, classes, reps, fused=True)
+    torch.backends.cudnn.benchmark = False
+    rows["channels_last_3d"] = run_train("channels_last_3d", "REP3D", ov, device, roi, batch, classes, reps, channels_last=True)
+    if device.type == "cuda":
+        rows["CUDA graph (fused, capturable)"] = run_train("CUDA graph (fused, capturable)", "REP3D", ov, device, roi, batch,
+                                                           classes, reps, graph=True)
+        torch.backends.cudnn.benchmark = True
+        rows["CUDA graph + cudnn.benchmark"] = run_train("CUDA graph + cudnn.benchmark", "REP3D", ov, device, roi, batch,
+                                                         classes, reps, graph=True)
+        torch.backends.cudnn.benchmark = False
+    RESULTS["cuts"] = rows
+
+    log("\n== train, tuned (cudnn.benchmark + fused AdamW) for every network, same run ==")
+    torch.backends.cudnn.benchmark = True
+    tuned = {}
+    for label, name, o in [
+        ("REP3D (lrbm) fft, tuned", "REP3D", {"dwconv": "fft"}),
+        ("3DUXNET auto, tuned", "3DUXNET", {"dwconv": "auto"}),
+        ("SwinUNETR, tuned", "SwinUNETR", {}),
+    ]:
+        tuned[label] = run_train(label, name, {**o, **tiny.get(name, {})}, device, roi, batch, classes, reps, fused=True)
+    if device.type == "cuda":
+        for label, name, o in [
+            ("REP3D (lrbm) fft, CUDA graph", "REP3D", {"dwconv": "fft"}),
+            ("SwinUNETR, CUDA graph", "SwinUNETR", {}),
+        ]:
+            tuned[label] = run_train(label, name, {**o, **tiny.get(name, {})}, device, roi, batch, classes, reps, graph=True)
+    torch.backends.cudnn.benchmark = False
+    RESULTS["train_tuned"] = tuned
+    if do_compile:
+        torch.backends.cudnn.benchmark = True
+        rows["torch.compile + fused + cudnn.bm"] = run_train("torch.compile + fused + cudnn.bm", "REP3D", ov, device, roi, batch,
+                                                             classes, reps, fused=True, compile=True)
+        torch.backends.cudnn.benchmark = False
+    RESULTS["cuts"] = rows
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def environment(device) -> dict:
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+           "device": str(device), "python": sys.version.split()[0]}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1))
+    try:
+        import monai
+
+        env["monai"] = monai.__version__
+    except ImportError:
+        env["monai"] = None
+    return env
+
+
+SECTIONS = ("check", "stages", "sweep", "train", "infer", "profile", "cuts")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--device", default="cuda", help="torch device (default cuda); not for picking a GPU: use CUDA_VISIBLE_DEVICES")
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per training measurement (fewer if slow)")
+    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile variant (slow to compile)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of this script on any device")
+    parser.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        parser.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible; pass --device cpu --quick for a smoke test")
+
+    global NET_AMP
+    k, batch, classes = 21, 2, 16
+    if args.quick:
+        NET_AMP = device.type == "cuda"
+        stages, kernels, roi, volume = [(4, 12), (8, 6)], [3, 7], (64, 64, 64), (80, 64, 64)
+        tiny = {"REP3D": {"depths": (1, 1, 1, 1), "feature_size": (8, 16, 16, 32), "hidden_size": 32, "kernel_size": 7},
+                "3DUXNET": {"depths": (1, 1, 1, 1), "feature_size": (8, 16, 16, 32), "hidden_size": 32},
+                "SwinUNETR": {"feature_size": 12}}
+        k = 7
+    else:
+        stages, kernels, roi, volume = [(48, 48), (96, 24), (192, 12), (384, 6)], [3, 5, 7, 9, 13], (96, 96, 96), (256, 256, 160)
+        tiny = {}
+
+    RESULTS["env"] = environment(device)
+    RESULTS["argv"] = sys.argv
+    log(f"environment: {json.dumps(RESULTS['env'])}")
+    log(f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    torch.backends.cudnn.benchmark = False  # the default; the cuts section measures it on
+    torch.manual_seed(0)
+    runners = {
+        "check": lambda: section_check(device, stages, k),
+        "stages": lambda: section_stages(device, stages, k, batch),
+        "sweep": lambda: section_sweep(device, stages, kernels, batch),
+        "train": lambda: section_train(device, roi, batch, classes, args.reps, tiny),
+        "infer": lambda: section_infer(device, roi, volume, classes, tiny),
+        "profile": lambda: section_profile(device, roi, batch, classes, tiny),
+        "cuts": lambda: section_cuts(device, roi, batch, classes, args.reps, tiny, do_compile=not args.no_compile),
+    }
+    for s in sections:
+        t0 = time.perf_counter()
+        try:
+            runners[s]()
+        except Exception:  # noqa: BLE001 - one broken section must not lose the others' numbers
+            log(f"section {s} FAILED:")
+            traceback.print_exc()
+        log(f"[section {s}: {time.perf_counter() - t0:.0f} s]")
+        if args.json:
+            Path(args.json).write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
