@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -110,12 +111,17 @@ def add_network_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden_size", type=int, default=None, help="bottleneck channels (paper: 768)")
 
 
-def network_overrides(args: argparse.Namespace | dict) -> dict:
+def network_overrides(args: argparse.Namespace | dict, roi: Sequence[int] | None = None) -> dict:
     """Keyword arguments for :func:`networks.build_network` from the flags of :func:`add_network_args`.
 
     ``None`` values (not given) are dropped, and so is ``dwconv="auto"`` (every network's default),
     so that networks without large depthwise kernels (SwinUNETR, UNETR, ...) accept the result.
     Lists stay lists (JSON- and ``weights_only``-friendly checkpoints).
+
+    Args:
+        args: parsed flags (or a dict of them).
+        roi: when given, networks built for one input size (UNETR, nnFormer, ...: an ``img_size``
+            constructor argument) get ``img_size=roi``.
     """
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     out = {}
@@ -124,7 +130,18 @@ def network_overrides(args: argparse.Namespace | dict) -> dict:
         if v is None or (key == "dwconv" and v == "auto"):
             continue
         out[key] = list(v) if isinstance(v, (list, tuple)) else v
+    if roi is not None and values.get("network") and _accepts(values["network"], "img_size"):
+        out["img_size"] = [int(r) for r in roi]
     return out
+
+
+def _accepts(network: str, keyword: str) -> bool:
+    """Whether the registry constructor of ``network`` takes ``keyword``."""
+    try:
+        entry = networks._REGISTRY[networks.canonical_name(network)]
+        return keyword in inspect.signature(networks._constructor(entry)).parameters
+    except (ValueError, TypeError, ImportError, AttributeError, KeyError):
+        return False
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,242 @@
+"""Tests of main_train.py: outputs of a short run, resume, a killed run, DDP on CPU, bad flags.
+
+Tiny settings throughout: REP3D with widths 8-16-16-32, depths 1, kernel 5, hidden 32, a 32^3 ROI on
+a demo dataset of 32^3 volumes written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import demo_data
+import engine
+import main_train
+import networks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_NET = ["--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1", "--kernel_size", "5", "--hidden_size", "32"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("demo"))
+    return demo_data.make_demo_dataset(root, n_train=2, n_val=1, size=(32, 32, 32))
+
+
+def tiny_argv(root: str, output: str, *extra: str) -> list[str]:
+    return [
+        "--root", root, "--dataset", "demo", "--output", output, "--roi", "32", "32", "32",
+        "--num_workers", "0", "--lr", "1e-3", "--sw_batch_size", "2", *TINY_NET, *extra,
+    ]  # fmt: skip
+
+
+def run(argv: list[str], **kw) -> dict:
+    return main_train.train(main_train.parse_args(argv), log=lambda m: None, **kw)
+
+
+def load(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_short_run_writes_checkpoints_logs_args_and_plot(demo_root, tmp_path):
+    out = str(tmp_path / "run")
+    summary = run(tiny_argv(demo_root, out, "--max_iter", "3", "--eval_step", "2"))
+    for name in ("best_metric_model.pth", "checkpoint_last.pth", "args.json", "training_curve.png", "summary.json", "training_log.txt"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
+    assert summary["steps"] == 3 and 0.0 <= summary["best_metric"] <= 1.0
+    assert set(summary["dice_per_class"]) == {"liver", "kidney", "spleen", "bone"}
+
+    last = load(os.path.join(out, "checkpoint_last.pth"))
+    assert last["step"] == 3 and last["network"] == "REP3D" and last["in_channels"] == 1 and last["out_channels"] == 5
+    assert last["network_kwargs"] == {"kernel_size": 5, "feature_size": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "hidden_size": 32}
+    assert last["dataset"]["class_names"] == list(demo_data.DEMO_CLASS_NAMES) and last["dataset"]["roi"] == [32, 32, 32]
+    for key in ("optimizer", "scheduler", "scaler", "rng", "history", "best_metric", "args"):
+        assert key in last, key
+    assert len(last["history"]["loss"]) == 3 and last["history"]["val_step"] == [2, 3]
+    json.dumps(last["args"])  # the contract: JSON-able arguments
+    args_json = json.load(open(os.path.join(out, "args.json")))
+    assert args_json["max_iter"] == 3 and args_json["weight_decay"] == 0.08 and args_json["optim"] == "AdamW"
+
+    best = load(os.path.join(out, "best_metric_model.pth"))
+    assert "optimizer" not in best and best["step"] in (2, 3)
+    # The checkpoint rebuilds its network from its own metadata, for training and for deployment.
+    net = networks.build_network(best["network"], best["in_channels"], best["out_channels"], **best["network_kwargs"])
+    net.load_state_dict(best["state_dict"])
+    deployed = networks.build_deploy_network(best["network"], best["in_channels"], best["out_channels"], best, **best["network_kwargs"])
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), net.eval()(x), rtol=1e-4, atol=1e-4)
+
+    # A second run into the same folder refuses instead of overwriting.
+    with pytest.raises(ValueError, match="--resume"):
+        run(tiny_argv(demo_root, out, "--max_iter", "3", "--eval_step", "2"))
+
+
+def test_killed_run_resumes_at_its_last_checkpoint_with_equal_optimizer_state(demo_root, tmp_path):
+    out = str(tmp_path / "run")
+    argv = tiny_argv(demo_root, out, "--max_iter", "4", "--eval_step", "2")
+    stopped = run(argv, stop_after=3)  # "killed" after step 3: the last checkpoint is from step 2
+    assert stopped["stopped_at"] == 3
+    saved = load(os.path.join(out, "checkpoint_last.pth"))
+    assert saved["step"] == 2 and saved["optimizer"]["state"]
+
+    seen = {}
+
+    def check(state: dict) -> None:
+        seen["step"] = state["step"]
+        seen["last_epoch"] = state["scheduler"].last_epoch
+        opt = state["optimizer"].state_dict()
+        assert opt["state"].keys() == saved["optimizer"]["state"].keys()
+        for k, st in opt["state"].items():
+            for name, value in st.items():
+                torch.testing.assert_close(value, saved["optimizer"]["state"][k][name], rtol=0, atol=0)
+        assert opt["param_groups"][0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"]
+        model_state = state["model"].state_dict()
+        for k, v in saved["state_dict"].items():
+            torch.testing.assert_close(model_state[k], v, rtol=0, atol=0)
+
+    # Only --output and --resume: every other setting comes from the checkpoint.
+    summary = run(["--root", demo_root, "--output", out, "--resume"], on_start=check)
+    assert seen == {"step": 2, "last_epoch": 2}
+    assert summary["steps"] == 4 and summary["steps_this_session"] == 2
+    final = load(os.path.join(out, "checkpoint_last.pth"))
+    assert final["step"] == 4 and len(final["history"]["loss"]) == 4 and final["history"]["val_step"] == [2, 4]
+    assert final["network_kwargs"] == saved["network_kwargs"]
+    log = open(os.path.join(out, "training_log.txt")).read()
+    assert "step 2:" in log and "step 4:" in log
+
+
+def test_resume_refuses_changed_network_and_missing_checkpoint(demo_root, tmp_path):
+    out = str(tmp_path / "run")
+    run(tiny_argv(demo_root, out, "--max_iter", "1", "--eval_step", "1"))
+    with pytest.raises(ValueError, match="kernel_size"):
+        run(tiny_argv(demo_root, out, "--resume", "--kernel_size", "3"))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        run(tiny_argv(demo_root, str(tmp_path / "nothing"), "--resume"))
+
+
+def test_pretrained_weights_load_weights_only(demo_root, tmp_path):
+    src = str(tmp_path / "src")
+    run(tiny_argv(demo_root, src, "--max_iter", "1", "--eval_step", "1"))
+    best = load(os.path.join(src, "best_metric_model.pth"))
+
+    class Seen(Exception):
+        pass
+
+    def check(state: dict) -> None:
+        assert state["step"] == 0 and not state["optimizer"].state  # a new run
+        for k, v in best["state_dict"].items():
+            torch.testing.assert_close(state["model"].state_dict()[k], v, rtol=0, atol=0)
+        raise Seen
+
+    argv = tiny_argv(demo_root, str(tmp_path / "ft"), "--pretrain", "yes", "--pretrained_weights", os.path.join(src, "best_metric_model.pth"))
+    with pytest.raises(Seen):
+        run(argv, on_start=check)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(demo_root, tmp_path, monkeypatch):
+    import monai.losses
+
+    class NanLoss(torch.nn.Module):
+        def __init__(self, *a, **k):
+            super().__init__()
+
+        def forward(self, logits, label):
+            return logits.sum() * float("nan")
+
+    monkeypatch.setattr(monai.losses, "DiceCELoss", NanLoss)
+    argv = tiny_argv(demo_root, str(tmp_path / "run"), "--max_iter", "10", "--eval_step", "5", "--max_nonfinite", "2")
+    seen = {}
+    with pytest.warns(RuntimeWarning, match="non-finite loss"), pytest.raises(main_train.TrainingError, match="non-finite for 2 iterations"):
+        run(argv, on_start=lambda s: seen.update(params=[p.detach().clone() for p in s["model"].parameters()], model=s["model"]))
+    # Skipped steps leave the weights untouched.
+    for before, after in zip(seen["params"], seen["model"].parameters()):
+        torch.testing.assert_close(before, after.detach(), rtol=0, atol=0)
+
+
+def test_out_of_memory_names_the_flags_to_lower(demo_root, tmp_path, monkeypatch):
+    def oom(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(networks.Rep3D.network_backbone.REP3D, "forward", oom)
+    with pytest.raises(main_train.TrainingError) as err:
+        run(tiny_argv(demo_root, str(tmp_path / "run"), "--max_iter", "2", "--eval_step", "1"))
+    for flag in ("--roi", "--crop_sample", "--batch_size", "--sw_batch_size", "--amp"):
+        assert flag in str(err.value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_ddp_run_completes(tmp_path):
+    # 3 validation cases over 2 ranks: uneven shards, each case must be counted once after the reduction.
+    root = demo_data.make_demo_dataset(str(tmp_path / "demo"), n_train=2, n_val=3, size=(32, 32, 32))
+    out = str(tmp_path / "ddp")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), os.path.join(REPO, "main_train.py"),
+        *tiny_argv(root, out, "--max_iter", "2", "--eval_step", "2", "--gpu", "-1"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load(os.path.join(out, "checkpoint_last.pth"))
+    assert ckpt["step"] == 2
+    assert ckpt["metrics"]["val_cases"] == 3
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    assert proc.stdout.count("step 2: mean foreground Dice") + proc.stderr.count("step 2: mean foreground Dice") == 1  # rank 0 only
+
+
+def test_bad_flags_give_clear_messages(demo_root, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main_train.main(tiny_argv(demo_root, out, "--batch_size", "0")) == 2
+    assert "--batch_size must be >= 1" in capsys.readouterr().err
+    assert main_train.main(tiny_argv(demo_root, out, "--pretrain", "True")) == 2
+    assert "--pretrained_weights" in capsys.readouterr().err
+    assert main_train.main(tiny_argv(str(tmp_path / "missing"), out)) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err
+    assert main_train.main(tiny_argv(demo_root, out, "--dataset", "nope")) == 2
+    assert "--dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main_train.parse_args(["--pretrain", "maybe"])
+    assert exit_info.value.code == 2 and "boolean" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_train.parse_args(["--network", "NoSuchNet"])
+    assert "REP3D" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "checkpoint_last.pth"))
+
+
+def test_flag_defaults_paper_and_demo():
+    paper = main_train.parse_args(["--root", "/data", "--dataset", "amos"])
+    assert (paper.batch_size, paper.crop_sample, paper.lr, paper.optim, paper.max_iter, paper.eval_step) == (1, 2, 1e-4, "AdamW", 60000, 500)
+    assert (paper.weight_decay, paper.num_workers, paper.gpu, paper.amp, paper.overlap, paper.sw_batch_size) == (0.08, 2, 0, "auto", 0.5, 4)
+    assert paper.kernel_size is None and paper.feature_size is None and not paper.demo
+    assert main_train.parse_args(["--pretrain", "no"]).pretrain is False
+    assert main_train.parse_args(["--pretrain", "1"]).pretrain is True
+    demo = main_train.parse_args(["--max_iter", "7"])
+    assert demo.demo and demo.max_iter == 7 and demo.output == main_train.DEMO_DEFAULTS["output"]
+    assert demo.feature_size == main_train.DEMO_DEFAULTS["feature_size"] and demo.kernel_size == main_train.DEMO_DEFAULTS["kernel_size"]
+    swin = main_train.parse_args(["--network", "swinunetr"])
+    assert swin.network == "SwinUNETR" and swin.feature_size is None  # REP3D-shaped demo widths do not apply
+    assert engine.network_overrides(swin) == {}
+
+
+def test_warmup_cosine_schedule():
+    f = [main_train.lr_factor(s, 100, 10, "warmup_cosine") for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
+    assert main_train.lr_factor(50, 100, 10, "constant") == 1.0
+    assert main_train.default_warmup(60000) == 1000 and main_train.default_warmup(400) == 20
