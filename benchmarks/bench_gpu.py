@@ -44,10 +44,18 @@ from networks.dwconv import native_depthwise_conv3d, set_dwconv_impl  # noqa: E4
 from networks.fftconv import _fft_cost, _native_cost, fft_depthwise_conv3d, fft_is_faster, fft_plan  # noqa: E402
 
 RESULTS: dict[str, Any] = {}
+JSON_PATH: Path | None = None
+DEADLINE = float("inf")  # time.monotonic() after which optional slow variants (compiles) are skipped
 
 
 def log(msg: str = "") -> None:
     print(msg, flush=True)
+    if JSON_PATH is not None:  # after every line, so that a run cut off by a time limit keeps its numbers
+        JSON_PATH.write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def time_left() -> float:
+    return DEADLINE - time.monotonic()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,7 +74,7 @@ def bench(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: in
     sync(device)
     # A first timed call sizes the repetitions so that slow native convolutions stay within budget.
     times = [_time_once(fn, device)]
-    n = max(2, min(reps, int(budget_s * 1e3 / max(times[0], 1e-3))))
+    n = max(1 if times[0] > budget_s * 1e3 else 2, min(reps, int(budget_s * 1e3 / max(times[0], 1e-3))))
     times += [_time_once(fn, device) for _ in range(n - 1)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
 
@@ -82,6 +90,22 @@ def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
+
+
+def gpu_kernel_ms(fn: Callable[[], Any], device: torch.device, calls: int = 3) -> float:
+    """GPU kernel time of one call of ``fn`` (sum of kernel durations from torch.profiler), i.e. what
+    it costs inside a GPU-bound network where its launch overhead hides behind other work."""
+    if device.type != "cuda":
+        return float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    return sum(e.time_range.elapsed_us() for e in prof.events() if str(e.device_type).endswith("CUDA")) / 1e3 / calls
 
 
 def fmt(r: dict | None) -> str:
@@ -185,21 +209,53 @@ def section_stages(device, stages, k, batch):
     RESULTS["stages_8conv_total_ms"] = {f"{m}/{i}": v for (m, i), v in totals.items()}
 
 
+def section_chain(device, stages, k, batch):
+    log(f"\n== chain: the 8 depthwise {k}^3 convs of an iteration (2 per stage, chained), fwd+bwd, AMP bf16, batch {batch} ==")
+    rows = {}
+    for name in ("native", "fft"):
+        fn = IMPLS[name]
+        xs = [torch.randn(batch, c, n, n, n, device=device, requires_grad=True) for c, n in stages]
+        ws = [[(torch.randn(c, 1, k, k, k, device=device) / k**1.5).requires_grad_() for _ in range(2)] for c, _ in stages]
+        grads = [None] * len(stages)
+
+        def run():
+            for i, (x, (w1, w2)) in enumerate(zip(xs, ws)):
+                with autocast(device, True):
+                    y = fn(fn(x, w1), w2)
+                if grads[i] is None:
+                    grads[i] = torch.randn_like(y)
+                y.backward(grads[i])
+            for t in xs + [w for pair in ws for w in pair]:
+                t.grad = None
+
+        r = bench(run, device, warmup=1, reps=20, budget_s=4.0)
+        r["gpu_kernel_ms"] = gpu_kernel_ms(run, device, calls=1 if name == "native" else 5)
+        rows[name] = r
+        log(f"  {name:7s}: {r['median_ms']:8.2f} ms per iteration's 8 convs (events, median of {r['reps']}); "
+            f"GPU kernel time {r['gpu_kernel_ms']:.2f} ms")
+    RESULTS["chain"] = rows
+
+
 def section_sweep(device, stages, kernels, batch):
-    log(f"\n== sweep: fwd+bwd fp32 ms, batch {batch} (calibrates impl='auto'; cost ratio = native MACs / FFT n log n) ==")
+    log(f"\n== sweep: fwd+bwd AMP bf16, batch {batch}: ms per call, events (GPU kernel time) "
+        "(calibrates impl='auto'; cost ratio = native MACs / FFT n log n) ==")
     rows = []
     for c, n in stages:
         for k in kernels:
-            r = {name: bench(conv_case(IMPLS[name], batch, c, n, k, device, False, True), device, warmup=1, reps=10, budget_s=1.5)
-                 for name in ("native", "fft")}
+            r = {}
+            for name in ("native", "fft"):
+                run = conv_case(IMPLS[name], batch, c, n, k, device, True, True)
+                r[name] = bench(run, device, warmup=1, reps=10, budget_s=1.5)
+                r[name]["gpu_kernel_ms"] = gpu_kernel_ms(run, device)
             plan = fft_plan((n,) * 3, (k,) * 3)
             k_eff = [k - 2 * cc for cc in plan.kernel_crop]
             ratio = _native_cost(batch, c, (n,) * 3, k_eff) / _fft_cost(batch, c, plan.fft_shape)
             x_meta = torch.empty(batch, c, n, n, n, device=device)
             auto = "fft" if fft_is_faster(x_meta, torch.empty(c, 1, k, k, k, device=device)) else "native"
-            best = "fft" if r["fft"]["median_ms"] < r["native"]["median_ms"] else "native"
-            log(f"  {c:4d}@{n:2d}^3 K={k:2d}: native {fmt(r['native'])} fft {fmt(r['fft'])}  cost ratio {ratio:7.2f}  "
-                f"faster: {best:6s} auto: {auto}{'' if auto == best else '  <-- auto wrong'}")
+            best = "fft" if r["fft"]["gpu_kernel_ms"] < r["native"]["gpu_kernel_ms"] else "native"
+            log(f"  {c:4d}@{n:2d}^3 K={k:2d}: native {fmt(r['native'])} ({r['native']['gpu_kernel_ms']:6.2f})  "
+                f"fft {fmt(r['fft'])} ({r['fft']['gpu_kernel_ms']:5.2f})  cost ratio {ratio:7.2f}  "
+                f"less GPU time: {best:6s} auto: {auto}{'' if auto == best else '  <-- differs'}")
             rows.append({"channels": c, "n": n, "k": k, "cost_ratio": ratio, "auto": auto, "best": best, **r})
     RESULTS["sweep"] = rows
 
@@ -315,47 +371,76 @@ def section_train(device, roi, batch, classes, reps, tiny):
         ("REP3D (lrbm) dwconv=native", "REP3D", {"dwconv": "native"}),
         ("REP3D (lrbm) dwconv=fft", "REP3D", {"dwconv": "fft"}),
         ("3DUXNET dwconv=native", "3DUXNET", {"dwconv": "native"}),
+        ("3DUXNET dwconv=fft", "3DUXNET", {"dwconv": "fft"}),
         ("3DUXNET dwconv=auto", "3DUXNET", {"dwconv": "auto"}),
         ("SwinUNETR", "SwinUNETR", {}),
     ]
     rows = {}
+    RESULTS["train"] = rows
     for label, name, ov in nets:
         rows[label] = run_train(label, name, {**ov, **tiny.get(name, {})}, device, roi, batch, classes, reps)
-    RESULTS["train"] = rows
 
 
-def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5):
+def padded_predictor(model, sw_batch):
+    """Pads a short last window batch to ``sw_batch`` so that a compiled model sees one shape only."""
+
+    def predict(x):
+        n = x.shape[0]
+        if n < sw_batch:
+            x = torch.cat([x, x.new_zeros((sw_batch - n, *x.shape[1:]))])
+        return model(x)[:n]
+
+    return predict
+
+
+def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5, compiled=False):
     from monai.inferers import sliding_window_inference
 
-    log(f"\n== infer: sliding window, volume 1x1x{'x'.join(map(str, volume))}, roi {roi[0]}, sw_batch_size {sw_batch}, "
-        f"overlap {overlap}, AMP bf16 ==")
+    log(f"\n== infer{' (torch.compile)' if compiled else ''}: sliding window, volume 1x1x{'x'.join(map(str, volume))}, "
+        f"roi {roi[0]}, sw_batch_size {sw_batch}, overlap {overlap}, AMP bf16 ==")
     vol = torch.randn(1, 1, *volume, device=device)
-    nets = [
-        ("REP3D deploy dwconv=native", "REP3D", {"deploy": True, "dwconv": "native"}),
-        ("REP3D deploy dwconv=fft", "REP3D", {"deploy": True, "dwconv": "fft"}),
-        ("3DUXNET dwconv=native", "3DUXNET", {"dwconv": "native"}),
-        ("3DUXNET dwconv=auto", "3DUXNET", {"dwconv": "auto"}),
-    ]
-    rows = {}
+    if compiled:
+        nets = [("REP3D deploy fft, compiled", "REP3D", {"deploy": True, "dwconv": "fft"})]
+    else:
+        nets = [
+            ("REP3D deploy dwconv=native", "REP3D", {"deploy": True, "dwconv": "native"}),
+            ("REP3D deploy dwconv=fft", "REP3D", {"deploy": True, "dwconv": "fft"}),
+            ("3DUXNET dwconv=native", "3DUXNET", {"dwconv": "native"}),
+            ("3DUXNET dwconv=fft", "3DUXNET", {"dwconv": "fft"}),
+            ("3DUXNET dwconv=auto", "3DUXNET", {"dwconv": "auto"}),
+            ("SwinUNETR", "SwinUNETR", {}),
+        ]
+    rows = RESULTS.setdefault("infer_compiled" if compiled else "infer", {})
     for label, name, ov in nets:
         reset_mem(device)
         try:
             model = build_network(name, 1, classes, **ov, **tiny.get(name, {})).to(device).eval()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - a network another helper has not finished yet
             log(f"  {label:30s} skipped: {type(err).__name__}: {err}")
             rows[label] = None
             continue
+        predictor = padded_predictor(torch.compile(model, dynamic=False), sw_batch) if compiled else model
 
         def run():
             with torch.no_grad(), autocast(device, NET_AMP):
-                return sliding_window_inference(vol, roi, sw_batch, model, overlap=overlap)
+                return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
 
-        r = bench(run, device, warmup=1, reps=5, budget_s=15.0)
+        try:
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            first = time.perf_counter() - t0
+            r = bench(run, device, warmup=0, reps=5, budget_s=15.0)
+        except Exception as err:  # noqa: BLE001 - report and carry on
+            log(f"  {label:30s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            rows[label] = None
+            continue
         r["peak_gib"] = peak_mem(device)
+        r["first_call_s"] = first
         rows[label] = r
-        log(f"  {label:30s} {r['median_ms'] / 1e3:7.3f} s  (min {r['min_ms'] / 1e3:.3f}, n={r['reps']}, peak {r['peak_gib']:.1f} GiB)")
-        del model
-    RESULTS["infer"] = rows
+        log(f"  {label:30s} {r['median_ms'] / 1e3:7.3f} s  (min {r['min_ms'] / 1e3:.3f}, n={r['reps']}, "
+            f"peak {r['peak_gib']:.1f} GiB, first call {first:.1f} s)")
+        del model, predictor
 
 
 def _kernel_category(name: str) -> str:
@@ -363,11 +448,13 @@ def _kernel_category(name: str) -> str:
     rules = [
         ("fft", ("fft", "vector_fft", "regular_fft", "cufft", "r2c", "c2r", "c2c")),
         ("adamw", ("adam", "multi_tensor")),
-        ("conv (cuDNN)", ("cudnn", "conv", "sm90_xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "winograd", "cutlass", "gemm")),
+        ("conv (cuDNN)", ("cudnn", "conv", "sm90_xmma", "sm80_xmma", "implicit_gemm", "dgrad", "wgrad", "fprop",
+                          "winograd", "cutlass", "gemm")),
         ("norm", ("norm", "welford", "batch_norm", "layer_norm", "instance")),
         ("softmax/loss", ("softmax", "nll", "cross_entropy", "log_softmax")),
         ("reduce", ("reduce",)),
         ("copy/cast/pad", ("copy", "cast", "cat", "pad", "index", "scatter", "gather", "fill", "memset", "memcpy")),
+        ("triton (fused)", ("triton",)),
         ("elementwise", ("elementwise", "vectorized", "unrolled", "gelu", "mul", "add", "sigmoid")),
     ]
     for cat, keys in rules:
@@ -376,12 +463,9 @@ def _kernel_category(name: str) -> str:
     return "other"
 
 
-def section_profile(device, roi, batch, classes, tiny, steps=3):
+def profile_step(label, step, device, steps=3, top=25, table=True):
     from torch.profiler import ProfilerActivity, profile
 
-    log(f"\n== profile: REP3D (lrbm) dwconv=fft training iteration, {steps} steps ==")
-    model = build_network("REP3D", 1, classes, dwconv="fft", **tiny.get("REP3D", {})).to(device).train()
-    step, _ = make_train_step(model, device, roi, batch, classes)
     for _ in range(3):
         step()
     sync(device)
@@ -402,67 +486,87 @@ def section_profile(device, roi, batch, classes, tiny, steps=3):
     cats: dict[str, float] = {}
     for name, (t, _) in by_name.items():
         cats[_kernel_category(name)] = cats.get(_kernel_category(name), 0.0) + t
+    log(f"\n-- profile: {label}, {steps} steps --")
     log(f"  wall per step (profiled) {wall:.1f} ms; GPU kernels busy {busy:.1f} ms/step "
         f"({busy / wall * 100:.0f}%: the rest is launch gaps / CPU / sync); kernels per step {len(kernels) // steps}")
     log("  GPU time per step by category:")
     for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):
         log(f"    {cat:16s} {t:7.2f} ms  {t / busy * 100:5.1f}%")
-    log("  top 25 kernels (ms per step, launches per step):")
-    for name, (t, cnt) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+    log(f"  top {top} kernels (ms per step, launches per step):")
+    for name, (t, cnt) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         log(f"    {t:7.2f} ms {cnt // steps:5d}x  {name[:110]}")
-    log("  top 20 operators by device time (torch.profiler table):")
-    sort_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    try:
-        log(prof.key_averages().table(sort_by=sort_key, row_limit=20, max_name_column_width=60))
-    except Exception as err:  # noqa: BLE001 - table column names differ between versions
-        log(f"  (table unavailable: {err})")
-    RESULTS["profile"] = {"wall_ms": wall, "busy_ms": busy, "categories_ms": cats,
-                          "top_kernels": sorted(((n, t) for n, (t, _) in by_name.items()), key=lambda kv: -kv[1])[:40]}
+    if table:
+        log("  top 15 operators by device time (torch.profiler table):")
+        sort_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+        try:
+            log(prof.key_averages().table(sort_by=sort_key, row_limit=15, max_name_column_width=60))
+        except Exception as err:  # noqa: BLE001 - table column names differ between versions
+            log(f"  (table unavailable: {err})")
+    RESULTS.setdefault("profile", {})[label] = {
+        "wall_ms": wall,
+        "busy_ms": busy,
+        "categories_ms": cats,
+        "top_kernels": sorted(((n, t) for n, (t, _) in by_name.items()), key=lambda kv: -kv[1])[:40],
+    }
 
 
-def section_cuts(device, roi, batch, classes, reps, tiny, do_compile=True):
-    log("\n== cuts: the REP3D (lrbm) fft iteration with cheap speed-ups (each alone, then together) ==")
+def section_profile(device, roi, batch, classes, tiny, steps=3):
+    log("\n== profile ==")
+    model = build_network("REP3D", 1, classes, dwconv="fft", **tiny.get("REP3D", {})).to(device).train()
+    step, _ = make_train_step(model, device, roi, batch, classes)
+    profile_step("REP3D (lrbm) fft training iteration", step, device, steps)
+    del model, step
+    model = build_network("REP3D", 1, classes, dwconv="fft", deploy=True, **tiny.get("REP3D", {})).to(device).eval()
+    x = torch.randn(4, 1, *roi, device=device)
+
+    def infer():
+        with torch.no_grad(), autocast(device, NET_AMP):
+            return model(x)
+
+    profile_step("REP3D deploy fft forward, one sliding-window batch (4 x roi)", infer, device, steps, top=15, table=False)
+    del model
+    model = build_network("3DUXNET", 1, classes, dwconv="auto", **tiny.get("3DUXNET", {})).to(device).train()
+    step, _ = make_train_step(model, device, roi, batch, classes)
+    profile_step("3DUXNET (auto) training iteration", step, device, 2, top=12, table=False)
+    del model, step
+
+
+def section_cuts(device, roi, batch, classes, reps, tiny, volume, do_compile=True):
+    log("\n== cuts: the REP3D (lrbm) fft iteration with cheap speed-ups, SwinUNETR with the same ==")
     ov = {"dwconv": "fft", **tiny.get("REP3D", {})}
+    sw = tiny.get("SwinUNETR", {})
     rows = {}
-    rows["base (foreach AdamW)"] = run_train("base (foreach AdamW)", "REP3D", ov, device, roi, batch, classes, reps)
-    rows["fused AdamW"] = run_train("fused AdamW", "REP3D", ov, device, roi, batch, classes, reps, fused=True)
-    torch.backends.cudnn.benchmark = True
-    rows["cudnn.benchmark"] = run_train("cudnn.benchmark", "REP3D", ov, device, roi, batch, classes, reps)
-    rows["cudnn.benchmark + fused"] = run_train("cudnn.benchmark + fused", "REP3D", ov, device, roi, batch, classes, reps, fused=True)
-    torch.backends.cudnn.benchmark = False
-    rows["channels_last_3d"] = run_train("channels_last_3d", "REP3D", ov, device, roi, batch, classes, reps, channels_last=True)
-    if device.type == "cuda":
-        rows["CUDA graph (fused, capturable)"] = run_train("CUDA graph (fused, capturable)", "REP3D", ov, device, roi, batch,
-                                                           classes, reps, graph=True)
-        torch.backends.cudnn.benchmark = True
-        rows["CUDA graph + cudnn.benchmark"] = run_train("CUDA graph + cudnn.benchmark", "REP3D", ov, device, roi, batch,
-                                                         classes, reps, graph=True)
-        torch.backends.cudnn.benchmark = False
     RESULTS["cuts"] = rows
 
-    log("\n== train, tuned (cudnn.benchmark + fused AdamW) for every network, same run ==")
+    def row(label, name, o, **kw):
+        rows[label] = run_train(label, name, o, device, roi, batch, classes, reps, **kw)
+
+    row("REP3D base (foreach AdamW)", "REP3D", ov)
+    row("REP3D fused AdamW", "REP3D", ov, fused=True)
     torch.backends.cudnn.benchmark = True
-    tuned = {}
-    for label, name, o in [
-        ("REP3D (lrbm) fft, tuned", "REP3D", {"dwconv": "fft"}),
-        ("3DUXNET auto, tuned", "3DUXNET", {"dwconv": "auto"}),
-        ("SwinUNETR, tuned", "SwinUNETR", {}),
-    ]:
-        tuned[label] = run_train(label, name, {**o, **tiny.get(name, {})}, device, roi, batch, classes, reps, fused=True)
-    if device.type == "cuda":
-        for label, name, o in [
-            ("REP3D (lrbm) fft, CUDA graph", "REP3D", {"dwconv": "fft"}),
-            ("SwinUNETR, CUDA graph", "SwinUNETR", {}),
-        ]:
-            tuned[label] = run_train(label, name, {**o, **tiny.get(name, {})}, device, roi, batch, classes, reps, graph=True)
+    row("REP3D fused + cudnn.benchmark", "REP3D", ov, fused=True)
+    row("SwinUNETR fused + cudnn.benchmark", "SwinUNETR", sw, fused=True)
     torch.backends.cudnn.benchmark = False
-    RESULTS["train_tuned"] = tuned
-    if do_compile:
-        torch.backends.cudnn.benchmark = True
-        rows["torch.compile + fused + cudnn.bm"] = run_train("torch.compile + fused + cudnn.bm", "REP3D", ov, device, roi, batch,
-                                                             classes, reps, fused=True, compile=True)
-        torch.backends.cudnn.benchmark = False
-    RESULTS["cuts"] = rows
+    row("REP3D channels_last_3d", "REP3D", ov, channels_last=True)
+    if device.type == "cuda":
+        row("REP3D CUDA graph (fused, capturable)", "REP3D", ov, graph=True)
+        row("SwinUNETR CUDA graph (fused, capturable)", "SwinUNETR", sw, graph=True)
+    if not do_compile:
+        return
+    torch.backends.cudnn.benchmark = True
+    row("REP3D torch.compile + fused + cudnn.bm", "REP3D", ov, fused=True, compile=True)
+    for label, fn, need in [
+        ("compiled inference", lambda: section_infer(device, roi, volume, classes, tiny, compiled=True), 200),
+        ("SwinUNETR torch.compile", lambda: row("SwinUNETR torch.compile + fused + cudnn.bm", "SwinUNETR", sw, fused=True,
+                                                compile=True), 150),
+        ("REP3D reduce-overhead", lambda: row("REP3D torch.compile(reduce-overhead) + fused", "REP3D", ov, fused=True,
+                                              compile="reduce-overhead"), 150),
+    ]:
+        if time_left() > need:
+            fn()
+        else:
+            log(f"  (skipped {label}: {time_left():.0f} s left of --time_budget)")
+    torch.backends.cudnn.benchmark = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,7 +587,7 @@ def environment(device) -> dict:
     return env
 
 
-SECTIONS = ("check", "stages", "sweep", "train", "infer", "profile", "cuts")
+SECTIONS = ("check", "stages", "chain", "sweep", "train", "infer", "profile", "cuts")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -494,6 +598,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile variant (slow to compile)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of this script on any device")
     parser.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    parser.add_argument("--time_budget", type=float, default=float("inf"),
+                        help="seconds; optional slow variants (extra torch.compile runs) are skipped when less is left")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]
@@ -503,7 +609,9 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible; pass --device cpu --quick for a smoke test")
 
-    global NET_AMP
+    global NET_AMP, JSON_PATH, DEADLINE
+    JSON_PATH = Path(args.json) if args.json else None
+    DEADLINE = time.monotonic() + args.time_budget
     k, batch, classes = 21, 2, 16
     if args.quick:
         NET_AMP = device.type == "cuda"
@@ -525,11 +633,12 @@ def main(argv: list[str] | None = None) -> None:
     runners = {
         "check": lambda: section_check(device, stages, k),
         "stages": lambda: section_stages(device, stages, k, batch),
+        "chain": lambda: section_chain(device, stages, k, batch),
         "sweep": lambda: section_sweep(device, stages, kernels, batch),
         "train": lambda: section_train(device, roi, batch, classes, args.reps, tiny),
         "infer": lambda: section_infer(device, roi, volume, classes, tiny),
         "profile": lambda: section_profile(device, roi, batch, classes, tiny),
-        "cuts": lambda: section_cuts(device, roi, batch, classes, args.reps, tiny, do_compile=not args.no_compile),
+        "cuts": lambda: section_cuts(device, roi, batch, classes, args.reps, tiny, volume, do_compile=not args.no_compile),
     }
     for s in sections:
         t0 = time.perf_counter()
@@ -539,8 +648,6 @@ def main(argv: list[str] | None = None) -> None:
             log(f"section {s} FAILED:")
             traceback.print_exc()
         log(f"[section {s}: {time.perf_counter() - t0:.0f} s]")
-        if args.json:
-            Path(args.json).write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,14 @@ def check_impl(impl: str) -> str:
 
 
 def native_depthwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference depthwise convolution: ``F.conv3d`` with ``groups = channels`` and 'same' padding."""
+    """Reference depthwise convolution: ``F.conv3d`` with ``groups = channels`` and 'same' padding.
+
+    The input is made contiguous (NCDHW) first: a channels-last input (what a channels-first
+    LayerNorm written with ``movedim`` returns) sends cuDNN to its NDHWC depthwise kernels, about 2x
+    slower for large kernels on an H100 (benchmarks/RESULTS.md).
+    """
     k = weight.shape[-3:]
-    return F.conv3d(x, weight, bias, padding=(k[0] // 2, k[1] // 2, k[2] // 2), groups=x.shape[1])
+    return F.conv3d(x.contiguous(), weight, bias, padding=(k[0] // 2, k[1] // 2, k[2] // 2), groups=x.shape[1])
 
 
 def depthwise_conv3d(

@@ -105,15 +105,23 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _tap_index(k: int, length: int, device: torch.device) -> torch.Tensor:
-    """Grid position of each kernel tap: tap k sits at (K // 2 - k) mod L, i.e. the kernel flipped
-    and centred at index 0, which turns the cross-correlation into a circular convolution."""
-    return (k // 2 - torch.arange(k, device=device)) % length
+_TAPS: dict = {}
 
 
-def _taps(k: Sequence[int], shape: Sequence[int], device: torch.device) -> tuple[torch.Tensor, ...]:
-    i0, i1, i2 = (_tap_index(kk, ll, device) for kk, ll in zip(k, shape))
-    return i0[:, None, None], i1[None, :, None], i2[None, None, :]
+def _taps(k: Sequence[int], shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Flat grid position of each kernel tap, (K0 * K1 * K2,) int64, cached per device.
+
+    Tap k sits at (K // 2 - k) mod L on each axis: the kernel flipped and centred at index 0, which
+    turns the cross-correlation into a circular convolution. One cached index makes placing the
+    kernel (forward) and gathering its gradient (backward) one kernel launch each.
+    """
+    key = (tuple(k), tuple(shape), device)
+    idx = _TAPS.get(key)
+    if idx is None:
+        i0, i1, i2 = ((kk // 2 - torch.arange(kk, dtype=torch.int64)) % ll for kk, ll in zip(k, shape))
+        flat = (i0[:, None, None] * shape[1] + i1[None, :, None]) * shape[2] + i2[None, None, :]
+        idx = _TAPS[key] = flat.reshape(-1).to(device)
+    return idx
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -140,9 +148,9 @@ def _crop_kernel(weight: torch.Tensor, crop: Sequence[int]) -> torch.Tensor:
 def _spectrum(weight: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """rfftn of the flipped, centred kernel h on the FFT grid: (C, L0, L1, L2 // 2 + 1), complex."""
     c = weight.shape[0]
-    h = weight.new_zeros((c, *shape))
-    h[(slice(None), *_taps(weight.shape[2:], shape, weight.device))] = weight[:, 0]
-    return torch.fft.rfftn(h, s=tuple(shape), dim=(-3, -2, -1))
+    h = weight.new_zeros((c, math.prod(shape)))
+    h.index_copy_(1, _taps(weight.shape[2:], shape, weight.device), weight.reshape(c, -1))
+    return torch.fft.rfftn(h.view(c, *shape), s=tuple(shape), dim=(-3, -2, -1))
 
 
 def fft_kernel_spectrum(weight: torch.Tensor, spatial_size: Sequence[int]) -> torch.Tensor:
@@ -189,7 +197,8 @@ class _FFTDepthwiseConv3d(torch.autograd.Function):
             grad_x = torch.fft.irfftn(gf * wf.conj(), s=shape, dim=dims)[..., : n[0], : n[1], : n[2]]
         if ctx.needs_input_grad[1]:
             corr = torch.fft.irfftn((gf * xf.conj()).sum(0), s=shape, dim=dims)  # (C, L0, L1, L2)
-            grad_w = corr[(slice(None), *_taps(ctx.k, shape, corr.device))].unsqueeze(1)
+            taps = _taps(ctx.k, shape, corr.device)
+            grad_w = corr.reshape(corr.shape[0], -1).index_select(1, taps).view(corr.shape[0], 1, *ctx.k)
         return grad_x, grad_w, None, None
 
 
@@ -252,7 +261,7 @@ def _fft_cost(b: int, c: int, shape: Sequence[int]) -> float:
 
 # Ratio of the direct convolution's multiply-adds to the FFT path's "points x log2(points)" above
 # which the FFT wins, per device type. Measured (benchmarks/RESULTS.md), fwd+bwd:
-_FFT_THRESHOLD = {"cuda": 4.0, "cpu": 2.0}
+_FFT_THRESHOLD = {"cuda": 8.0, "cpu": 2.0}
 
 
 def fft_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
