@@ -44,10 +44,11 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "depths": [1, 1, 1, 1],
     "hidden_size": 128,
     "kernel_size": 7,
-    "max_iter": 400,
-    "eval_step": 100,
+    "max_iter": 300,
+    "eval_step": 50,
     "lr": 2e-3,
-    "num_workers": 1,
+    # Loader workers compete with the two compute threads for 2 cores: augment in the main process.
+    "num_workers": 0,
 }
 # Network-shape entries of DEMO_DEFAULTS apply only to the networks that take them.
 _DEMO_NETWORK_KEYS = ("feature_size", "depths", "hidden_size", "kernel_size")
@@ -654,6 +655,7 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
                             model, optimizer, scheduler, scaler, args, cfg, net_kwargs, step, best, best_step, best_metrics,
                             history, train_time, acc, improved, writer, bar, time.time() - t_val,
                         )  # fmt: skip
+                    bar.set_postfix(loss=f"{sum(recent) / max(1, len(recent)):.4f}", lr=f"{lr_now:.2e}", best=f"{best:.4f}")
             except RuntimeError as err:
                 if engine.is_oom(err):
                     raise TrainingError(f"out of GPU memory in the {phase} at step {step + 1}: {OOM_ADVICE}") from None
@@ -738,7 +740,7 @@ def _after_validation(
     line = (
         f"step {step}: mean foreground Dice {mean:.4f} ({per}); best {best:.4f} at step {best_step}"
         + (" [new best, saved]" if improved else "")
-        + f"; validation {val_seconds:.1f} s"
+        + f"; validation {val_seconds:.1f} s, training time so far {train_time:.0f} s"
     )
     with open(os.path.join(out, "training_log.txt"), "a") as f:
         f.write(line + "\n")
