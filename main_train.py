@@ -63,6 +63,7 @@ OOM_ADVICE = (
     "--batch_size, --sw_batch_size (validation windows per pass), or enable mixed precision with --amp bf16/fp16 "
     "(not off); --cache_on_gpu also takes GPU memory"
 )
+OPTIMIZERS = ("AdamW", "Adam", "SGD")
 LAST_CKPT = "checkpoint_last.pth"
 BEST_CKPT = "best_metric_model.pth"
 CHECKPOINT_VERSION = 1
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch_size", type=int, default=1, help="cases per iteration (each gives --crop_sample crops)")
     t.add_argument("--crop_sample", type=int, default=2, help="random crops per case per iteration")
     t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    t.add_argument("--optim", type=str, default="AdamW", choices=("AdamW", "Adam", "SGD"), help="optimizer (AdamW: betas 0.9/0.999, eps 1e-8; SGD: momentum 0.99, Nesterov)")
+    t.add_argument("--optim", type=_optim_name, default="AdamW", choices=OPTIMIZERS, help="optimizer (AdamW: betas 0.9/0.999, eps 1e-8; SGD: momentum 0.99, Nesterov)")
     t.add_argument("--weight_decay", type=float, default=0.08, help="weight decay (the paper's AdamW value)")
     t.add_argument("--lr_schedule", choices=("warmup_cosine", "constant"), default="warmup_cosine", help="warmup_cosine: linear warm-up to --lr, then cosine decay to 0 at --max_iter; constant: --lr throughout")
     t.add_argument("--warmup_iters", type=int, default=None, help="warm-up iterations (default: min(1000, 5%% of --max_iter))")
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _UNSET = object()
+
+
+def _optim_name(value: str) -> str:
+    # Case-insensitive, so that "adamw" works; argparse's choices then checks the result.
+    return next((o for o in OPTIMIZERS if o.lower() == str(value).lower()), value)
 
 
 def _given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -168,6 +174,8 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append("--pretrain True needs --pretrained_weights FILE (the checkpoint to start from)")
     if args.pretrain is False and args.pretrained_weights:
         problems.append("--pretrained_weights was given with --pretrain False: drop one of them")
+    if is_demo(args) and args.dataset not in (None, "demo"):
+        problems.append(f"--dataset {args.dataset} needs its data: pass --root FOLDER (or --datalist FILE); without them the demo dataset is used")
     if args.resume and args.pretrained_weights:
         problems.append("--resume continues a run with its own weights; do not combine it with --pretrained_weights")
     if problems:
