@@ -348,6 +348,13 @@ def run_train(label, name, overrides, device, roi, batch, classes, reps, **kw):
             if compile_mode:
                 model = torch.compile(model, mode=None if compile_mode is True else compile_mode)
             step, _ = make_train_step(model, device, roi, batch, classes, **kw)
+            if compile_mode == "reduce-overhead":
+                inner_step = step
+
+                def step():
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return inner_step()
+
         t0 = time.perf_counter()
         step()
         sync(device)
@@ -531,6 +538,93 @@ def section_profile(device, roi, batch, classes, tiny, steps=3):
     del model, step
 
 
+def section_tuned(device, roi, volume, batch, classes, reps, tiny):
+    """Follow-up: inference and training with compile modes, each with its eager baseline in this run."""
+    tuned_infer(device, roi, volume, classes, tiny, part=0)
+    tuned_train(device, roi, batch, classes, reps, tiny)
+    tuned_infer(device, roi, volume, classes, tiny, part=1)
+
+
+def tuned_infer(device, roi, volume, classes, tiny, part, sw_batch=4, overlap=0.5):
+    from monai.inferers import sliding_window_inference
+
+    log(f"\n== tuned inference (part {part + 1}/2): volume 1x1x{'x'.join(map(str, volume))}, roi {roi[0]}, "
+        f"sw_batch_size {sw_batch}, overlap {overlap}, AMP bf16 ==")
+    vol = torch.randn(1, 1, *volume, device=device)
+    rows = RESULTS.setdefault("tuned_infer", {})
+    variants = [
+        [
+            ("REP3D deploy fft, eager", "REP3D", {"deploy": True, "dwconv": "fft"}, None, False),
+            ("REP3D deploy fft, eager + cudnn.benchmark", "REP3D", {"deploy": True, "dwconv": "fft"}, None, True),
+            ("REP3D deploy fft, compile + cudnn.bm", "REP3D", {"deploy": True, "dwconv": "fft"}, "default", True),
+            ("REP3D deploy fft, compile(reduce-overhead) + cudnn.bm", "REP3D", {"deploy": True, "dwconv": "fft"},
+             "reduce-overhead", True),
+        ],
+        [
+            ("3DUXNET auto, eager", "3DUXNET", {"dwconv": "auto"}, None, False),
+            ("SwinUNETR, eager", "SwinUNETR", {}, None, False),
+            ("SwinUNETR, compile(reduce-overhead) + cudnn.bm", "SwinUNETR", {}, "reduce-overhead", True),
+            ("3DUXNET auto, compile(reduce-overhead) + cudnn.bm", "3DUXNET", {"dwconv": "auto"}, "reduce-overhead", True),
+        ],
+    ][part]
+    for label, name, ov, mode, bm in variants:
+        if mode is not None and time_left() < 120:
+            log(f"  (skipped {label}: {time_left():.0f} s left of --time_budget)")
+            continue
+        torch.backends.cudnn.benchmark = bm
+        reset_mem(device)
+        model = build_network(name, 1, classes, **ov, **tiny.get(name, {})).to(device).eval()
+        if mode is None:
+            predictor = model
+        else:
+            compiled = torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
+            inner = padded_predictor(compiled, sw_batch)
+
+            def predictor(x, inner=inner):
+                torch.compiler.cudagraph_mark_step_begin()
+                return inner(x)
+
+        def run():
+            with torch.inference_mode(), autocast(device, NET_AMP):
+                return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
+
+        try:
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            first = time.perf_counter() - t0
+            r = bench(run, device, warmup=1, reps=5, budget_s=10.0)
+        except Exception as err:  # noqa: BLE001 - report and carry on
+            log(f"  {label:52s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            rows[label] = None
+            continue
+        r["first_call_s"] = first
+        rows[label] = r
+        log(f"  {label:52s} {r['median_ms'] / 1e3:7.3f} s  (min {r['min_ms'] / 1e3:.3f}, n={r['reps']}, first call {first:.1f} s)")
+        del model, predictor
+    torch.backends.cudnn.benchmark = False
+
+
+def tuned_train(device, roi, batch, classes, reps, tiny):
+    log(f"\n== tuned training: {batch} x 1 x {'x'.join(map(str, roi))}, fused AdamW, cudnn.benchmark, AMP bf16 ==")
+    rows = RESULTS.setdefault("tuned_train", {})
+    torch.backends.cudnn.benchmark = True
+    ov = {"dwconv": "fft", **tiny.get("REP3D", {})}
+    sw = tiny.get("SwinUNETR", {})
+    for label, name, o, mode in [
+        ("REP3D fft eager", "REP3D", ov, None),
+        ("SwinUNETR eager", "SwinUNETR", sw, None),
+        ("REP3D fft compile(reduce-overhead)", "REP3D", ov, "reduce-overhead"),
+        ("REP3D fft compile", "REP3D", ov, True),
+        ("SwinUNETR compile(reduce-overhead)", "SwinUNETR", sw, "reduce-overhead"),
+    ]:
+        if mode is not None and time_left() < (200 if name == "SwinUNETR" else 100):
+            log(f"  (skipped {label}: {time_left():.0f} s left of --time_budget)")
+            continue
+        rows[label] = run_train(label, name, o, device, roi, batch, classes, reps, fused=True, compile=mode)
+    torch.backends.cudnn.benchmark = False
+
+
 def section_cuts(device, roi, batch, classes, reps, tiny, volume, do_compile=True):
     log("\n== cuts: the REP3D (lrbm) fft iteration with cheap speed-ups, SwinUNETR with the same ==")
     ov = {"dwconv": "fft", **tiny.get("REP3D", {})}
@@ -587,7 +681,7 @@ def environment(device) -> dict:
     return env
 
 
-SECTIONS = ("check", "stages", "chain", "sweep", "train", "infer", "profile", "cuts")
+SECTIONS = ("check", "stages", "chain", "sweep", "train", "infer", "profile", "cuts", "tuned")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -638,6 +732,7 @@ def main(argv: list[str] | None = None) -> None:
         "train": lambda: section_train(device, roi, batch, classes, args.reps, tiny),
         "infer": lambda: section_infer(device, roi, volume, classes, tiny),
         "profile": lambda: section_profile(device, roi, batch, classes, tiny),
+        "tuned": lambda: section_tuned(device, roi, volume, batch, classes, args.reps, tiny),
         "cuts": lambda: section_cuts(device, roi, batch, classes, args.reps, tiny, volume, do_compile=not args.no_compile),
     }
     for s in sections:

@@ -260,8 +260,13 @@ def _fft_cost(b: int, c: int, shape: Sequence[int]) -> float:
 
 
 # Ratio of the direct convolution's multiply-adds to the FFT path's "points x log2(points)" above
-# which the FFT wins, per device type. Measured (benchmarks/RESULTS.md), fwd+bwd:
-_FFT_THRESHOLD = {"cuda": 8.0, "cpu": 2.0}
+# which the FFT is taken, per device type (benchmarks/RESULTS.md, sweep section):
+# * cuda (H100, torch 2.11, AMP bf16, fwd+bwd GPU kernel time): K=3 has ratio ~1.5 and native wins
+#   at every REP3D stage shape; K>=5 has ratio >= 5.9 and the FFT wins at every stage shape (e.g.
+#   0.36 vs 1.55 ms at 96@24^3, K=5). The FFT costs ~1.2 ms of CPU launch time per call fwd+bwd,
+#   hidden inside a GPU-bound training step but not when timed alone.
+# * cpu (2 shared cores, fp32, noisy): the FFT wins from ratio ~2 (K>=5 at 8^3-32^3; K=3 mixed).
+_FFT_THRESHOLD = {"cuda": 3.0, "cpu": 2.0}
 
 
 def fft_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
