@@ -134,13 +134,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) and fill the run-dependent defaults.
 
     Without ``--root`` the :data:`DEMO_DEFAULTS` fill every flag the user did not give. The result
-    has ``given`` (the flags set on the command line) and ``demo`` (bool) attributes.
+    has ``given`` (the flags set on the command line), ``demo`` (bool) and ``demo_defaults`` (the
+    DEMO_DEFAULTS entries applied) attributes.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.given = _given_flags(parser, argv)
     args.demo = is_demo(args)
+    args.demo_defaults = []  # the DEMO_DEFAULTS entries applied (printed at start)
     if args.demo:
         for key, value in DEMO_DEFAULTS.items():
             if key in args.given:
@@ -148,6 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             if key in _DEMO_NETWORK_KEYS and args.network not in _SHAPED_NETWORKS:
                 continue
             setattr(args, key, copy.deepcopy(value))
+            args.demo_defaults.append(key)
     return args
 
 
@@ -506,7 +509,7 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
             demo_data.make_demo_dataset(demo_data.DEMO_ROOT_DEFAULT)
         dist.barrier()
     if args.demo and not args.resume:
-        shown = {k: getattr(args, k) for k in DEMO_DEFAULTS if k not in args.given and hasattr(args, k)}
+        shown = {k: getattr(args, k) for k in getattr(args, "demo_defaults", [])}
         say("demo run (no --root): synthetic dataset in " + os.path.abspath(demo_data.DEMO_ROOT_DEFAULT) + "; demo settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
     # Model and optimizer state are built before the data so that bad network flags fail fast.

@@ -231,6 +231,7 @@ def test_flag_defaults_paper_and_demo():
     assert demo.feature_size == main_train.DEMO_DEFAULTS["feature_size"] and demo.kernel_size == main_train.DEMO_DEFAULTS["kernel_size"]
     swin = main_train.parse_args(["--network", "swinunetr"])
     assert swin.network == "SwinUNETR" and swin.feature_size is None  # REP3D-shaped demo widths do not apply
+    assert "feature_size" not in swin.demo_defaults and "max_iter" in swin.demo_defaults
     assert engine.network_overrides(swin) == {}
 
 
