@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import itertools
 import logging
 import math
@@ -138,8 +137,7 @@ def network_overrides(args: argparse.Namespace | dict, roi: Sequence[int] | None
 def _accepts(network: str, keyword: str) -> bool:
     """Whether the registry constructor of ``network`` takes ``keyword``."""
     try:
-        entry = networks._REGISTRY[networks.canonical_name(network)]
-        return keyword in inspect.signature(networks._constructor(entry)).parameters
+        return networks.network_accepts(network, keyword)
     except (ValueError, TypeError, ImportError, AttributeError, KeyError):
         return False
 

@@ -1125,7 +1125,9 @@ def get_loaders(
         if len(train_cases) < world:
             raise DataError([f"{len(train_cases)} training cases for {world} processes. Fix: use at most {len(train_cases)} processes"])
         train_cases = partition_dataset(train_cases, num_partitions=world, shuffle=True, seed=seed, even_divisible=True)[rank]
-        val_cases = partition_dataset(val_cases, num_partitions=world, shuffle=False, even_divisible=False)[rank]
+        # Strided shards: disjoint, and a rank may get none when there are fewer cases than ranks
+        # (validation reduces per-class sums and counts across ranks, so an empty shard is fine).
+        val_cases = val_cases[rank::world]
     train_tf = get_train_transforms(cfg, roi, crop_sample, device=device)
     train_tf.set_random_state(seed=seed + rank)
     val_tf = get_val_transforms(cfg, device=device)

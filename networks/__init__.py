@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -27,6 +28,7 @@ __all__ = [
     "canonical_name",
     "checkpoint_state_dict",
     "load_network_weights",
+    "network_accepts",
     "reparameterize_model",
     "set_dwconv_impl",
 ]
@@ -92,6 +94,11 @@ def build_network(name: str, in_channels: int = 1, out_channels: int = 16, **ove
         return ctor(**io, **kwargs)
     except TypeError as err:  # an override the constructor does not know
         raise ValueError(f"network {key} does not accept these options: {err}") from None
+
+
+def network_accepts(name: str, keyword: str) -> bool:
+    """Whether the constructor of network ``name`` takes the keyword ``keyword`` (e.g. ``img_size``)."""
+    return keyword in inspect.signature(_constructor(_REGISTRY[canonical_name(name)])).parameters
 
 
 def is_deployable(name: str) -> bool:
@@ -180,22 +187,25 @@ def unfolded_modulation(state: Mapping[str, torch.Tensor]) -> str | None:
     return "lrbm" if any(".modulation.generator." in k for k in state) else "fixed"
 
 
-def _from_reference_layout(state: Mapping[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Map reference-release keys onto ours. Its stored kernels already act as W_eff (its training path
-    re-binds the weight to W * M), so it loads as a folded model; generator and prior entries are
-    kept only where the model has the matching (renamed) entries."""
-    out = {}
-    for k, v in state.items():
-        if _REF_PRIOR.match(k):
-            continue
-        m = _REF_GENERATOR.match(k)
-        if m and not k.endswith((".norm.weight", ".norm.bias")):
-            new = f"{m.group(1)}.dwconv.modulation.generator.{m.group(2)}.{m.group(3)}"
-            if new in model_keys:
-                out[new] = v
-            continue
-        out[k] = v
-    return out
+def _from_reference_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the reference release's generator and prior entries. Its stored kernels already act as
+    W_eff (its training path re-binds the weight to W * M), so it loads as a folded model; its
+    generator is not reusable (its LayerNorm over one channel made the output a constant)."""
+    return {k: v for k, v in state.items() if not (_REF_PRIOR.match(k) or _REF_GENERATOR.match(k))}
+
+
+def _unfold_loaded_kernels(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Folded kernels (W * M) loaded into a model that modulates its kernels: store W = W_eff / M,
+    so that the model's effective kernels start equal to the loaded ones instead of being masked twice."""
+    from .Rep3D.lrbm import ModulatedDepthwiseConv3d
+
+    for name, module in model.named_modules():
+        if isinstance(module, ModulatedDepthwiseConv3d) and module.modulation is not None and f"{name}.weight" in state:
+            with torch.no_grad():
+                mask = module.modulation().to(module.weight.dtype)
+                if mask.abs().min() < 1e-6:
+                    raise CheckpointError(f"cannot unfold the loaded kernel of {name}: its mask has (near-)zero entries.")
+                module.weight.div_(mask)
 
 
 def load_network_weights(model: nn.Module, checkpoint: Any, strict: bool = True) -> nn.Module:
@@ -204,6 +214,10 @@ def load_network_weights(model: nn.Module, checkpoint: Any, strict: bool = True)
     Accepts our checkpoints (full training checkpoints or bare state dicts), ``module.``-prefixed
     (DDP) ones and the reference releases' layouts. ``strict`` requires every model tensor to be
     present; shapes must always match. Raises :class:`CheckpointError` with what to change.
+
+    A folded checkpoint (deployed, or the reference release's) loaded into a model that modulates its
+    kernels (training mode, e.g. to fine-tune) keeps the generator's initial weights and stores
+    W = W_eff / M, so that the effective kernels equal the loaded ones.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         checkpoint = read_checkpoint(str(checkpoint))
@@ -211,7 +225,8 @@ def load_network_weights(model: nn.Module, checkpoint: Any, strict: bool = True)
     target = _unwrap(model)
     own = target.state_dict()
     if is_reference_layout(state):
-        state = _from_reference_layout(state, set(own))
+        state = _from_reference_layout(state)
+    folded_source = not is_unfolded(state)
     if is_unfolded(state) and not any(".modulation." in k for k in own):
         raise CheckpointError(
             f"the checkpoint is a training (unfolded, modulation={unfolded_modulation(state)}) checkpoint but the model "
@@ -231,6 +246,8 @@ def load_network_weights(model: nn.Module, checkpoint: Any, strict: bool = True)
             "checkpoint tensors do not fit the model (different network or settings?)." + hint + "\n" + "\n".join(mismatched[:20])
         )
     missing = sorted(set(own) - set(state))
+    if folded_source:  # a folded checkpoint has no generator or prior: those keep their initial values
+        missing = [k for k in missing if ".modulation." not in k]
     unexpected = sorted(set(state) - set(own))
     if strict and (missing or unexpected):
         raise CheckpointError(
@@ -239,6 +256,8 @@ def load_network_weights(model: nn.Module, checkpoint: Any, strict: bool = True)
             "(--modulation, --kernel_size) against those the checkpoint was trained with."
         )
     target.load_state_dict(state, strict=False)
+    if folded_source:
+        _unfold_loaded_kernels(target, state)
     return model
 
 

@@ -251,6 +251,29 @@ def test_reference_layout_loads_into_deploy_model():
     assert skipped and all(any(s in k for s in ("prior_map", "prior_conv", "norm_w")) for k in skipped)
 
 
+@pytest.mark.parametrize("modulation", ["lrbm", "fixed"])
+def test_folded_weights_into_a_training_model_are_not_masked_twice(modulation):
+    """Fine-tuning from a deployed checkpoint: the training model's effective kernels equal the loaded ones."""
+    torch.manual_seed(0)
+    trained = tiny_rep3d(modulation)
+    perturb_generators(trained)
+    folded = reparameterize_model(trained.eval())
+    fresh = tiny_rep3d(modulation)  # its own generator initialisation
+    load_network_weights(fresh, folded.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), folded(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_layout_loads_into_training_model_for_fine_tuning():
+    shapes = json.loads(REFERENCE.read_text())
+    ref = {k: (torch.rand(v) + 0.5 if v else torch.tensor(7)) for k, v in shapes.items()}
+    net = build_network("REP3D", 1, 16, dwconv="native")
+    load_network_weights(net, ref)
+    block = net.rep3d.stages[0][0]
+    torch.testing.assert_close(block.equivalent_kernel(), ref["rep3d.stages.0.0.dwconv.weight"])
+
+
 def test_checkpoint_with_other_class_count_is_refused():
     a = tiny_rep3d("none", out_channels=3, deploy=True)
     b = tiny_rep3d("none", out_channels=5, deploy=True)
