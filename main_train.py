@@ -596,6 +596,10 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
     recent: list[float] = []
     t_loop = time.time()
     step_at_start = step
+    # Time the loop spends blocked on the loader (the loss read-back syncs every step, so on a GPU this
+    # is time the GPU sits idle waiting for data).
+    data_wait = 0.0
+    t_session = time.time()
     train_model.train()
     try:
         if on_start is not None:
@@ -603,8 +607,10 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
         while step < args.max_iter:
             phase = "training step"
             try:
+                t_data = time.perf_counter()
                 batch = next(batches)
                 image, label = _tensor_batch(batch, device)
+                data_wait += time.perf_counter() - t_data
                 optimizer.zero_grad(set_to_none=True)
                 with engine.autocast(device, amp_dtype):
                     logits = train_model(image)
@@ -690,12 +696,19 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
         "last_checkpoint": os.path.abspath(os.path.join(out, LAST_CKPT)),
         "wall_time_s": round(elapsed, 1),
         "train_time_s": round(train_time, 1),
+        "data_wait_s": round(data_wait, 1),
+        "data_wait_fraction": round(data_wait / max(time.time() - t_session, 1e-9), 3),
     }
     if dist.main:
         _write_json(summary, os.path.join(out, "summary.json"))
         lines = [f"finished {step} iterations in {elapsed / 60:.1f} min (this session); best mean foreground Dice {best:.4f} at step {best_step}:"]
         if best_metrics.get("dice_per_class"):
             lines.append(engine.dice_table(best_metrics["dice_per_class"]))
+        lines.append(
+            f"waited for data {summary['data_wait_s']} s "
+            f"({100 * summary['data_wait_fraction']:.0f}% of this session's training loop)"
+            + ("; raise --num_workers or --cache_rate, or try --cache_on_gpu" if summary["data_wait_fraction"] > 0.1 else "")
+        )
         lines.append(f"best checkpoint: {summary['best_checkpoint']}")
         lines.append(f"predict with: python3 test_seg.py --trained_weights {os.path.join(out, BEST_CKPT)} --output {os.path.join(out, 'predictions')}")
         say("\n".join(lines))
