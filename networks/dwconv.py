@@ -111,7 +111,8 @@ class DepthwiseConv3d(nn.Conv3d):
 
         w = self.weight
         size = tuple(x.shape[2:])
-        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+        # Inference-mode tensors cannot be saved for a backward pass later: keep them apart.
+        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape), torch.is_inference_mode_enabled())
         hit = self._spectrum_cache.get(size)
         if hit is not None and hit[0] == key:
             return hit[1]
