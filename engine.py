@@ -186,6 +186,8 @@ def select_device(gpu: int | None) -> torch.device:
     n = torch.cuda.device_count()
     if index >= n:
         raise ValueError(f"--gpu {index}: only {n} GPU(s) visible (indices 0..{n - 1}); pass one of those, or -1 for the CPU")
+    # Fixed input sizes (crops, sliding windows): let cuDNN pick the fastest algorithms once.
+    torch.backends.cudnn.benchmark = True
     return torch.device("cuda", index)
 
 

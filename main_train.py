@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max_iter", type=int, default=60000, help="training iterations")
     t.add_argument("--eval_step", type=int, default=500, help="validate (and checkpoint) every this many iterations")
     t.add_argument("--seed", type=int, default=0, help="random seed (weights, crops, shuffling)")
+    t.add_argument(
+        "--compile", action="store_true",
+        help="run the training steps through torch.compile (about 30%% faster per iteration on an H100 for REP3D, "
+        "after a one-off compilation of 1-2 min: worth it for long GPU runs, not for short or CPU runs); "
+        "validation uses the uncompiled model",
+    )  # fmt: skip
     t.add_argument("--max_nonfinite", type=int, default=5, help="stop after this many non-finite losses in a row (each is skipped)")
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT", help="continue a run from <output>/checkpoint_last.pth (or the given file): same step, optimizer, scheduler, scaler; flags not given are taken from it")
     t.add_argument("--pretrain", type=engine.str2bool, default=None, metavar="BOOL", help="start from the weights of --pretrained_weights (True/False); weights only, a new run")
@@ -562,6 +568,9 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    eval_model = train_model
+    if args.compile:
+        train_model = torch.compile(train_model)
     writer = None
     out = args.output
     if dist.main:
@@ -656,7 +665,7 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
                 if step % args.eval_step == 0 or step == args.max_iter:
                     phase = "validation"
                     t_val = time.time()
-                    acc = validate(train_model, val_loader, cfg, args, device, amp_dtype)
+                    acc = validate(eval_model, val_loader, cfg, args, device, amp_dtype)
                     mean, per_class = acc.mean(), acc.per_class()
                     history["val_step"].append(step)
                     history["val_dice"].append(mean)

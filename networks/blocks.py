@@ -28,7 +28,8 @@ class LayerNormChannelsFirst(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Move channels last so that F.layer_norm (one fused kernel) normalises over them.
         y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.movedim(-1, 1)
+        # Contiguous again: a channels-last view sends the next cuDNN convolutions to slow kernels.
+        return y.movedim(-1, 1).contiguous()
 
 
 def check_positive_int(name: str, value: int) -> None:

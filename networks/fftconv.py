@@ -115,13 +115,20 @@ def _taps(k: Sequence[int], shape: Sequence[int], device: torch.device) -> torch
     turns the cross-correlation into a circular convolution. One cached index makes placing the
     kernel (forward) and gathering its gradient (backward) one kernel launch each.
     """
+    if torch.compiler.is_compiling():
+        # Inside a torch.compile graph the index is a traced constant; storing it in a global cache
+        # would be a side effect that the compiler refuses.
+        return _tap_index(k, shape, device)
     key = (tuple(k), tuple(shape), device)
     idx = _TAPS.get(key)
     if idx is None:
-        i0, i1, i2 = ((kk // 2 - torch.arange(kk, dtype=torch.int64)) % ll for kk, ll in zip(k, shape))
-        flat = (i0[:, None, None] * shape[1] + i1[None, :, None]) * shape[2] + i2[None, None, :]
-        idx = _TAPS[key] = flat.reshape(-1).to(device)
+        idx = _TAPS[key] = _tap_index(k, shape, device)
     return idx
+
+
+def _tap_index(k: Sequence[int], shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    i0, i1, i2 = ((kk // 2 - torch.arange(kk, dtype=torch.int64, device=device)) % ll for kk, ll in zip(k, shape))
+    return ((i0[:, None, None] * shape[1] + i1[None, :, None]) * shape[2] + i2[None, None, :]).reshape(-1)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:

@@ -150,7 +150,8 @@ class KernelModulation(nn.Module):
             return self.prior
         # The mask is tiny and scales every kernel element: compute it in float32 even under autocast.
         with torch.autocast(device_type=self.prior.device.type, enabled=False):
-            return self.prior + self.generator(self.prior.float())
+            prior = self.prior if self.prior.dtype == torch.float64 else self.prior.float()
+            return prior + self.generator(prior)
 
     def extra_repr(self) -> str:
         return f"modulation={self.modulation}, kernel_size={self.prior.shape[0]}"
