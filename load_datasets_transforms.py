@@ -324,8 +324,8 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--datalist", type=str, default=None, help="MONAI datalist JSON ('training' with optional 'fold' keys, 'validation', 'testing'); relative paths are taken from --root")
     _add(parser, "--fold", type=int, default=0, help="validation fold when the datalist has 'fold' keys or no validation set is given (5 folds by name)")
     _add(parser, "--cache_rate", type=float, default=None, help="fraction of cases kept pre-processed in memory (default: the preset's, 0.1; demo 1.0); lower it if RAM runs out")
-    _add(parser, "--num_workers", type=int, default=2, help="data-loading worker processes (0 loads in the main process)")
-    _add(parser, "--cache_on_gpu", action="store_true", help="keep cached volumes on the GPU and run the random transforms there (ThreadDataLoader, no workers); needs CUDA and GPU memory for the cache")
+    _add(parser, "--num_workers", type=int, default=None, help="data-loading worker processes (0 loads in the main process; default: one per CPU core but one, at most 8)")
+    _add(parser, "--cache_on_gpu", action="store_true", help="keep cached volumes on the GPU and run the random transforms there (ThreadDataLoader, no workers); needs CUDA and GPU memory for the cache. With --cache_rate 1.0 the fastest way to feed a GPU (benchmarks/RESULTS.md)")
 
 
 def _arg(args, name: str, default=None):
@@ -368,6 +368,15 @@ def config_from_args(args) -> DatasetConfig:
     return get_dataset_config(name, _arg(args, "dataset_config"), **overrides)
 
 
+def default_num_workers() -> int:
+    """Loader workers when --num_workers is not given: one per CPU core but one (for the training loop), 1 to 8.
+
+    Two workers (the seed's value) left an H100 waiting for data half of the time with 96^3 crops
+    (benchmarks/RESULTS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(8, cores - 1))
+
+
 def loader_kwargs_from_args(args, cfg: DatasetConfig) -> dict:
     """Keyword arguments of :func:`get_loaders` taken from the shared flags.
 
@@ -391,7 +400,7 @@ def loader_kwargs_from_args(args, cfg: DatasetConfig) -> dict:
         "root": root,
         "roi": cfg.roi,
         "cache_rate": cfg.cache_rate if cache_rate is None else float(cache_rate),
-        "num_workers": int(_arg(args, "num_workers", 2)),
+        "num_workers": default_num_workers() if _arg(args, "num_workers") is None else int(_arg(args, "num_workers")),
         "datalist": datalist,
         "fold": int(_arg(args, "fold", 0) or 0),
         "device": device,

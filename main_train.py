@@ -165,7 +165,7 @@ def _check_args(args: argparse.Namespace) -> None:
     problems = []
     for name, low in (("batch_size", 1), ("crop_sample", 1), ("max_iter", 1), ("eval_step", 1), ("sw_batch_size", 1), ("max_nonfinite", 1), ("num_workers", 0)):
         v = getattr(args, name)
-        if v < low:
+        if v is not None and v < low:
             problems.append(f"--{name} must be >= {low}, got {v}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         problems.append(f"--lr must be a positive number, got {args.lr}")

@@ -46,6 +46,7 @@ from load_datasets_transforms import (
     add_dataset_args,
     case_name,
     config_from_args,
+    default_num_workers,
     get_post_transforms,
     get_test_loader,
     list_cases,
@@ -611,7 +612,9 @@ def run_inference(args: argparse.Namespace) -> dict:
         )
 
     scored = any("label" in c for c in cases)
-    loader, test_tf = get_test_loader(cfg, cases, num_workers=args.num_workers, keep_label=scored)
+    loader, test_tf = get_test_loader(
+        cfg, cases, num_workers=default_num_workers() if args.num_workers is None else args.num_workers, keep_label=scored
+    )
     post = get_post_transforms(test_tf, cfg, output_dir=None, argmax=False)
     invert_prob = Invertd(keys="prob", transform=test_tf, orig_keys="image", nearest_interp=False, to_tensor=True)
 

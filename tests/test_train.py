@@ -222,7 +222,8 @@ def test_bad_flags_give_clear_messages(demo_root, tmp_path, capsys):
 def test_flag_defaults_paper_and_demo():
     paper = main_train.parse_args(["--root", "/data", "--dataset", "amos"])
     assert (paper.batch_size, paper.crop_sample, paper.lr, paper.optim, paper.max_iter, paper.eval_step) == (1, 2, 1e-4, "AdamW", 60000, 500)
-    assert (paper.weight_decay, paper.num_workers, paper.gpu, paper.amp, paper.overlap, paper.sw_batch_size) == (0.08, 2, 0, "auto", 0.5, 4)
+    assert (paper.weight_decay, paper.num_workers, paper.gpu, paper.amp, paper.overlap, paper.sw_batch_size) == (0.08, None, 0, "auto", 0.5, 4)
+    # None: one loader worker per core but one (see load_datasets_transforms.default_num_workers)
     assert paper.kernel_size is None and paper.feature_size is None and not paper.demo
     assert main_train.parse_args(["--pretrain", "no"]).pretrain is False
     assert main_train.parse_args(["--pretrain", "1"]).pretrain is True
