@@ -400,6 +400,24 @@ def padded_predictor(model, sw_batch):
     return predict
 
 
+def time_inference(run, device, label, width, warmup, budget_s, reps=5):
+    """Time one sliding-window inference call (first call apart, then the median); None if it fails."""
+    try:
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        first = time.perf_counter() - t0
+        r = bench(run, device, warmup=warmup, reps=reps, budget_s=budget_s)
+    except Exception as err:  # noqa: BLE001 - report and carry on with the other rows
+        log(f"  {label:{width}s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        return None
+    r["peak_gib"] = peak_mem(device)
+    r["first_call_s"] = first
+    log(f"  {label:{width}s} {r['median_ms'] / 1e3:7.3f} s  (min {r['min_ms'] / 1e3:.3f}, n={r['reps']}, "
+        f"peak {r['peak_gib']:.1f} GiB, first call {first:.1f} s)")
+    return r
+
+
 def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5, compiled=False):
     from monai.inferers import sliding_window_inference
 
@@ -432,21 +450,7 @@ def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5, c
             with torch.no_grad(), autocast(device, NET_AMP):
                 return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
 
-        try:
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            first = time.perf_counter() - t0
-            r = bench(run, device, warmup=0, reps=5, budget_s=15.0)
-        except Exception as err:  # noqa: BLE001 - report and carry on
-            log(f"  {label:30s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-            rows[label] = None
-            continue
-        r["peak_gib"] = peak_mem(device)
-        r["first_call_s"] = first
-        rows[label] = r
-        log(f"  {label:30s} {r['median_ms'] / 1e3:7.3f} s  (min {r['min_ms'] / 1e3:.3f}, n={r['reps']}, "
-            f"peak {r['peak_gib']:.1f} GiB, first call {first:.1f} s)")
+        rows[label] = time_inference(run, device, label, 30, warmup=0, budget_s=15.0)
         del model, predictor
 
 
@@ -588,19 +592,7 @@ def tuned_infer(device, roi, volume, classes, tiny, part, sw_batch=4, overlap=0.
             with torch.inference_mode(), autocast(device, NET_AMP):
                 return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
 
-        try:
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            first = time.perf_counter() - t0
-            r = bench(run, device, warmup=1, reps=5, budget_s=10.0)
-        except Exception as err:  # noqa: BLE001 - report and carry on
-            log(f"  {label:52s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-            rows[label] = None
-            continue
-        r["first_call_s"] = first
-        rows[label] = r
-        log(f"  {label:52s} {r['median_ms'] / 1e3:7.3f} s  (min {r['min_ms'] / 1e3:.3f}, n={r['reps']}, first call {first:.1f} s)")
+        rows[label] = time_inference(run, device, label, 52, warmup=1, budget_s=10.0)
         del model, predictor
     torch.backends.cudnn.benchmark = False
 

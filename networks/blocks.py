@@ -71,6 +71,19 @@ def check_spatial_size(x: torch.Tensor, divisor: int, network: str) -> None:
         )
 
 
+def check_fixed_size(x: torch.Tensor, img_size: Sequence[int], network: str, why: str = "") -> None:
+    """Raise a ValueError naming the ROI to use if ``x`` is not 5-D with spatial size ``img_size``
+    (networks whose positional embeddings or windows fix the input size)."""
+    if x.ndim != 5:
+        raise ValueError(f"{network} expects a 5-D input (batch, channels, D, H, W), got shape {tuple(x.shape)}.")
+    if tuple(x.shape[2:]) != tuple(img_size):
+        roi = " ".join(map(str, img_size))
+        raise ValueError(
+            f"{network} was built for inputs of spatial size {tuple(img_size)}{why}, got {tuple(x.shape[2:])}; "
+            f"use --roi {roi}, or build it with img_size set to your ROI."
+        )
+
+
 class HierarchicalEncoder(nn.Module):
     """The 4-stage layout shared by the 3D UX-Net and Rep3D encoders (and their checkpoint names).
 

@@ -12,7 +12,7 @@ import torch
 from monai.networks.nets import SwinUNETR, UNETR
 from monai.utils import ensure_tuple_rep
 
-from .blocks import check_positive_int, check_spatial_size
+from .blocks import check_fixed_size, check_positive_int, check_spatial_size
 
 __all__ = ["RoiCheckedSwinUNETR", "RoiCheckedUNETR", "build_swin_unetr", "build_unetr"]
 
@@ -52,14 +52,7 @@ class RoiCheckedUNETR(UNETR):
                 param.requires_grad_(False)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if x_in.ndim != 5:
-            raise ValueError(f"UNETR expects a 5-D input (batch, channels, D, H, W), got shape {tuple(x_in.shape)}.")
-        if tuple(x_in.shape[2:]) != self.img_size:
-            roi = " ".join(map(str, self.img_size))
-            raise ValueError(
-                f"UNETR was built for inputs of spatial size {self.img_size} (its positional embedding is fixed), "
-                f"got {tuple(x_in.shape[2:])}; use --roi {roi}, or build it with img_size set to your ROI."
-            )
+        check_fixed_size(x_in, self.img_size, "UNETR", " (its positional embedding is fixed)")
         return super().forward(x_in)
 
 

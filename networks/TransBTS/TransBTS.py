@@ -30,7 +30,7 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.segresnet_block import ResBlock
 from monai.utils import ensure_tuple_rep
 
-from ..blocks import check_positive_int
+from ..blocks import check_fixed_size, check_positive_int
 
 __all__ = ["TransBTS"]
 
@@ -178,14 +178,7 @@ class TransBTS(nn.Module):
         self.head = nn.Conv3d(b, out_channels, kernel_size=1)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5:
-            raise ValueError(f"TransBTS expects a 5-D input (batch, channels, D, H, W), got shape {tuple(x.shape)}.")
-        if tuple(x.shape[2:]) != self.img_size:
-            roi = " ".join(map(str, self.img_size))
-            raise ValueError(
-                f"TransBTS was built for inputs of spatial size {self.img_size} (its positional embedding is learned "
-                f"per token), got {tuple(x.shape[2:])}; use --roi {roi}, or build it with img_size set to your ROI."
-            )
+        check_fixed_size(x, self.img_size, "TransBTS", " (its positional embedding is learned per token)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -38,7 +38,7 @@ from monai.networks.nets.swin_unetr import (
 )
 from monai.utils import ensure_tuple_rep
 
-from ..blocks import LayerNormChannelsFirst, check_positive_int
+from ..blocks import LayerNormChannelsFirst, check_fixed_size, check_positive_int
 
 __all__ = ["nnFormer"]
 
@@ -340,14 +340,7 @@ class nnFormer(nn.Module):
         self.head = nn.ConvTranspose3d(embed_dim, out_channels, kernel_size=self.patch_size, stride=self.patch_size)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5:
-            raise ValueError(f"nnFormer expects a 5-D input (batch, channels, D, H, W), got shape {tuple(x.shape)}.")
-        if tuple(x.shape[2:]) != self.img_size:
-            roi = " ".join(map(str, self.img_size))
-            raise ValueError(
-                f"nnFormer was built for inputs of spatial size {self.img_size}, got {tuple(x.shape[2:])}; "
-                f"use --roi {roi}, or build it with img_size set to your ROI (a multiple of patch_size * 8 per axis)."
-            )
+        check_fixed_size(x, self.img_size, "nnFormer", " (an ROI must be a multiple of patch_size * 8 per axis)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
