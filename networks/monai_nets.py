@@ -34,7 +34,14 @@ class RoiCheckedSwinUNETR(SwinUNETR):
     is a multiple of 32, raising a ValueError that names a usable ``--roi``."""
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        check_spatial_size(x_in, int(self.patch_size) ** 5, "SwinUNETR")
+        divisor = int(self.patch_size) ** 5
+        check_spatial_size(x_in, divisor, "SwinUNETR")
+        if max(x_in.shape[2:]) < 2 * divisor:
+            # The bottleneck would be a single voxel, which its instance norm cannot normalise.
+            raise ValueError(
+                f"SwinUNETR needs inputs with at least one side of {2 * divisor} voxels or more, got {tuple(x_in.shape[2:])}; "
+                f"use e.g. --roi {' '.join(str(max(2 * divisor, s)) for s in x_in.shape[2:])}."
+            )
         return super().forward(x_in)
 
 

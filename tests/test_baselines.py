@@ -191,3 +191,11 @@ def test_uxnet_lrbm_folds_exactly():
     deployed = build_deploy_network("3DUXNET_LRBM", 1, 3, checkpoint=model.state_dict(), layer_scale_init_value=1.0, **UX_TINY)
     with torch.no_grad():
         assert _rel(deployed(x), ref) < 1e-5
+
+
+def test_swin_unetr_refuses_inputs_too_small_for_its_bottleneck():
+    net = build_network("SwinUNETR", 1, 2, feature_size=12, depths=(1, 1, 1, 1))
+    for mode in (net.train, net.eval):
+        mode()
+        with pytest.raises(ValueError, match="--roi 64 64 64"):
+            net(torch.randn(1, 1, 32, 32, 32))
