@@ -545,6 +545,14 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
         if use_scaler and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["step"])
+        # The loaded states carry the old run's peak LR, weight decay and next-step LR: without this,
+        # --lr / --weight_decay / --lr_schedule given with --resume would be silently ignored (while
+        # args.json recorded them). Unchanged flags reproduce the loaded values exactly.
+        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = args.lr
+            group["weight_decay"] = args.weight_decay
+            group["lr"] = args.lr * lr_factor(step, args.max_iter, args.warmup_iters, args.lr_schedule)
         best, best_step = float(ckpt.get("best_metric", -1.0)), int(ckpt.get("best_step", 0))
         best_metrics = dict(ckpt.get("metrics") or {})
         saved_history = ckpt.get("history") or {}

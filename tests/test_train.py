@@ -115,6 +115,24 @@ def test_killed_run_resumes_at_its_last_checkpoint_with_equal_optimizer_state(de
     assert "step 2:" in log and "step 4:" in log
 
 
+def test_resume_applies_lr_and_weight_decay_given_now(demo_root, tmp_path):
+    out = str(tmp_path / "run")
+    run(tiny_argv(demo_root, out, "--max_iter", "4", "--eval_step", "2", "--lr_schedule", "constant"), stop_after=3)
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def check(state: dict) -> None:
+        group = state["optimizer"].param_groups[0]
+        seen.update(lr=group["lr"], wd=group["weight_decay"], base=state["scheduler"].base_lrs[0])
+        raise Seen
+
+    with pytest.raises(Seen):
+        run(["--root", demo_root, "--output", out, "--resume", "--lr", "1e-5", "--weight_decay", "0.01"], on_start=check)
+    assert seen == {"lr": 1e-5, "wd": 0.01, "base": 1e-5}
+
+
 def test_resume_refuses_changed_network_and_missing_checkpoint(demo_root, tmp_path):
     out = str(tmp_path / "run")
     run(tiny_argv(demo_root, out, "--max_iter", "1", "--eval_step", "1"))
