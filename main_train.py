@@ -423,12 +423,28 @@ def _tensor_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, torc
     return image.to(device, non_blocking=True), label.to(device, non_blocking=True)
 
 
+def sync_buffers_from_rank0(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, ...) to every rank; no-op without DDP.
+
+    DDP broadcasts buffers at the start of each training forward, after which every rank updates its
+    BatchNorm statistics with its own crops: without this, each rank would validate a slightly
+    different model, none of them the one rank 0 saves.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() < 2:
+        return
+    for buf in model.buffers():
+        torch.distributed.broadcast(buf, src=0)
+
+
 def validate(
     model: nn.Module, loader, cfg, args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None
 ) -> engine.DiceAccumulator:
     """Sliding-window Dice over this rank's validation cases, summed over all ranks."""
     acc = engine.DiceAccumulator(cfg.num_classes, cfg.class_names)
     net = engine.unwrap_model(model)  # DDP's forward would sync buffers and expects equal call counts
+    sync_buffers_from_rank0(net)
     was_training = net.training
     net.eval()
     try:

@@ -260,3 +260,23 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
     assert main_train.lr_factor(50, 100, 10, "constant") == 1.0
     assert main_train.default_warmup(60000) == 1000 and main_train.default_warmup(400) == 20
+
+
+def _sync_buffers_worker(rank: int, init_file: str, results: dict) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        bn = torch.nn.BatchNorm3d(2)
+        bn.running_mean.fill_(float(rank + 1))  # ranks' statistics drifted apart
+        main_train.sync_buffers_from_rank0(bn)
+        results[rank] = bn.running_mean.tolist()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_validation_uses_rank0_batchnorm_statistics_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sync_buffers_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+        assert dict(results) == {0: [1.0, 1.0], 1: [1.0, 1.0]}
