@@ -390,6 +390,8 @@ def loader_kwargs_from_args(args, cfg: DatasetConfig) -> dict:
         if not torch.cuda.is_available():
             raise ValueError("--cache_on_gpu needs a CUDA GPU and none is visible; drop the flag to cache in RAM")
         gpu = _arg(args, "gpu", None)
+        if isinstance(gpu, int) and gpu < 0:
+            raise ValueError("--cache_on_gpu caches on the GPU but --gpu -1 asks for the CPU: drop one of the two")
         device = f"cuda:{gpu}" if isinstance(gpu, int) else "cuda"
     root, datalist = _arg(args, "root"), _arg(args, "datalist")
     if root is None and datalist is None:

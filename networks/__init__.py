@@ -167,7 +167,13 @@ def read_checkpoint(path: str) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; pass the .pth written by main_train.py.") from None
     except Exception as err:  # noqa: BLE001 - unpickling raises many types
-        raise CheckpointError(f"could not read checkpoint {path}: {err}. Is it a PyTorch checkpoint, and complete?") from None
+        # torch's own text suggests weights_only=False, which is wrong advice for an untrusted or broken file.
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        reason = type(err).__name__ if not first or "weights_only" in first else first
+        raise CheckpointError(
+            f"could not read checkpoint {path} ({reason}): it is not a PyTorch checkpoint of tensors, or it is "
+            "truncated; copy it again, or pass the .pth that main_train.py wrote."
+        ) from None
 
 
 def is_reference_layout(state: Mapping[str, torch.Tensor]) -> bool:

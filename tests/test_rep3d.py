@@ -332,3 +332,11 @@ def test_unknown_network_lists_choices():
         build_network("rep4d")
     with pytest.raises(ValueError, match="does not accept"):
         build_network("REP3D", 1, 3, **TINY, not_an_option=1)
+
+
+def test_corrupt_checkpoint_message_names_file_and_fix(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(networks.CheckpointError, match="broken.pth") as err:
+        load_network_weights(tiny_rep3d("none"), str(bad))
+    assert "copy it again" in str(err.value) and "weights_only" not in str(err.value)
