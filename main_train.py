@@ -539,6 +539,7 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
     net_kwargs = engine.network_overrides(args, roi=cfg.roi)
     try:
         model = networks.build_network(args.network, 1, cfg.num_classes, **net_kwargs)
+        networks.check_roi(model, cfg.roi)
     except ValueError as err:
         raise _ConfigError(f"--network {args.network}: {err}") from None
     if args.pretrained_weights:

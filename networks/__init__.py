@@ -12,7 +12,7 @@ import importlib
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,7 @@ __all__ = [
     "build_network",
     "build_deploy_network",
     "canonical_name",
+    "check_roi",
     "checkpoint_state_dict",
     "load_network_weights",
     "network_accepts",
@@ -99,6 +100,15 @@ def build_network(name: str, in_channels: int = 1, out_channels: int = 16, **ove
 def network_accepts(name: str, keyword: str) -> bool:
     """Whether the constructor of network ``name`` takes the keyword ``keyword`` (e.g. ``img_size``)."""
     return keyword in inspect.signature(_constructor(_REGISTRY[canonical_name(name)])).parameters
+
+
+def check_roi(model: nn.Module, roi: Sequence[int], in_channels: int = 1) -> None:
+    """Raise the network's own ValueError (naming a usable ``--roi``) if it cannot take crops of size
+    ``roi``, without running it: lets a script fail before loading any data. Networks built for one
+    input size (UNETR, nnFormer, TransBTS) check their ``img_size`` when constructed."""
+    check = getattr(_unwrap(model), "check_input", None)
+    if check is not None:
+        check(torch.empty((1, in_channels, *[int(r) for r in roi]), device="meta"))
 
 
 def is_deployable(name: str) -> bool:

@@ -170,8 +170,12 @@ class UnetrDecoderNet(nn.Module):
         self.decoder1 = UnetrBasicBlock(in_channels=f[0], out_channels=f[0], stride=1, **common)
         self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=f[0], out_channels=out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
         check_spatial_size(x, self.size_divisor, self.network_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         outs = getattr(self, self.encoder_attr)(x)
         enc1 = self.encoder1(x)
         enc2 = self.encoder2(outs[0])

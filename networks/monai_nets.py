@@ -34,6 +34,11 @@ class RoiCheckedSwinUNETR(SwinUNETR):
     is a multiple of 32, raising a ValueError that names a usable ``--roi``."""
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self.check_input(x_in)
+        return super().forward(x_in)
+
+    def check_input(self, x_in: torch.Tensor) -> None:
+        """Raise a ValueError naming a usable ROI if the network cannot take ``x_in`` (a meta tensor will do)."""
         divisor = int(self.patch_size) ** 5
         check_spatial_size(x_in, divisor, "SwinUNETR")
         if max(x_in.shape[2:]) < 2 * divisor:
@@ -42,7 +47,6 @@ class RoiCheckedSwinUNETR(SwinUNETR):
                 f"SwinUNETR needs inputs with at least one side of {2 * divisor} voxels or more, got {tuple(x_in.shape[2:])}; "
                 f"use e.g. --roi {' '.join(str(max(2 * divisor, s)) for s in x_in.shape[2:])}."
             )
-        return super().forward(x_in)
 
 
 class RoiCheckedUNETR(UNETR):

@@ -340,3 +340,10 @@ def test_corrupt_checkpoint_message_names_file_and_fix(tmp_path):
     with pytest.raises(networks.CheckpointError, match="broken.pth") as err:
         load_network_weights(tiny_rep3d("none"), str(bad))
     assert "copy it again" in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_check_roi_refuses_without_running_the_network():
+    net = tiny_rep3d("lrbm")
+    networks.check_roi(net, (32, 48, 64))
+    with pytest.raises(ValueError, match="--roi 32 32 32"):
+        networks.check_roi(net, (30, 33, 32))
