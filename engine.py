@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric
 
 import networks
+from networks.Rep3D import MODULATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ __all__ = [
     "dice_scores",
     "dice_table",
     "is_oom",
+    "jsonable",
     "network_overrides",
     "resolve_amp",
     "save_checkpoint_atomic",
@@ -50,10 +53,10 @@ __all__ = [
     "sliding_window_predict",
     "str2bool",
     "unwrap_model",
+    "write_json",
 ]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-MODULATIONS = ("lrbm", "fixed", "none")
 # Flags of add_network_args that become build_network keywords (dest -> keyword).
 _NETWORK_KWARGS = ("modulation", "kernel_size", "dwconv", "feature_size", "depths", "hidden_size")
 
@@ -82,8 +85,7 @@ def _network_name(value: str) -> str:
 
 
 def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
-    # add_dataset_args (load_datasets_transforms) defines some of the same flags (--roi): keep the
-    # first definition so that the two helpers can be called in either order.
+    # A script may define one of these flags its own way first (test_seg.py's bare --amp): keep it.
     if any(f in parser._option_string_actions for f in flags):
         return
     parser.add_argument(*flags, **kwargs)
@@ -143,11 +145,8 @@ def _accepts(network: str, keyword: str) -> bool:
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """Add ``--gpu --amp --roi --sw_batch_size --overlap/--val_overlap``.
-
-    ``--roi`` defaults to ``None`` (the dataset preset's ROI); it is skipped when the parser already
-    has it (``load_datasets_transforms.add_dataset_args`` defines the same flag).
-    """
+    """Add ``--gpu --amp --sw_batch_size --overlap/--val_overlap`` (``--roi`` comes with the dataset
+    flags of ``load_datasets_transforms.add_dataset_args``: its default is the preset's ROI)."""
     _add(
         parser,
         "--gpu",
@@ -157,7 +156,6 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         "Not for multi-GPU: select GPUs with CUDA_VISIBLE_DEVICES and launch with torchrun --nproc_per_node N (DDP)",
     )
     _add(parser, "--amp", choices=AMP_CHOICES, default="auto", help="mixed precision: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16 (CUDA only), off")
-    _add(parser, "--roi", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="training crop / sliding-window ROI in voxels (default: the dataset preset's)")
     _add(parser, "--sw_batch_size", type=int, default=4, help="windows per forward pass in sliding-window inference; lower it if GPU memory runs out")
     _add(parser, "--overlap", "--val_overlap", dest="overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
 
@@ -443,6 +441,25 @@ def dice_table(per_class: Sequence[float] | dict[str, float], class_names: Seque
 
 # --------------------------------------------------------------------------------------------------
 # files, seeds, errors
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists, keys as strings and anything else JSON cannot hold as ``str``."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``jsonable(obj)`` to ``path`` through a temporary file, so a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(jsonable(obj), f, indent=1)
+    os.replace(tmp, path)
 
 
 def save_checkpoint_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import random
@@ -285,25 +284,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _args_dict(args: argparse.Namespace) -> dict:
-    return _jsonable(vars(args))
-
-
-def _write_json(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1)
-    os.replace(tmp, path)
+    return engine.jsonable(vars(args))
 
 
 def plot_curves(history: dict, class_names: Sequence[str], path: str) -> None:
@@ -378,7 +360,7 @@ def _load_resume(args: argparse.Namespace, parser_defaults: dict) -> tuple[argpa
     given = set(args.given)
     conflicts = []
     for key in _RUN_DEFINING:
-        if key in given and key in saved and _jsonable(getattr(args, key)) != _jsonable(saved[key]):
+        if key in given and key in saved and engine.jsonable(getattr(args, key)) != engine.jsonable(saved[key]):
             conflicts.append(f"--{key} {getattr(args, key)} (checkpoint: {saved[key]})")
     if conflicts:
         raise _ConfigError(
@@ -404,14 +386,14 @@ def _checkpoint(model: nn.Module, args: argparse.Namespace, cfg, net_kwargs: dic
     return {
         "state_dict": {k: v.detach().cpu() for k, v in engine.unwrap_model(model).state_dict().items()},
         "network": args.network,
-        "network_kwargs": _jsonable(net_kwargs),
+        "network_kwargs": engine.jsonable(net_kwargs),
         "in_channels": 1,
         "out_channels": cfg.num_classes,
-        "dataset": _jsonable(cfg.to_dict()),
+        "dataset": engine.jsonable(cfg.to_dict()),
         "step": int(step),
         "best_metric": float(best),
         "best_step": int(best_step),
-        "metrics": _jsonable(metrics or {}),
+        "metrics": engine.jsonable(metrics or {}),
         "args": _args_dict(args),
         "format_version": CHECKPOINT_VERSION,
     }
@@ -600,7 +582,7 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
     out = args.output
     if dist.main:
         os.makedirs(out, exist_ok=True)
-        _write_json(_args_dict(args), os.path.join(out, "args.json"))
+        engine.write_json(_args_dict(args), os.path.join(out, "args.json"))
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops the events a killed run logged after its last checkpoint.
@@ -734,7 +716,7 @@ def _run(args, ckpt, device, dist: _Dist, say, stop_after, on_start, t_start) ->
         "data_wait_fraction": round(data_wait / max(time.time() - t_session, 1e-9), 3),
     }
     if dist.main:
-        _write_json(summary, os.path.join(out, "summary.json"))
+        engine.write_json(summary, os.path.join(out, "summary.json"))
         lines = [f"finished {step} iterations in {elapsed / 60:.1f} min (this session); best mean foreground Dice {best:.4f} at step {best_step}:"]
         if best_metrics.get("dice_per_class"):
             lines.append(engine.dice_table(best_metrics["dice_per_class"]))
@@ -782,7 +764,7 @@ def _after_validation(
         rng=_rng_state(),
         history=history,
         train_time_s=float(train_time),
-        last_metrics=_jsonable(metrics_now),
+        last_metrics=engine.jsonable(metrics_now),
     )
     engine.save_checkpoint_atomic(last, os.path.join(out, LAST_CKPT))
     if writer is not None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -132,10 +131,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # checkpoint, dataset settings, model
 
 
-def _jsonable(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
-
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
@@ -205,7 +200,7 @@ def resolve_checkpoint(args: argparse.Namespace) -> dict:
     if args.dataset is not None or args.dataset_config is not None:
         cfg = config_from_args(args)
         ck_ds = meta.get("dataset") or {}
-        diffs = [k for k in ("spacing", "intensity", "a_min", "a_max") if k in ck_ds and not _same(_jsonable(getattr(cfg, k)), ck_ds[k])]
+        diffs = [k for k in ("spacing", "intensity", "a_min", "a_max") if k in ck_ds and not _same(engine.jsonable(getattr(cfg, k)), ck_ds[k])]
         if diffs:
             logger.warning("--dataset %s pre-processes differently from the training run (%s): predictions may suffer", cfg.name, ", ".join(f"{k}: {getattr(cfg, k)} vs {ck_ds[k]}" for k in diffs))
     elif meta.get("dataset"):
@@ -564,8 +559,7 @@ def write_metrics(rows: list[dict], summary: dict, output: str) -> dict[str, str
             return [clean(v) for v in o]
         return o
 
-    with open(paths["summary_json"], "w") as f:
-        json.dump(clean(summary), f, indent=1)
+    engine.write_json(clean(summary), paths["summary_json"])
     return paths
 
 
@@ -596,20 +590,18 @@ def run_inference(args: argparse.Namespace) -> dict:
     stitch_on_cpu = bool(args.stitch_on_cpu or args.sw_device == "cpu")
     model = load_model(resolved, device, args.trained_weights)
     os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "inference_args.json"), "w") as f:
-        json.dump(
-            {
-                "args": {k: _jsonable(v) for k, v in vars(args).items()},
-                "network": resolved["network"],
-                "network_kwargs": {k: _jsonable(v) for k, v in resolved["network_kwargs"].items()},
-                "out_channels": resolved["out_channels"],
-                "dataset": cfg.to_dict(),
-                "device": str(device),
-                "amp": str(amp_dtype),
-            },
-            f,
-            indent=1,
-        )
+    engine.write_json(
+        {
+            "args": vars(args),
+            "network": resolved["network"],
+            "network_kwargs": resolved["network_kwargs"],
+            "out_channels": resolved["out_channels"],
+            "dataset": cfg.to_dict(),
+            "device": str(device),
+            "amp": str(amp_dtype),
+        },
+        os.path.join(args.output, "inference_args.json"),
+    )
 
     scored = any("label" in c for c in cases)
     loader, test_tf = get_test_loader(
