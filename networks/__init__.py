@@ -40,8 +40,6 @@ class _Entry:
     target: str  # "module:Class"
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
-    # keyword names for (in_channels, out_channels) when the constructor spells them differently
-    io_names: tuple[str, str] = ("in_channels", "out_channels")
     deployable: bool = False
 
 
@@ -89,10 +87,9 @@ def build_network(name: str, in_channels: int = 1, out_channels: int = 16, **ove
     entry = _REGISTRY[key]
     kwargs = dict(entry.defaults)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    io = dict(zip(entry.io_names, (in_channels, out_channels)))
     ctor = _constructor(entry)
     try:
-        return ctor(**io, **kwargs)
+        return ctor(in_channels=in_channels, out_channels=out_channels, **kwargs)
     except TypeError as err:  # an override the constructor does not know
         raise ValueError(f"network {key} does not accept these options: {err}") from None
 
