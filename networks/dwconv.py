@@ -51,14 +51,21 @@ def depthwise_conv3d(
         bias: optional per-channel bias.
         impl: ``"native"``, ``"fft"`` or ``"auto"``.
     """
-    check_impl(impl)
-    if impl == "native":
+    if not _use_fft(impl, x, weight):
         return native_depthwise_conv3d(x, weight, bias)
-    from . import fftconv  # local import: the FFT path is optional for the native one
+    from . import fftconv
 
-    if impl == "auto" and not fftconv.fft_is_faster(x, weight):
-        return native_depthwise_conv3d(x, weight, bias)
     return fftconv.fft_depthwise_conv3d(x, weight, bias)
+
+
+def _use_fft(impl: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``impl`` means the FFT path for this input and kernel (``auto`` asks the cost model)."""
+    check_impl(impl)
+    if impl != "auto":
+        return impl == "fft"
+    from . import fftconv  # local import: the native path does not need it
+
+    return fftconv.fft_is_faster(x, weight)
 
 
 class DepthwiseConv3d(nn.Conv3d):
@@ -93,12 +100,11 @@ class DepthwiseConv3d(nn.Conv3d):
         self._spectrum_cache: dict = {}
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if weight is None and self._may_cache():
+        if weight is None and self._may_cache() and _use_fft(self.impl, x, self.weight):
             from . import fftconv
 
-            if self.impl == "fft" or (self.impl == "auto" and fftconv.fft_is_faster(x, self.weight)):
-                spectrum = self._cached_spectrum(x)
-                return fftconv.fft_depthwise_conv3d(x, self.weight, self.bias, kernel_spectrum=spectrum)
+            spectrum = self._cached_spectrum(x)
+            return fftconv.fft_depthwise_conv3d(x, self.weight, self.bias, kernel_spectrum=spectrum)
         w = self.weight if weight is None else weight
         return depthwise_conv3d(x, w, self.bias, self.impl)
 
