@@ -11,6 +11,7 @@ One run prints, each timed as the median of several repetitions after warm-up (C
 * infer:   sliding-window inference (roi 96, sw_batch_size 4, overlap 0.5, AMP) of a 1x1x256x256x160
            volume, REP3D deploy native / fft and 3DUXNET;
 * profile: torch.profiler of the REP3D fft iteration: top kernels and time per category;
+* layout:  the decoder in NCDHW vs channels_last_3d (train and inference), SwinUNETR in the same run;
 * cuts:    the REP3D fft iteration with fused AdamW, cudnn.benchmark, channels_last_3d, a CUDA graph of
            the whole step, torch.compile; and SwinUNETR / 3DUXNET with the settings that paid.
 
@@ -337,6 +338,8 @@ def run_train(label, name, overrides, device, roi, batch, classes, reps, **kw):
     reset_mem(device)
     try:
         model = build_network(name, 1, classes, **overrides).to(device).train()
+        for attr, value in kw.pop("attrs", {}).items():
+            setattr(model, attr, value)
     except Exception as err:  # noqa: BLE001 - a network another helper has not finished yet
         log(f"  {label:34s} skipped: cannot build {name}: {type(err).__name__}: {err}")
         return None
@@ -474,7 +477,34 @@ def _kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_step(label, step, device, steps=3, top=25, table=True):
+def copy_sources(prof, steps, top=12) -> list:
+    """GPU time of copy/cat operators per calling chain (the operator's CPU parents), largest first."""
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        if e.name not in ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous"):
+            continue
+        if e.cpu_parent is not None and e.cpu_parent.name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy"):
+            continue  # counted at the outer operator
+        chain, p = [], e.cpu_parent
+        while p is not None and len(chain) < 4:
+            chain.append(p.name)
+            p = p.cpu_parent
+        shape = e.input_shapes[0] if e.input_shapes else ""
+        key = f"{e.name} {shape} < {' < '.join(chain) or '(top level / autograd engine)'}"
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = e.cuda_time_total
+        agg.setdefault(key, [0.0, 0])
+        agg[key][0] += t / 1e3 / steps
+        agg[key][1] += 1
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]
+    log("  copies by source (GPU ms per step, calls per step):")
+    for key, (t, cnt) in rows:
+        log(f"    {t:7.2f} ms {cnt // steps:4d}x  {key[:180]}")
+    return [(k, t) for k, (t, _) in rows]
+
+
+def profile_step(label, step, device, steps=3, top=25, table=True, sources=False):
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -482,7 +512,7 @@ def profile_step(label, step, device, steps=3, top=25, table=True):
     sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=sources) as prof:
         for _ in range(steps):
             step()
         sync(device)
@@ -506,6 +536,11 @@ def profile_step(label, step, device, steps=3, top=25, table=True):
     log(f"  top {top} kernels (ms per step, launches per step):")
     for name, (t, cnt) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         log(f"    {t:7.2f} ms {cnt // steps:5d}x  {name[:110]}")
+    if sources:
+        try:
+            copy_sources(prof, steps)
+        except Exception as err:  # noqa: BLE001 - profiler event fields differ between versions
+            log(f"  (copy sources unavailable: {type(err).__name__}: {err})")
     if table:
         log("  top 15 operators by device time (torch.profiler table):")
         sort_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
@@ -673,7 +708,168 @@ def environment(device) -> dict:
     return env
 
 
-SECTIONS = ("check", "stages", "chain", "sweep", "train", "infer", "profile", "cuts", "tuned")
+def layout_check(device, classes, tiny) -> None:
+    """The channels-last and NCDHW decoders in float32 against the NCDHW one in float64 on this device:
+    logits of the inference path, and the input and parameter gradients of a training-mode forward
+    (relative max errors; float32 itself is the floor: the two layouts should err alike)."""
+    import copy
+
+    from networks.blocks import ChannelsLastInstanceNorm3d
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # float32 means float32 here
+    torch.manual_seed(0)
+    # The norm alone against F.instance_norm in float64: batch sizes 1 and 3, an offset mean (|mean| >> std
+    # is where a careless variance loses digits), affine parameters, float32 and bfloat16 inputs.
+    for n in (1, 3):
+        x64 = (torch.randn(n, 24, 20, 18, 22, device=device, dtype=torch.float64) * 0.05 + 2.0)
+        wb = (torch.rand(24, device=device, dtype=torch.float64) + 0.5, torch.randn(24, device=device, dtype=torch.float64))
+        g64 = torch.randn_like(x64)
+        for dtype in (torch.float32, torch.bfloat16):
+            # The reference sees the same rounded input (bfloat16 rounding alone moves a value of 2 by 0.008).
+            ref_x = x64.to(dtype).double().requires_grad_()
+            ref_p = [t.clone().requires_grad_() for t in wb]
+            ref = F.instance_norm(ref_x, weight=ref_p[0], bias=ref_p[1], eps=1e-5)
+            (ref * g64.to(dtype).double()).sum().backward()
+            norm = ChannelsLastInstanceNorm3d(24, affine=True).to(device)
+            with torch.no_grad():
+                norm.weight.copy_(wb[0]); norm.bias.copy_(wb[1])
+            xi = x64.to(dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+            y = norm(xi)
+            (y * g64.to(dtype)).sum().backward()
+            errs = {k: ((a.double() - b).abs().max() / b.abs().max()).item() for k, a, b in
+                    [("out", y, ref), ("grad_x", xi.grad, ref_x.grad), ("grad_w", norm.weight.grad, ref_p[0].grad),
+                     ("grad_b", norm.bias.grad, ref_p[1].grad)]}
+            log(f"  ChannelsLastInstanceNorm3d n={n} {str(dtype)[6:]}: channels_last out "
+                f"{memory_format_of_name(y)}; rel max error vs float64 " + ", ".join(f"{k} {e:.1e}" for k, e in errs.items()))
+            RESULTS.setdefault("layout_norm_check", {})[f"n={n} {dtype}"] = errs
+    small = {"feature_size": (16, 32, 64, 128), "hidden_size": 256, "kernel_size": 7, "dwconv": "fft"}
+    ref_model = build_network("REP3D", 1, classes, **{**small, **tiny.get("REP3D", {})}).to(device).double()
+    x = torch.randn(3, 1, 48, 48, 48, device=device, dtype=torch.float64)
+    weights = torch.linspace(-1, 1, 3 * classes * 48**3, device=device, dtype=torch.float64)
+
+    def run(model, dtype, cl, train):
+        model.train(train)
+        model.decoder_channels_last = cl
+        model.zero_grad(set_to_none=True)
+        xi = x.to(dtype).clone().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            y = model(xi)
+            if not train:
+                return y.double(), None, None
+            (y * weights.to(dtype).view_as(y)).sum().backward()
+        return y.double(), xi.grad.double(), [p.grad.double() for p in model.parameters() if p.grad is not None]
+
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()  # noqa: E731
+    model32 = copy.deepcopy(ref_model).float()
+    res = {}
+    for train in (True, False):
+        y0, g0, p0 = run(ref_model, torch.float64, False, train)
+        for cl in (False, True):
+            y, g, p = run(model32, torch.float32, cl, train)
+            key = f"{'train' if train else 'eval'} float32 {'channels_last' if cl else 'NCDHW'}"
+            res[key] = {"logits": rel(y, y0)}
+            if train:
+                res[key]["grad_input"] = rel(g, g0)
+                res[key]["grad_params_max"] = max(rel(a, b) for a, b in zip(p, p0))
+    for key, v in res.items():
+        log(f"  vs float64 NCDHW, relative max error, {key}: " + ", ".join(f"{k} {e:.1e}" for k, e in v.items()))
+    RESULTS["layout_check"] = res
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def memory_format_of_name(x: torch.Tensor) -> str:
+    return "yes" if x.is_contiguous(memory_format=torch.channels_last_3d) else "NO"
+
+
+def section_layout(device, roi, volume, batch, classes, reps, tiny, do_compile=True, sw_batch=4, overlap=0.5):
+    """The decoder in NCDHW vs channels_last_3d (``decoder_channels_last``), everything else as main_train /
+    test_seg run it (fused AdamW, cudnn.benchmark), with SwinUNETR measured in the same run."""
+    from monai.inferers import sliding_window_inference
+
+    torch.backends.cudnn.benchmark = True
+    log("\n== layout: decoder NCDHW vs channels_last_3d ==")
+    layout_check(device, classes, tiny)
+    log(f"  train {batch} x 1 x {'x'.join(map(str, roi))}, fused AdamW, cudnn.benchmark, AMP bf16:")
+    rows = RESULTS.setdefault("layout_train", {})
+    ov = {"dwconv": "fft", **tiny.get("REP3D", {})}
+    ux = {"dwconv": "auto", **tiny.get("3DUXNET", {})}
+    for label, name, o, cl in [
+        ("REP3D fft, decoder NCDHW", "REP3D", ov, False),
+        ("REP3D fft, decoder channels_last", "REP3D", ov, True),
+        ("SwinUNETR", "SwinUNETR", tiny.get("SwinUNETR", {}), None),
+        ("3DUXNET auto, decoder NCDHW", "3DUXNET", ux, False),
+        ("3DUXNET auto, decoder channels_last", "3DUXNET", ux, True),
+        ("REP3D fft, decoder NCDHW (again)", "REP3D", ov, False),
+        ("REP3D fft, decoder channels_last (again)", "REP3D", ov, True),
+    ]:
+        attrs = {} if cl is None else {"decoder_channels_last": cl}
+        rows[label] = run_train(label, name, o, device, roi, batch, classes, reps, fused=True, attrs=attrs)
+
+    for cl in (False, True):
+        model = build_network("REP3D", 1, classes, **ov).to(device).train()
+        model.decoder_channels_last = cl
+        step, _ = make_train_step(model, device, roi, batch, classes, fused=True)
+        profile_step(f"REP3D fft training iteration, decoder {'channels_last' if cl else 'NCDHW'}", step, device, 3,
+                     top=10, table=False, sources=True)
+        del model, step
+
+    log(f"\n  sliding-window inference, volume 1x1x{'x'.join(map(str, volume))}, roi {roi[0]}, "
+        f"sw_batch_size {sw_batch}, overlap {overlap}, AMP bf16, cudnn.benchmark:")
+    vol = torch.randn(1, 1, *volume, device=device)
+    rows = RESULTS.setdefault("layout_infer", {})
+    dep = {"deploy": True, "dwconv": "fft", **tiny.get("REP3D", {})}
+    variants = [
+        ("REP3D deploy fft, decoder NCDHW", "REP3D", dep, False, False),
+        ("REP3D deploy fft, decoder channels_last", "REP3D", dep, True, False),
+        ("3DUXNET auto, decoder NCDHW", "3DUXNET", ux, False, False),
+        ("3DUXNET auto, decoder channels_last", "3DUXNET", ux, True, False),
+        ("SwinUNETR", "SwinUNETR", tiny.get("SwinUNETR", {}), None, False),
+        ("REP3D deploy fft, decoder NCDHW, compiled", "REP3D", dep, False, True),
+        ("REP3D deploy fft, decoder channels_last, compiled", "REP3D", dep, True, True),
+    ]
+    for label, name, o, cl, comp in variants:
+        if comp and (not do_compile or time_left() < 100):
+            log(f"  (skipped {label})")
+            continue
+        reset_mem(device)
+        model = build_network(name, 1, classes, **o).to(device).eval()
+        if cl is not None:
+            model.decoder_channels_last = cl
+        predictor = padded_predictor(torch.compile(model, dynamic=False), sw_batch) if comp else model
+
+        def run():
+            with torch.inference_mode(), autocast(device, NET_AMP):
+                return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
+
+        rows[label] = time_inference(run, device, label, 52, warmup=1, budget_s=10.0)
+        del model, predictor
+    for cl in (False, True):
+        model = build_network("REP3D", 1, classes, **dep).to(device).eval()
+        model.decoder_channels_last = cl
+        x = torch.randn(sw_batch, 1, *roi, device=device)
+
+        def infer():
+            with torch.inference_mode(), autocast(device, NET_AMP):
+                return model(x)
+
+        profile_step(f"REP3D deploy fft forward, decoder {'channels_last' if cl else 'NCDHW'}, one window batch", infer,
+                     device, 3, top=8, table=False, sources=True)
+        del model
+    if do_compile:
+        for label, name, o, cl in [("REP3D fft, decoder NCDHW, compiled", "REP3D", ov, False),
+                                   ("REP3D fft, decoder channels_last, compiled", "REP3D", ov, True),
+                                   ("SwinUNETR, compiled", "SwinUNETR", tiny.get("SwinUNETR", {}), None)]:
+            if time_left() < (120 if name == "REP3D" else 220):
+                log(f"  (skipped {label}: {time_left():.0f} s left of --time_budget)")
+                continue
+            attrs = {} if cl is None else {"decoder_channels_last": cl}
+            RESULTS["layout_train"][label] = run_train(label, name, o, device, roi, batch, classes, reps, fused=True,
+                                                       compile=True, attrs=attrs)
+    torch.backends.cudnn.benchmark = False
+
+
+SECTIONS = ("check", "stages", "chain", "sweep", "train", "infer", "profile", "cuts", "tuned", "layout")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -724,6 +920,8 @@ def main(argv: list[str] | None = None) -> None:
         "train": lambda: section_train(device, roi, batch, classes, args.reps, tiny),
         "infer": lambda: section_infer(device, roi, volume, classes, tiny),
         "profile": lambda: section_profile(device, roi, batch, classes, tiny),
+        "layout": lambda: section_layout(device, roi, volume, batch, classes, args.reps, tiny,
+                                         do_compile=not args.no_compile),
         "tuned": lambda: section_tuned(device, roi, volume, batch, classes, args.reps, tiny),
         "cuts": lambda: section_cuts(device, roi, batch, classes, args.reps, tiny, volume, do_compile=not args.no_compile),
     }
