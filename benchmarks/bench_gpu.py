@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import compile_for_windows  # noqa: E402
 from networks import build_network  # noqa: E402
 from networks.dwconv import native_depthwise_conv3d, set_dwconv_impl  # noqa: E402
 from networks.fftconv import _fft_cost, _native_cost, fft_depthwise_conv3d, fft_is_faster, fft_plan  # noqa: E402
@@ -391,18 +392,6 @@ def section_train(device, roi, batch, classes, reps, tiny):
         rows[label] = run_train(label, name, {**ov, **tiny.get(name, {})}, device, roi, batch, classes, reps)
 
 
-def padded_predictor(model, sw_batch):
-    """Pads a short last window batch to ``sw_batch`` so that a compiled model sees one shape only."""
-
-    def predict(x):
-        n = x.shape[0]
-        if n < sw_batch:
-            x = torch.cat([x, x.new_zeros((sw_batch - n, *x.shape[1:]))])
-        return model(x)[:n]
-
-    return predict
-
-
 def time_inference(run, device, label, width, warmup, budget_s, reps=5):
     """Time one sliding-window inference call (first call apart, then the median); None if it fails."""
     try:
@@ -447,7 +436,7 @@ def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5, c
             log(f"  {label:30s} skipped: {type(err).__name__}: {err}")
             rows[label] = None
             continue
-        predictor = padded_predictor(torch.compile(model, dynamic=False), sw_batch) if compiled else model
+        predictor = compile_for_windows(model, sw_batch) if compiled else model
 
         def run():
             with torch.no_grad(), autocast(device, NET_AMP):
@@ -616,8 +605,7 @@ def tuned_infer(device, roi, volume, classes, tiny, part, sw_batch=4, overlap=0.
         if mode is None:
             predictor = model
         else:
-            compiled = torch.compile(model, dynamic=False, mode=None if mode == "default" else mode)
-            inner = padded_predictor(compiled, sw_batch)
+            inner = compile_for_windows(model, sw_batch, mode=None if mode == "default" else mode)
 
             def predictor(x, inner=inner):
                 torch.compiler.cudagraph_mark_step_begin()
@@ -836,7 +824,7 @@ def section_layout(device, roi, volume, batch, classes, reps, tiny, do_compile=T
         model = build_network(name, 1, classes, **o).to(device).eval()
         if cl is not None:
             model.decoder_channels_last = cl
-        predictor = padded_predictor(torch.compile(model, dynamic=False), sw_batch) if comp else model
+        predictor = compile_for_windows(model, sw_batch) if comp else model
 
         def run():
             with torch.inference_mode(), autocast(device, NET_AMP):

@@ -1,0 +1,133 @@
+"""The channels-last decoder path: same numbers as NCDHW, same state dict, layout kept through the norms."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import engine
+from networks import build_network
+from networks.blocks import ChannelsLastInstanceNorm3d, memory_format_of, to_channels_last_3d
+
+TINY = {
+    "REP3D": dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, dwconv="fft"),
+    "3DUXNET": dict(depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, dwconv="fft"),
+}
+CL = torch.channels_last_3d
+
+
+def _norm_case(norm, x, g):
+    x = x.clone().requires_grad_()
+    y = norm(x)
+    (y * g).sum().backward()
+    grads = [x.grad] + [p.grad for p in norm.parameters()]
+    return y, grads
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("affine", [False, True])
+def test_channels_last_instance_norm_equals_instance_norm(n, affine):
+    torch.manual_seed(0)
+    # An offset mean (|mean| >> std) and odd sizes; float64 so that any difference is a logic error.
+    x = torch.randn(n, 6, 5, 7, 9, dtype=torch.float64) * 0.1 + 3.0
+    g = torch.randn_like(x)
+    ref = nn.InstanceNorm3d(6, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.normal_()
+    ours = ChannelsLastInstanceNorm3d.from_instance_norm(copy.deepcopy(ref))
+    assert sorted(ours.state_dict()) == sorted(ref.state_dict())
+    y_ref, g_ref = _norm_case(ref, x, g)
+    for layout in (torch.contiguous_format, CL):
+        y, grads = _norm_case(ours, x.contiguous(memory_format=layout), g)
+        assert memory_format_of(y) == layout  # channels-last in, channels-last out
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+        for a, b in zip(grads, g_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+        ours.zero_grad(set_to_none=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the custom CUDA autograd path needs a GPU")
+@pytest.mark.parametrize("n", [1, 3])
+def test_channels_last_instance_norm_cuda_matches(n):
+    torch.manual_seed(0)
+    x = (torch.randn(n, 24, 10, 12, 14, device="cuda") * 0.1 + 2.0).contiguous(memory_format=CL)
+    g = torch.randn_like(x)
+    norm = ChannelsLastInstanceNorm3d(24, affine=True).cuda()
+    y, grads = _norm_case(norm, x, g)
+    ref = nn.InstanceNorm3d(24, affine=True).cuda().double()
+    y_ref, g_ref = _norm_case(ref, x.double().contiguous(), g.double())
+    assert memory_format_of(y) == CL
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_to_channels_last_single_channel_gets_channels_last_strides():
+    x = torch.randn(2, 1, 4, 5, 6)
+    y = to_channels_last_3d(x)
+    assert y.stride() == (120, 1, 30, 6, 1)
+    assert torch.equal(y, x)
+    # A convolution fed this tensor keeps the channels-last layout (a plain .contiguous(...) would not).
+    out = F.conv3d(y, torch.randn(8, 1, 3, 3, 3), padding=1)
+    assert out.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("name", ["REP3D", "3DUXNET"])
+def test_decoder_layouts_agree_in_float64(name):
+    torch.manual_seed(0)
+    a = build_network(name, 1, 3, **TINY[name]).double().train()
+    b = copy.deepcopy(a)
+    a.decoder_channels_last, b.decoder_channels_last = False, True
+    assert not any(isinstance(m, nn.InstanceNorm3d) for m in b.modules())  # all swapped for the layout-aware norm
+    x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    ya, yb = a(x), b(x)
+    assert yb.is_contiguous()  # logits come back NCDHW whatever the decoder ran in
+    torch.testing.assert_close(yb, ya, rtol=0, atol=1e-10)
+    w = torch.linspace(-1, 1, ya.numel(), dtype=torch.float64).view_as(ya)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    for (name_a, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert (pa.grad is None) == (pb.grad is None), name_a
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-7, atol=1e-9, msg=name_a)
+
+
+def test_decoder_layout_auto_is_ncdhw_on_cpu():
+    torch.manual_seed(0)
+    model = build_network("REP3D", 1, 3, **TINY["REP3D"]).eval()
+    seen = []
+    for m in model.modules():
+        if isinstance(m, ChannelsLastInstanceNorm3d):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(memory_format_of(inp[0])))
+    with torch.no_grad():
+        model(torch.randn(1, 1, 32, 32, 32))
+    assert model.decoder_channels_last == "auto"
+    assert seen and set(seen) == {torch.contiguous_format}
+
+
+def test_compile_for_windows_pads_the_last_batch(monkeypatch):
+    calls = []
+
+    def fake_compile(model, **kw):
+        assert kw.get("dynamic") is False
+
+        def run(x):
+            calls.append(x.shape[0])
+            return model(x)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    net = nn.Conv3d(1, 2, 1)
+    predict = engine.compile_for_windows(net, sw_batch_size=4)
+    x = torch.randn(3, 1, 4, 4, 4)
+    out = predict(x)
+    assert calls == [4]  # padded to the compiled batch size
+    assert out.shape == (3, 2, 4, 4, 4)
+    torch.testing.assert_close(out, net(x))
+    predict(torch.randn(4, 1, 4, 4, 4))
+    assert calls == [4, 4]
