@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_hd95", action="store_true", help="score Dice only: HD95 is the slow part of scoring (seconds per class on large volumes with ragged predictions)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over mirroring of the 3 spatial axes (8 passes)")
     p.add_argument("--mode", choices=("gaussian", "constant"), default="gaussian", help="blending of overlapping windows")
-    p.add_argument("--compile", action="store_true", help="run the windows through torch.compile (one static shape): on an H100 REP3D predicts a 256x256x160 volume in about 0.72 s instead of 0.91 s, after a one-off compilation of about 30 s; worth it for many volumes on a GPU")
+    p.add_argument("--compile", action="store_true", help="run the windows through torch.compile (one static shape): on an H100 REP3D predicts a 256x256x160 volume in about 0.72 s instead of 0.91 s, after a one-off compilation of about 30 s: pays for itself after about 150 volumes in one run")
     p.add_argument("--save_probabilities", action="store_true", help="also write <case>_prob.nii.gz: per-class probabilities in native space, 4-D (X, Y, Z, classes), uint16 scaled to [0, 1]")
     p.add_argument(
         "--resample_probabilities",

@@ -12,6 +12,7 @@ One run prints, each timed as the median of several repetitions after warm-up (C
            volume, REP3D deploy native / fft and 3DUXNET;
 * profile: torch.profiler of the REP3D fft iteration: top kernels and time per category;
 * layout:  the decoder in NCDHW vs channels_last_3d (train and inference), SwinUNETR in the same run;
+* final:   the training iteration with main_train's defaults, eager and compiled, SwinUNETR alongside;
 * cuts:    the REP3D fft iteration with fused AdamW, cudnn.benchmark, channels_last_3d, a CUDA graph of
            the whole step, torch.compile; and SwinUNETR / 3DUXNET with the settings that paid.
 
@@ -857,7 +858,29 @@ def section_layout(device, roi, volume, batch, classes, reps, tiny, do_compile=T
     torch.backends.cudnn.benchmark = False
 
 
-SECTIONS = ("check", "stages", "chain", "sweep", "train", "infer", "profile", "cuts", "tuned", "layout")
+def section_final(device, roi, batch, classes, reps, tiny, do_compile=True):
+    """The training iteration as main_train.py runs it now (decoder layout "auto", fused AdamW,
+    cudnn.benchmark), eager and with --compile, next to SwinUNETR's in the same run."""
+    log(f"\n== final: train {batch} x 1 x {'x'.join(map(str, roi))}, defaults of main_train (fused AdamW, "
+        "cudnn.benchmark, AMP bf16) ==")
+    torch.backends.cudnn.benchmark = True
+    rows = RESULTS.setdefault("final_train", {})
+    sw = tiny.get("SwinUNETR", {})
+    plan = [("REP3D fft, eager", "REP3D", {"dwconv": "fft", **tiny.get("REP3D", {})}, None),
+            ("3DUXNET auto, eager", "3DUXNET", {"dwconv": "auto", **tiny.get("3DUXNET", {})}, None),
+            ("SwinUNETR, eager", "SwinUNETR", sw, None)]
+    if do_compile:
+        plan += [("REP3D fft, --compile", "REP3D", {"dwconv": "fft", **tiny.get("REP3D", {})}, True),
+                 ("SwinUNETR, --compile", "SwinUNETR", sw, True)]
+    for label, name, o, comp in plan:
+        if comp and time_left() < (130 if name == "REP3D" else 230):
+            log(f"  (skipped {label}: {time_left():.0f} s left of --time_budget)")
+            continue
+        rows[label] = run_train(label, name, o, device, roi, batch, classes, reps, fused=True, compile=comp)
+    torch.backends.cudnn.benchmark = False
+
+
+SECTIONS = ("check", "stages", "chain", "sweep", "train", "infer", "profile", "cuts", "tuned", "layout", "final")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -910,6 +933,7 @@ def main(argv: list[str] | None = None) -> None:
         "profile": lambda: section_profile(device, roi, batch, classes, tiny),
         "layout": lambda: section_layout(device, roi, volume, batch, classes, args.reps, tiny,
                                          do_compile=not args.no_compile),
+        "final": lambda: section_final(device, roi, batch, classes, args.reps, tiny, do_compile=not args.no_compile),
         "tuned": lambda: section_tuned(device, roi, volume, batch, classes, args.reps, tiny),
         "cuts": lambda: section_cuts(device, roi, batch, classes, args.reps, tiny, volume, do_compile=not args.no_compile),
     }
