@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 
 
@@ -69,6 +70,7 @@ class _ChannelsLastInstanceNormCUDA(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight, mean, invstd = ctx.saved_tensors
         n, c, d, h, w = x.shape

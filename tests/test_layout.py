@@ -61,9 +61,9 @@ def test_channels_last_instance_norm_cuda_matches(n):
     ref = nn.InstanceNorm3d(24, affine=True).cuda().double()
     y_ref, g_ref = _norm_case(ref, x.double().contiguous(), g.double())
     assert memory_format_of(y) == CL
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip(grads, g_ref):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    # float32 sums over a sample's voxels: errors relative to each tensor's largest value
+    for a, b in zip([y] + grads, [y_ref] + g_ref):
+        assert (a.double() - b).abs().max() <= 2e-5 * b.abs().max()
 
 
 def test_to_channels_last_single_channel_gets_channels_last_strides():

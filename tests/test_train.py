@@ -98,11 +98,12 @@ def test_killed_run_resumes_at_its_last_checkpoint_with_equal_optimizer_state(de
         assert opt["state"].keys() == saved["optimizer"]["state"].keys()
         for k, st in opt["state"].items():
             for name, value in st.items():
-                torch.testing.assert_close(value, saved["optimizer"]["state"][k][name], rtol=0, atol=0)
+                # .cpu(): the run may be on a GPU, the checkpoint is read onto the CPU
+                torch.testing.assert_close(torch.as_tensor(value).cpu(), saved["optimizer"]["state"][k][name], rtol=0, atol=0)
         assert opt["param_groups"][0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"]
         model_state = state["model"].state_dict()
         for k, v in saved["state_dict"].items():
-            torch.testing.assert_close(model_state[k], v, rtol=0, atol=0)
+            torch.testing.assert_close(model_state[k].cpu(), v, rtol=0, atol=0)
 
     # Only --output and --resume: every other setting comes from the checkpoint.
     summary = run(["--root", demo_root, "--output", out, "--resume"], on_start=check)
@@ -153,7 +154,7 @@ def test_pretrained_weights_load_weights_only(demo_root, tmp_path):
     def check(state: dict) -> None:
         assert state["step"] == 0 and not state["optimizer"].state  # a new run
         for k, v in best["state_dict"].items():
-            torch.testing.assert_close(state["model"].state_dict()[k], v, rtol=0, atol=0)
+            torch.testing.assert_close(state["model"].state_dict()[k].cpu(), v, rtol=0, atol=0)
         raise Seen
 
     argv = tiny_argv(demo_root, str(tmp_path / "ft"), "--pretrain", "yes", "--pretrained_weights", os.path.join(src, "best_metric_model.pth"))
