@@ -411,9 +411,19 @@ def time_inference(run, device, label, width, warmup, budget_s, reps=5):
     return r
 
 
-def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5, compiled=False):
+def time_sliding_window(label, predictor, vol, roi, sw_batch, overlap, device, width=52, warmup=1, budget_s=10.0,
+                        grad_mode=torch.inference_mode):
+    """:func:`time_inference` of MONAI's sliding-window inference of ``vol`` with ``predictor`` under AMP."""
     from monai.inferers import sliding_window_inference
 
+    def run():
+        with grad_mode(), autocast(device, NET_AMP):
+            return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
+
+    return time_inference(run, device, label, width, warmup=warmup, budget_s=budget_s)
+
+
+def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5, compiled=False):
     log(f"\n== infer{' (torch.compile)' if compiled else ''}: sliding window, volume 1x1x{'x'.join(map(str, volume))}, "
         f"roi {roi[0]}, sw_batch_size {sw_batch}, overlap {overlap}, AMP bf16 ==")
     vol = torch.randn(1, 1, *volume, device=device)
@@ -438,12 +448,8 @@ def section_infer(device, roi, volume, classes, tiny, sw_batch=4, overlap=0.5, c
             rows[label] = None
             continue
         predictor = compile_for_windows(model, sw_batch) if compiled else model
-
-        def run():
-            with torch.no_grad(), autocast(device, NET_AMP):
-                return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
-
-        rows[label] = time_inference(run, device, label, 30, warmup=0, budget_s=15.0)
+        rows[label] = time_sliding_window(label, predictor, vol, roi, sw_batch, overlap, device, width=30, warmup=0,
+                                          budget_s=15.0, grad_mode=torch.no_grad)
         del model, predictor
 
 
@@ -575,8 +581,6 @@ def section_tuned(device, roi, volume, batch, classes, reps, tiny):
 
 
 def tuned_infer(device, roi, volume, classes, tiny, part, sw_batch=4, overlap=0.5):
-    from monai.inferers import sliding_window_inference
-
     log(f"\n== tuned inference (part {part + 1}/2): volume 1x1x{'x'.join(map(str, volume))}, roi {roi[0]}, "
         f"sw_batch_size {sw_batch}, overlap {overlap}, AMP bf16 ==")
     vol = torch.randn(1, 1, *volume, device=device)
@@ -612,11 +616,7 @@ def tuned_infer(device, roi, volume, classes, tiny, part, sw_batch=4, overlap=0.
                 torch.compiler.cudagraph_mark_step_begin()
                 return inner(x)
 
-        def run():
-            with torch.inference_mode(), autocast(device, NET_AMP):
-                return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
-
-        rows[label] = time_inference(run, device, label, 52, warmup=1, budget_s=10.0)
+        rows[label] = time_sliding_window(label, predictor, vol, roi, sw_batch, overlap, device)
         del model, predictor
     torch.backends.cudnn.benchmark = False
 
@@ -774,8 +774,6 @@ def memory_format_of_name(x: torch.Tensor) -> str:
 def section_layout(device, roi, volume, batch, classes, reps, tiny, do_compile=True, sw_batch=4, overlap=0.5):
     """The decoder in NCDHW vs channels_last_3d (``decoder_channels_last``), everything else as main_train /
     test_seg run it (fused AdamW, cudnn.benchmark), with SwinUNETR measured in the same run."""
-    from monai.inferers import sliding_window_inference
-
     torch.backends.cudnn.benchmark = True
     log("\n== layout: decoder NCDHW vs channels_last_3d ==")
     layout_check(device, classes, tiny)
@@ -826,12 +824,7 @@ def section_layout(device, roi, volume, batch, classes, reps, tiny, do_compile=T
         if cl is not None:
             model.decoder_channels_last = cl
         predictor = compile_for_windows(model, sw_batch) if comp else model
-
-        def run():
-            with torch.inference_mode(), autocast(device, NET_AMP):
-                return sliding_window_inference(vol, roi, sw_batch, predictor, overlap=overlap)
-
-        rows[label] = time_inference(run, device, label, 52, warmup=1, budget_s=10.0)
+        rows[label] = time_sliding_window(label, predictor, vol, roi, sw_batch, overlap, device)
         del model, predictor
     for cl in (False, True):
         model = build_network("REP3D", 1, classes, **dep).to(device).eval()

@@ -303,9 +303,8 @@ class UnetrDecoderNet(nn.Module):
         self.decoder1 = UnetrBasicBlock(in_channels=f[0], out_channels=f[0], stride=1, **common)
         self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=f[0], out_channels=out_channels)
         # MONAI's instance norms copy channels-last tensors to NCDHW; these keep the decoder's layout.
-        for name in ("encoder1", "encoder2", "encoder3", "encoder4", "encoder5",
-                     "decoder5", "decoder4", "decoder3", "decoder2", "decoder1"):
-            use_channels_last_instance_norms(getattr(self, name))
+        # (The encoders have none: this swaps the decoder's.)
+        use_channels_last_instance_norms(self)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
