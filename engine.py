@@ -22,7 +22,7 @@ import os
 import random
 import tempfile
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -113,28 +113,34 @@ def add_network_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden_size", type=int, default=None, help="bottleneck channels (paper: 768)")
 
 
-def network_overrides(args: argparse.Namespace | dict, roi: Sequence[int] | None = None) -> dict:
-    """Keyword arguments for :func:`networks.build_network` from the flags of :func:`add_network_args`.
+def network_overrides(name: str, values: Mapping[str, Any], roi: Sequence[int] | None = None) -> dict:
+    """Keyword arguments of :func:`networks.build_network` for network ``name`` from flag values.
 
-    ``None`` values (not given) are dropped, and so is ``dwconv="auto"`` (every network's default),
-    so that networks without large depthwise kernels (SwinUNETR, UNETR, ...) accept the result.
-    Lists stay lists (JSON- and ``weights_only``-friendly checkpoints).
+    Only the options the network takes are kept (``networks.network_options``); ``None`` values (not
+    given) are dropped, and so is ``dwconv="auto"`` (every network's default). Lists stay lists
+    (JSON- and ``weights_only``-friendly checkpoints).
 
     Args:
-        args: parsed flags (or a dict of them).
+        name: registry name.
+        values: flag values by name (e.g. ``vars(args)`` at a script's edge).
         roi: when given, networks built for one input size (UNETR, nnFormer, ...: an ``img_size``
             constructor argument) get ``img_size=roi``.
     """
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     out = {}
-    for key in _NETWORK_KWARGS:
+    for key in _network_options(name):
         v = values.get(key)
-        if v is None or (key == "dwconv" and v == "auto"):
+        if v is None or (key == "dwconv" and v == "auto") or key == "img_size":
             continue
         out[key] = list(v) if isinstance(v, (list, tuple)) else v
-    if roi is not None and values.get("network") and _accepts(values["network"], "img_size"):
+    if roi is not None and _accepts(name, "img_size"):
         out["img_size"] = [int(r) for r in roi]
     return out
+
+
+def _network_options(name: str) -> tuple[str, ...]:
+    if hasattr(networks, "network_options"):
+        return tuple(networks.network_options(name))
+    return tuple(k for k in _NETWORK_KWARGS if _accepts(name, k))
 
 
 def _accepts(network: str, keyword: str) -> bool:
@@ -147,18 +153,20 @@ def _accepts(network: str, keyword: str) -> bool:
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Add ``--gpu --amp --sw_batch_size --overlap/--val_overlap`` (``--roi`` comes with the dataset
-    flags of ``load_datasets_transforms.add_dataset_args``: its default is the preset's ROI)."""
+    flags of ``load_datasets_transforms.add_dataset_args``: its default is the preset's ROI), as a
+    "runtime" group."""
+    group = parser.add_argument_group("runtime")
     _add(
-        parser,
+        group,
         "--gpu",
         type=int,
         default=0,
         help="CUDA device index for a single-process run (-1 = CPU; falls back to CPU when no GPU is visible). "
         "Not for multi-GPU: select GPUs with CUDA_VISIBLE_DEVICES and launch with torchrun --nproc_per_node N (DDP)",
     )
-    _add(parser, "--amp", choices=AMP_CHOICES, default="auto", help="mixed precision: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16 (CUDA only), off")
-    _add(parser, "--sw_batch_size", type=int, default=4, help="windows per forward pass in sliding-window inference; lower it if GPU memory runs out")
-    _add(parser, "--overlap", "--val_overlap", dest="overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    _add(group, "--amp", choices=AMP_CHOICES, default="auto", help="mixed precision: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16 (CUDA only), off")
+    _add(group, "--sw_batch_size", type=int, default=4, help="windows per forward pass in sliding-window inference; lower it if GPU memory runs out")
+    _add(group, "--overlap", "--val_overlap", dest="overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
 
 
 # --------------------------------------------------------------------------------------------------

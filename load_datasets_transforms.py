@@ -74,8 +74,8 @@ __all__ = [
     "DataError",
     "get_dataset_config",
     "add_dataset_args",
-    "config_from_args",
-    "loader_kwargs_from_args",
+    "resolve_dataset_config",
+    "default_num_workers",
     "list_cases",
     "list_images",
     "nifti_files",
@@ -300,17 +300,19 @@ def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    """Add the data flags shared by ``main_train.py`` and ``test_seg.py``.
+def add_dataset_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    """Add the data flags shared by ``main_train.py`` and ``test_seg.py``, as a "data" group.
 
     Flags: ``--root --dataset --dataset_config --spacing --intensity --a_min --a_max
-    --num_classes --class_names --roi --datalist --fold --cache_rate --num_workers
-    --cache_on_gpu``. Preset-dependent flags default to ``None`` (= take the preset's value).
-    A flag the script already defined is left alone.
+    --num_classes --class_names --roi --datalist --fold --num_workers``; with ``training`` also
+    ``--cache_rate --loader --cache_on_gpu --crop_ratios``. Preset-dependent flags default to ``None``
+    (= take the preset's value). A flag the script already defined is left alone.
 
     Args:
-        parser: the script's parser (or an argument group).
+        parser: the script's parser.
+        training: add the flags that only training uses.
     """
+    parser = parser.add_argument_group("data")  # type: ignore[assignment]  # shares the parser's option table
     _add(parser, "--root", type=str, default=None, help="dataset folder (imagesTr/labelsTr/imagesVal/labelsVal[/imagesTs], or with an MSD dataset.json). Without it the synthetic demo dataset is generated and used.")
     _add(parser, "--dataset", type=str, default=None, help=f"preset: {', '.join(PRESETS)}, or 'custom' (give --spacing/--num_classes/... or --dataset_config). Default: 'demo' without --root.")
     _add(parser, "--dataset_config", type=str, default=None, help="JSON file with spacing, intensity, a_min, a_max, num_classes, class_names, roi; overrides the preset")
@@ -323,49 +325,57 @@ def add_dataset_args(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--roi", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="training crop / sliding-window ROI in voxels (default: the preset's, 96 96 96 for the paper's datasets)")
     _add(parser, "--datalist", type=str, default=None, help="MONAI datalist JSON ('training' with optional 'fold' keys, 'validation', 'testing'); relative paths are taken from --root")
     _add(parser, "--fold", type=int, default=0, help="validation fold when the datalist has 'fold' keys or no validation set is given (5 folds by name)")
-    _add(parser, "--cache_rate", type=float, default=None, help="fraction of cases kept pre-processed in memory (default: the preset's, 0.1; demo 1.0); lower it if RAM runs out")
     _add(parser, "--num_workers", type=int, default=None, help="data-loading worker processes (0 loads in the main process; default: one per CPU core but one, at most 8)")
-    _add(parser, "--cache_on_gpu", action="store_true", help="keep cached volumes on the GPU and run the random transforms there (ThreadDataLoader, no workers); needs CUDA and GPU memory for the cache. With --cache_rate 1.0 the fastest way to feed a GPU (benchmarks/RESULTS.md)")
+    if not training:
+        return
+    _add(parser, "--cache_rate", type=float, default=None, help="fraction of cases kept pre-processed in memory (default: the preset's, 0.1; demo 1.0); lower it if RAM runs out")
+    _add(parser, "--loader", choices=("auto", "gpu", "workers"), default="auto", help="how training batches are made: gpu (cached volumes on the GPU, random transforms there), workers (CPU worker processes), auto (the GPU cache when CUDA is used and the cached volumes fit, else workers; the start line says which and why)")
+    _add(parser, "--cache_on_gpu", action="store_true", help="the same as --loader gpu")
+    _add(parser, "--crop_ratios", type=float, nargs="+", default=None, metavar="R", help="class-balanced crops for small structures: one ratio per class, background first (e.g. 1 1 4 for a rare class 2); default: the paper's 1:1 foreground/background crops")
 
 
-def _arg(args, name: str, default=None):
-    return getattr(args, name, default)
+def resolve_dataset_config(
+    name: str | None,
+    root: str | None = None,
+    datalist: str | None = None,
+    config_file: str | None = None,
+    **overrides,
+) -> DatasetConfig:
+    """The :class:`DatasetConfig` selected by the data flags (plain values, as :func:`add_dataset_args` defines them).
 
-
-def config_from_args(args) -> DatasetConfig:
-    """The :class:`DatasetConfig` selected by the flags of :func:`add_dataset_args`.
-
-    ``--dataset`` defaults to ``"demo"`` when ``--root`` is not given. For ``--dataset custom``
-    without ``--num_classes``, the ``labels`` of ``<root>/dataset.json`` (MSD) are used if present.
+    ``name`` defaults to ``"demo"`` when neither ``root`` nor ``datalist`` is given. For ``custom``
+    without ``num_classes``, the ``labels`` of ``<root>/dataset.json`` (MSD) are used if present.
 
     Args:
-        args: the parsed namespace.
+        name: ``--dataset``.
+        root: ``--root``.
+        datalist: ``--datalist``.
+        config_file: ``--dataset_config``.
+        **overrides: ``spacing, intensity, a_min, a_max, num_classes, class_names, roi`` (None = not given).
 
     Raises:
         ValueError: with a message naming the flag to fix.
     """
-    name = _arg(args, "dataset")
     if name is None:
-        if _arg(args, "root") is None and _arg(args, "datalist") is None:
+        if root is None and datalist is None:
             name = "demo"
         else:
             raise ValueError(f"--dataset is required with --root: pass one of {sorted(PRESETS)} or 'custom'")
-    overrides = {
-        "spacing": _arg(args, "spacing"),
-        "intensity": _arg(args, "intensity"),
-        "a_min": _arg(args, "a_min"),
-        "a_max": _arg(args, "a_max"),
-        "num_classes": _arg(args, "num_classes"),
-        "class_names": _arg(args, "class_names"),
-        "roi": _arg(args, "roi"),
-    }
-    root = _arg(args, "root")
-    if name == "custom" and overrides["num_classes"] is None and overrides["class_names"] is None and root:
+    overrides = dict(overrides)
+    if name == "custom" and overrides.get("num_classes") is None and overrides.get("class_names") is None and root and config_file is None:
         labels = _dataset_json_labels(os.path.join(root, "dataset.json"))
-        if labels and _arg(args, "dataset_config") is None:
+        if labels:
             overrides["num_classes"] = len(labels)
             overrides["class_names"] = labels
-    return get_dataset_config(name, _arg(args, "dataset_config"), **overrides)
+    return get_dataset_config(name, config_file, **overrides)
+
+
+def config_from_args(args) -> DatasetConfig:  # TEMPORARY shim while test_seg.py moves to resolve_dataset_config
+    keys = ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi")
+    return resolve_dataset_config(
+        getattr(args, "dataset", None), getattr(args, "root", None), getattr(args, "datalist", None),
+        getattr(args, "dataset_config", None), **{k: getattr(args, k, None) for k in keys},
+    )
 
 
 def default_num_workers() -> int:
@@ -375,38 +385,6 @@ def default_num_workers() -> int:
     (benchmarks/RESULTS.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, min(8, cores - 1))
-
-
-def loader_kwargs_from_args(args, cfg: DatasetConfig) -> dict:
-    """Keyword arguments of :func:`get_loaders` taken from the shared flags.
-
-    Resolves ``--cache_rate`` (default: the preset's) and ``--cache_on_gpu`` (``device="cuda"``,
-    refused with a clear message when CUDA is absent). Without ``--root`` and ``--datalist``,
-    ``root`` is the demo folder for the demo preset and an error for any other.
-    """
-    cache_rate = _arg(args, "cache_rate")
-    device = None
-    if _arg(args, "cache_on_gpu", False):
-        if not torch.cuda.is_available():
-            raise ValueError("--cache_on_gpu needs a CUDA GPU and none is visible; drop the flag to cache in RAM")
-        gpu = _arg(args, "gpu", None)
-        if isinstance(gpu, int) and gpu < 0:
-            raise ValueError("--cache_on_gpu caches on the GPU but --gpu -1 asks for the CPU: drop one of the two")
-        device = f"cuda:{gpu}" if isinstance(gpu, int) else "cuda"
-    root, datalist = _arg(args, "root"), _arg(args, "datalist")
-    if root is None and datalist is None:
-        if cfg.name != "demo":
-            raise ValueError(f"--dataset {cfg.name} needs its data: pass --root (the dataset folder) or --datalist")
-        root = demo_data.DEMO_ROOT_DEFAULT
-    return {
-        "root": root,
-        "roi": cfg.roi,
-        "cache_rate": cfg.cache_rate if cache_rate is None else float(cache_rate),
-        "num_workers": default_num_workers() if _arg(args, "num_workers") is None else int(_arg(args, "num_workers")),
-        "datalist": datalist,
-        "fold": int(_arg(args, "fold", 0) or 0),
-        "device": device,
-    }
 
 
 # --------------------------------------------------------------------------------------------

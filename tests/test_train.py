@@ -20,6 +20,8 @@ import demo_data
 import engine
 import main_train
 import networks
+from configs import RunConfig
+from trainer import Trainer, TrainingError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = ["--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1", "--kernel_size", "5", "--hidden_size", "32"]
@@ -38,8 +40,33 @@ def tiny_argv(root: str, output: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(argv: list[str], **kw) -> dict:
-    return main_train.train(main_train.parse_args(argv), log=lambda m: None, **kw)
+def run(argv: list[str], trainer_class: type[Trainer] = Trainer) -> dict:
+    return main_train.train(main_train.parse_args(argv), log=lambda m: None, trainer_class=trainer_class)
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def killed_after(n: int) -> type[Trainer]:
+    """A trainer whose process is "killed" right after iteration ``n``, before anything more is written."""
+
+    class KilledTrainer(Trainer):
+        def on_iteration_end(self, loss: float) -> None:
+            if self.step >= n:
+                raise Killed
+
+    return KilledTrainer
+
+
+def inspecting(check) -> type[Trainer]:
+    """A trainer that hands itself to ``check`` right before its first iteration."""
+
+    class InspectedTrainer(Trainer):
+        def on_train_start(self) -> None:
+            check(self)
+
+    return InspectedTrainer
 
 
 def load(path: str) -> dict:
@@ -49,29 +76,40 @@ def load(path: str) -> dict:
 def test_short_run_writes_checkpoints_logs_args_and_plot(demo_root, tmp_path):
     out = str(tmp_path / "run")
     summary = run(tiny_argv(demo_root, out, "--max_iter", "3", "--eval_step", "2"))
-    for name in ("best_metric_model.pth", "checkpoint_last.pth", "args.json", "training_curve.png", "summary.json", "training_log.txt"):
+    for name in ("best_metric_model.pth", "checkpoint_last.pth", "args.json", "config.json", "training_curve.png", "summary.json", "training_log.txt", "validation_metrics.csv"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
     assert summary["steps"] == 3 and 0.0 <= summary["best_metric"] <= 1.0
     assert set(summary["dice_per_class"]) == {"liver", "kidney", "spleen", "bone"}
 
     last = load(os.path.join(out, "checkpoint_last.pth"))
-    assert last["step"] == 3 and last["network"] == "REP3D" and last["in_channels"] == 1 and last["out_channels"] == 5
-    assert last["network_kwargs"] == {"kernel_size": 5, "feature_size": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "hidden_size": 32}
-    assert last["dataset"]["class_names"] == list(demo_data.DEMO_CLASS_NAMES) and last["dataset"]["roi"] == [32, 32, 32]
-    for key in ("optimizer", "scheduler", "scaler", "rng", "history", "best_metric", "args"):
+    net_cfg = last["config"]["network"]
+    assert last["format_version"] == 2
+    assert last["step"] == 3 and net_cfg["name"] == "REP3D" and net_cfg["in_channels"] == 1 and net_cfg["out_channels"] == 5
+    assert net_cfg["options"] == {"kernel_size": 5, "feature_size": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "hidden_size": 32}
+    dataset = last["config"]["data"]["dataset"]
+    assert dataset["class_names"] == list(demo_data.DEMO_CLASS_NAMES) and dataset["roi"] == [32, 32, 32]
+    for key in ("optimizer", "scheduler", "scaler", "rng", "history", "best_metric", "config"):
         assert key in last, key
     assert len(last["history"]["loss"]) == 3 and last["history"]["val_step"] == [2, 3]
-    json.dumps(last["args"])  # the contract: JSON-able arguments
+    json.dumps(last["config"])  # the contract: JSON-able settings
+    assert last["config"]["training"]["max_iter"] == 3 and last["config"]["training"]["warmup_iters"] is None
+    # One CSV row per class (and the mean) per validation.
+    rows = open(os.path.join(out, "validation_metrics.csv")).read().splitlines()
+    assert rows[0] == "step,class,dice" and len(rows) == 1 + 2 * 5
+    assert {r.split(",")[0] for r in rows[1:]} == {"2", "3"}
+    timing = summary["timing"]
+    assert timing["timed_iterations"] >= 0 and set(summary) >= {"loader", "data_wait_s"}
     args_json = json.load(open(os.path.join(out, "args.json")))
     assert args_json["max_iter"] == 3 and args_json["weight_decay"] == 0.08 and args_json["optim"] == "AdamW"
 
     best = load(os.path.join(out, "best_metric_model.pth"))
     assert "optimizer" not in best and best["step"] in (2, 3)
     # The checkpoint rebuilds its network from its own metadata, for training and for deployment.
-    net = networks.build_network(best["network"], best["in_channels"], best["out_channels"], **best["network_kwargs"])
+    cfg = RunConfig.from_checkpoint(best).network
+    net = cfg.build()
     net.load_state_dict(best["state_dict"])
-    deployed = networks.build_deploy_network(best["network"], best["in_channels"], best["out_channels"], best, **best["network_kwargs"])
+    deployed = networks.build_deploy_network(cfg.name, cfg.in_channels, cfg.out_channels, best, **cfg.options)
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), net.eval()(x), rtol=1e-4, atol=1e-4)
@@ -84,53 +122,54 @@ def test_short_run_writes_checkpoints_logs_args_and_plot(demo_root, tmp_path):
 def test_killed_run_resumes_at_its_last_checkpoint_with_equal_optimizer_state(demo_root, tmp_path):
     out = str(tmp_path / "run")
     argv = tiny_argv(demo_root, out, "--max_iter", "4", "--eval_step", "2")
-    stopped = run(argv, stop_after=3)  # "killed" after step 3: the last checkpoint is from step 2
-    assert stopped["stopped_at"] == 3
+    with pytest.raises(Killed):
+        run(argv, killed_after(3))  # "killed" after step 3: the last checkpoint is from step 2
     saved = load(os.path.join(out, "checkpoint_last.pth"))
     assert saved["step"] == 2 and saved["optimizer"]["state"]
 
     seen = {}
 
-    def check(state: dict) -> None:
-        seen["step"] = state["step"]
-        seen["last_epoch"] = state["scheduler"].last_epoch
-        opt = state["optimizer"].state_dict()
+    def check(trainer: Trainer) -> None:
+        seen["step"] = trainer.step
+        seen["last_epoch"] = trainer.scheduler.last_epoch
+        opt = trainer.optimizer.state_dict()
         assert opt["state"].keys() == saved["optimizer"]["state"].keys()
         for k, st in opt["state"].items():
             for name, value in st.items():
                 # .cpu(): the run may be on a GPU, the checkpoint is read onto the CPU
                 torch.testing.assert_close(torch.as_tensor(value).cpu(), saved["optimizer"]["state"][k][name], rtol=0, atol=0)
         assert opt["param_groups"][0]["lr"] == saved["optimizer"]["param_groups"][0]["lr"]
-        model_state = state["model"].state_dict()
+        model_state = trainer.model.state_dict()
         for k, v in saved["state_dict"].items():
             torch.testing.assert_close(model_state[k].cpu(), v, rtol=0, atol=0)
 
     # Only --output and --resume: every other setting comes from the checkpoint.
-    summary = run(["--root", demo_root, "--output", out, "--resume"], on_start=check)
+    summary = run(["--root", demo_root, "--output", out, "--resume"], inspecting(check))
     assert seen == {"step": 2, "last_epoch": 2}
     assert summary["steps"] == 4 and summary["steps_this_session"] == 2
     final = load(os.path.join(out, "checkpoint_last.pth"))
     assert final["step"] == 4 and len(final["history"]["loss"]) == 4 and final["history"]["val_step"] == [2, 4]
-    assert final["network_kwargs"] == saved["network_kwargs"]
+    assert final["config"]["network"] == saved["config"]["network"]
     log = open(os.path.join(out, "training_log.txt")).read()
     assert "step 2:" in log and "step 4:" in log
 
 
 def test_resume_applies_lr_and_weight_decay_given_now(demo_root, tmp_path):
     out = str(tmp_path / "run")
-    run(tiny_argv(demo_root, out, "--max_iter", "4", "--eval_step", "2", "--lr_schedule", "constant"), stop_after=3)
+    with pytest.raises(Killed):
+        run(tiny_argv(demo_root, out, "--max_iter", "4", "--eval_step", "2", "--lr_schedule", "constant"), killed_after(3))
     seen = {}
 
     class Seen(Exception):
         pass
 
-    def check(state: dict) -> None:
-        group = state["optimizer"].param_groups[0]
-        seen.update(lr=group["lr"], wd=group["weight_decay"], base=state["scheduler"].base_lrs[0])
+    def check(trainer: Trainer) -> None:
+        group = trainer.optimizer.param_groups[0]
+        seen.update(lr=group["lr"], wd=group["weight_decay"], base=trainer.scheduler.base_lrs[0])
         raise Seen
 
     with pytest.raises(Seen):
-        run(["--root", demo_root, "--output", out, "--resume", "--lr", "1e-5", "--weight_decay", "0.01"], on_start=check)
+        run(["--root", demo_root, "--output", out, "--resume", "--lr", "1e-5", "--weight_decay", "0.01"], inspecting(check))
     assert seen == {"lr": 1e-5, "wd": 0.01, "base": 1e-5}
 
 
@@ -151,32 +190,34 @@ def test_pretrained_weights_load_weights_only(demo_root, tmp_path):
     class Seen(Exception):
         pass
 
-    def check(state: dict) -> None:
-        assert state["step"] == 0 and not state["optimizer"].state  # a new run
+    def check(trainer: Trainer) -> None:
+        assert trainer.step == 0 and not trainer.optimizer.state  # a new run
         for k, v in best["state_dict"].items():
-            torch.testing.assert_close(state["model"].state_dict()[k].cpu(), v, rtol=0, atol=0)
+            torch.testing.assert_close(trainer.model.state_dict()[k].cpu(), v, rtol=0, atol=0)
         raise Seen
 
     argv = tiny_argv(demo_root, str(tmp_path / "ft"), "--pretrain", "yes", "--pretrained_weights", os.path.join(src, "best_metric_model.pth"))
     with pytest.raises(Seen):
-        run(argv, on_start=check)
+        run(argv, inspecting(check))
 
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run(demo_root, tmp_path, monkeypatch):
-    import monai.losses
-
+def test_nonfinite_losses_are_skipped_then_stop_the_run(demo_root, tmp_path):
     class NanLoss(torch.nn.Module):
-        def __init__(self, *a, **k):
-            super().__init__()
-
         def forward(self, logits, label):
             return logits.sum() * float("nan")
 
-    monkeypatch.setattr(monai.losses, "DiceCELoss", NanLoss)
-    argv = tiny_argv(demo_root, str(tmp_path / "run"), "--max_iter", "10", "--eval_step", "5", "--max_nonfinite", "2")
     seen = {}
-    with pytest.warns(RuntimeWarning, match="non-finite loss"), pytest.raises(main_train.TrainingError, match="non-finite for 2 iterations"):
-        run(argv, on_start=lambda s: seen.update(params=[p.detach().clone() for p in s["model"].parameters()], model=s["model"]))
+
+    class NanTrainer(Trainer):
+        def build_loss(self):
+            return NanLoss()
+
+        def on_train_start(self):
+            seen.update(params=[p.detach().clone() for p in self.model.parameters()], model=self.model)
+
+    argv = tiny_argv(demo_root, str(tmp_path / "run"), "--max_iter", "10", "--eval_step", "5", "--max_nonfinite", "2")
+    with pytest.warns(RuntimeWarning, match="non-finite loss"), pytest.raises(TrainingError, match="non-finite for 2 iterations"):
+        run(argv, NanTrainer)
     # Skipped steps leave the weights untouched.
     for before, after in zip(seen["params"], seen["model"].parameters()):
         torch.testing.assert_close(before, after.detach(), rtol=0, atol=0)
@@ -187,7 +228,7 @@ def test_out_of_memory_names_the_flags_to_lower(demo_root, tmp_path, monkeypatch
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(networks.Rep3D.network_backbone.REP3D, "forward", oom)
-    with pytest.raises(main_train.TrainingError) as err:
+    with pytest.raises(TrainingError) as err:
         run(tiny_argv(demo_root, str(tmp_path / "run"), "--max_iter", "2", "--eval_step", "1"))
     for flag in ("--roi", "--crop_sample", "--batch_size", "--sw_batch_size", "--amp"):
         assert flag in str(err.value)
@@ -252,7 +293,7 @@ def test_flag_defaults_paper_and_demo():
     swin = main_train.parse_args(["--network", "swinunetr"])
     assert swin.network == "SwinUNETR" and swin.feature_size is None  # REP3D-shaped demo widths do not apply
     assert "feature_size" not in swin.demo_defaults and "max_iter" in swin.demo_defaults
-    assert engine.network_overrides(swin) == {}
+    assert engine.network_overrides(swin.network, vars(swin)) == {}
 
 
 def test_warmup_cosine_schedule():

@@ -1,0 +1,871 @@
+"""The training loop of Rep3D and its baselines, as a class to extend.
+
+:class:`Trainer` works from a :class:`configs.RunConfig` alone (``main_train.py`` builds one from its
+flags). Each concern is one method that a subclass may override, as in nnU-Net v2's trainer:
+
+* :meth:`Trainer.build_network`, :meth:`Trainer.build_loss`, :meth:`Trainer.configure_optimizers`,
+  :meth:`Trainer.build_data`;
+* :meth:`Trainer.train_step` (one optimisation step on one batch), :meth:`Trainer.validate`;
+* :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` (one symmetric pair, for checkpoints and
+  resume), :meth:`Trainer.save_checkpoint`;
+* hooks :meth:`Trainer.on_train_start`, :meth:`Trainer.on_iteration_end`,
+  :meth:`Trainer.on_validation_end`, :meth:`Trainer.on_train_end`;
+* :meth:`Trainer.run`, the skeleton that calls them.
+
+Example, a trainer with another loss::
+
+    class FocalTrainer(Trainer):
+        def build_loss(self):
+            return monai.losses.FocalLoss(to_onehot_y=True, use_softmax=True)
+
+    summary = FocalTrainer(run_config).run()
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import engine
+import networks
+from configs import FORMAT_VERSION, ConfigError, RunConfig
+from load_datasets_transforms import DataError, get_loaders
+
+__all__ = [
+    "Trainer",
+    "TrainingError",
+    "LoopTimer",
+    "LAST_CKPT",
+    "BEST_CKPT",
+    "OOM_ADVICE",
+    "lr_factor",
+    "sync_buffers_from_rank0",
+    "plot_curves",
+]
+
+LAST_CKPT = "checkpoint_last.pth"
+BEST_CKPT = "best_metric_model.pth"
+OOM_ADVICE = (
+    "lower one of: --roi (e.g. 64 64 64; a multiple of 16), --crop_sample (crops per case, default 2), "
+    "--batch_size, --sw_batch_size (validation windows per pass), or enable mixed precision with --amp bf16/fp16 "
+    "(not off); the GPU data cache (--loader gpu) also takes GPU memory"
+)
+# Share of the loop outside the training step above which the closing lines give advice.
+OUTSIDE_STEP_ADVICE = 0.15
+# Modules holding the encoder, per network family (for --freeze_encoder).
+_ENCODER_ATTRS = ("rep3d", "uxnet_3d", "swinViT", "vit", "input_block", "downsamples", "bottleneck", "encoder", "stem", "enc_blocks", "down_blocks")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss kept being non-finite); the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------------
+# pieces
+
+
+def lr_factor(step: int, max_iter: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak LR for the iteration after ``step`` completed ones (LambdaLR's epoch)."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, max_iter - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+class _Dist:
+    """Rank / world of this process; a process group is set up under torchrun (WORLD_SIZE > 1)."""
+
+    def __init__(self, use_cuda: bool) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        self.backend = None
+        if self.enabled and not torch.distributed.is_initialized():
+            self.backend = "nccl" if use_cuda else "gloo"
+            if use_cuda:
+                torch.cuda.set_device(self.local_rank)
+            else:
+                # gloo ranks on one host share its cores: split them instead of oversubscribing.
+                local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            torch.distributed.init_process_group(backend=self.backend)
+        elif self.enabled:
+            self.backend = torch.distributed.get_backend()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.enabled and self.backend is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def sync_buffers_from_rank0(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, ...) to every rank; no-op without DDP.
+
+    DDP broadcasts buffers at the start of each training forward, after which every rank updates its
+    BatchNorm statistics with its own crops: without this, each rank would validate a slightly
+    different model, none of them the one rank 0 saves.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() < 2:
+        return
+    for buf in model.buffers():
+        torch.distributed.broadcast(buf, src=0)
+
+
+def _rng_state() -> dict:
+    """Global RNG states as checkpoint-safe types (tensors, lists, numbers)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot_curves(history: dict, class_names: list[str] | tuple[str, ...], path: str, loss_name: str = "loss") -> None:
+    """Training curve PNG: loss (raw and smoothed), validation Dice (mean and per class), LR.
+
+    The legends sit outside the axes, so that the points of short runs stay visible.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(11, 10), sharex=True)
+    steps = np.arange(1, len(history["loss"]) + 1)
+    loss = np.asarray(history["loss"], dtype=float)
+    ax = axes[0]
+    if len(loss):
+        ax.plot(steps, loss, color="tab:blue", alpha=0.25, lw=0.8, label="loss")
+        w = max(1, len(loss) // 50)
+        if w > 1 and np.isfinite(loss).any():
+            smooth = np.convolve(np.nan_to_num(loss, nan=np.nanmean(loss)), np.ones(w) / w, mode="valid")
+            ax.plot(steps[w - 1 :], smooth, color="tab:blue", lw=1.5, label=f"loss (mean of {w})")
+    ax.set_ylabel(f"{loss_name} loss")
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    vsteps = history["val_step"]
+    if vsteps:
+        per_class = np.asarray(history["val_per_class"], dtype=float)
+        for i, name in enumerate(class_names[1:]):
+            ax.plot(vsteps, per_class[:, i], lw=1, alpha=0.7, marker=".", label=name)
+        ax.plot(vsteps, history["val_dice"], color="black", lw=2, marker="o", label="mean (foreground)")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax = axes[2]
+    ax.plot(steps, history["lr"], color="tab:orange")
+    ax.set_ylabel("learning rate")
+    ax.set_xlabel("iteration")
+    ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class LoopTimer:
+    """Time per iteration of the whole loop and of the training step alone.
+
+    The step (forward, loss, backward, optimizer) is timed with CUDA events on a GPU, read back
+    lazily once the GPU has finished them (no extra synchronisation), and with the wall clock on the
+    CPU. The loop time of an iteration is the wall time between the ends of two consecutive
+    iterations; iterations that include a validation, and the first ``warmup`` ones of the session,
+    are not counted. ``outside_step_fraction`` is the share of the loop the device spent outside the
+    step: waiting for data, augmenting on the same GPU, logging.
+    """
+
+    def __init__(self, device: torch.device, warmup: int = 20) -> None:
+        self.cuda = device.type == "cuda"
+        self.warmup = warmup
+        self.loop_s: list[float] = []
+        self.step_s: list[float] = []
+        self._pending: list[tuple[Any, Any]] = []
+        self._t_last: float | None = None
+        self._t0 = 0.0
+        self._seen = 0
+
+    def start_step(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._pending.append((ev, None))
+        else:
+            self._t0 = time.perf_counter()
+
+    def end_step(self) -> None:
+        self._seen += 1
+        counted = self._seen > self.warmup
+        if self.cuda:
+            start, _ = self._pending.pop()
+            if counted:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append((start, end))
+            self._collect(wait=False)
+        elif counted:
+            self.step_s.append(time.perf_counter() - self._t0)
+
+    def end_iteration(self, count: bool = True) -> None:
+        """Mark the end of an iteration; ``count=False`` for one that included a validation."""
+        now = time.perf_counter()
+        if count and self._t_last is not None and self._seen > self.warmup:
+            self.loop_s.append(now - self._t_last)
+        self._t_last = now if count else None
+
+    def _collect(self, wait: bool) -> None:
+        keep = []
+        for start, end in self._pending:
+            if end is None:
+                continue
+            if wait:
+                end.synchronize()
+            if end.query():
+                self.step_s.append(start.elapsed_time(end) / 1000.0)
+            else:
+                keep.append((start, end))
+        self._pending = keep
+
+    def summary(self) -> dict:
+        """Loop and step time per iteration (mean and median, ms) and the share outside the step."""
+        if self.cuda:
+            self._collect(wait=True)
+        n = min(len(self.loop_s), len(self.step_s))
+        if n == 0:
+            return {"timed_iterations": 0}
+        loop, step = self.loop_s[-n:], self.step_s[-n:]
+        return {
+            "timed_iterations": n,
+            "loop_ms_per_iter": round(1000 * sum(loop) / n, 2),
+            "step_ms_per_iter": round(1000 * sum(step) / n, 2),
+            "loop_ms_median": round(1000 * statistics.median(loop), 2),
+            "step_ms_median": round(1000 * statistics.median(step), 2),
+            "outside_step_fraction": round(max(0.0, 1.0 - sum(step) / max(sum(loop), 1e-12)), 3),
+            "step_timer": "cuda events" if self.cuda else "wall clock",
+        }
+
+
+def _infinite(loader) -> Iterator[Any]:
+    """Batches forever: each pass over the loader is a new epoch of random crops."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise DataError(["the training loader is empty. Fix: add training cases (imagesTr/labelsTr)"])
+
+
+def _tensor(x: Any, device: torch.device) -> torch.Tensor:
+    x = torch.as_tensor(x).as_subclass(torch.Tensor) if hasattr(x, "as_tensor") else x
+    return x.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Train one network as a :class:`configs.RunConfig` says.
+
+    Args:
+        config: the run.
+        checkpoint: a full training checkpoint (``checkpoint_last.pth`` content) to resume from, or None.
+        checkpoint_path: where ``checkpoint`` was read from (for messages).
+        log: where messages go (default: print on rank 0).
+
+    After :meth:`setup` (called by :meth:`run`) the attributes ``device``, ``model``, ``optimizer``,
+    ``scheduler``, ``scaler``, ``loss_fn``, ``train_loader``, ``val_loader``, ``step`` and ``history``
+    are set.
+    """
+
+    def __init__(
+        self, config: RunConfig, checkpoint: Mapping[str, Any] | None = None, checkpoint_path: str | None = None, log: Callable[[str], None] | None = None
+    ) -> None:
+        config.check()
+        self.config = config
+        self.resume_from = dict(checkpoint) if checkpoint is not None else None
+        self.checkpoint_path = checkpoint_path
+        self._log = log or (lambda m: print(m, flush=True))
+        self.step = 0
+        self.best, self.best_step, self.best_metrics = -1.0, 0, {}
+        self.history: dict = {"loss": [], "lr": [], "val_step": [], "val_dice": [], "val_per_class": []}
+        self.config_changes: list = []
+        self.train_time = 0.0
+        self.nonfinite = 0
+        self.data_wait = 0.0
+        self.loader_reason = ""
+        #: The command-line flags the run was started with (set by main_train.py), written as args.json.
+        self.command_line: dict | None = None
+
+    # ------------------------------------------------------------------ messages and paths
+
+    def log(self, message: str) -> None:
+        if self.dist.main:
+            self._log(message)
+
+    @property
+    def output(self) -> str:
+        return self.config.training.output
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.output, name)
+
+    # ------------------------------------------------------------------ building
+
+    def build_network(self) -> nn.Module:
+        """The network of ``config.network`` (weights of ``--pretrained_weights`` loaded by :meth:`setup`)."""
+        net_cfg = self.config.network
+        try:
+            model = net_cfg.build()
+            networks.check_roi(model, self.config.data.roi, net_cfg.in_channels)
+        except ValueError as err:
+            raise ConfigError(f"--network {net_cfg.name}: {err}") from None
+        return model
+
+    def build_loss(self) -> nn.Module:
+        """``--loss``: DiceCE (the paper's), Dice + focal, or cross-entropy; ``--class_weights`` weigh
+        the cross-entropy / focal term per class. Takes logits (N, C, ...) and labels (N, 1, ...)."""
+        t = self.config.training
+        weight = torch.tensor(t.class_weights, dtype=torch.float32) if t.class_weights is not None else None
+        if t.loss == "dicece":
+            from monai.losses import DiceCELoss
+
+            return DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+        if t.loss == "dice_focal":
+            from monai.losses import DiceFocalLoss
+
+            return DiceFocalLoss(to_onehot_y=True, softmax=True, weight=weight)
+        return _CrossEntropy(weight)
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimizer of ``--optim`` over all trainable parameters (the paper's AdamW settings) and
+        the warm-up + cosine (or constant) schedule, stepped once per iteration."""
+        t = self.config.training
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if t.optim == "AdamW":
+            fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step instead of one per tensor
+            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay, **fused)
+        elif t.optim == "Adam":
+            opt = torch.optim.Adam(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=t.lr, momentum=0.99, nesterov=True, weight_decay=t.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.max_iter, t.warmup, t.lr_schedule))
+        return opt, sched
+
+    def loader_device(self) -> tuple[str | None, str]:
+        """Where the training data is cached and augmented (``None``: CPU workers), and why."""
+        d = self.config.data
+        if d.loader == "gpu":
+            if self.device.type != "cuda":
+                raise ConfigError("--loader gpu (--cache_on_gpu) caches on a CUDA GPU but the run is on the CPU: drop it, or run on a GPU")
+            return str(self.device), "GPU cache and augmentation (--loader gpu)"
+        if d.loader == "workers" or self.device.type != "cuda":
+            return None, "CPU workers" + (" (--loader workers)" if d.loader == "workers" else " (no GPU)")
+        chooser = getattr(__import__("load_datasets_transforms"), "choose_loader", None)
+        if chooser is None or self.dist.enabled:
+            return None, "CPU workers"
+        choice = chooser(
+            d.dataset, root=self._root(), datalist=d.datalist, fold=d.fold, device=self.device,
+            cache_rate=self._cache_rate(), requested=d.loader,
+        )  # fmt: skip
+        return choice.device, choice.reason
+
+    def _root(self) -> str | None:
+        import demo_data
+
+        d = self.config.data
+        return demo_data.DEMO_ROOT_DEFAULT if d.is_demo else d.root
+
+    def _cache_rate(self) -> float:
+        d = self.config.data
+        return d.dataset.cache_rate if d.cache_rate is None else float(d.cache_rate)
+
+    def build_data(self) -> tuple[Any, Any]:
+        """Training and validation loaders (every case checked first; one DataError lists all problems).
+
+        A resumed run reseeds the crops with the step, so that it does not replay the first ones."""
+        from load_datasets_transforms import default_num_workers
+
+        d = self.config.data
+        device, self.loader_reason = self.loader_device()
+        kwargs: dict = {}
+        if d.crop_ratios is not None:
+            kwargs["crop_ratios"] = d.crop_ratios
+        return get_loaders(
+            d.dataset, self._root(), roi=d.roi, crop_sample=d.crop_sample, batch_size=d.batch_size, cache_rate=self._cache_rate(),
+            num_workers=default_num_workers() if d.num_workers is None else d.num_workers, datalist=d.datalist, fold=d.fold,
+            device=device, distributed=self.dist.enabled, seed=self.config.training.seed + self.step, **kwargs,
+        )  # fmt: skip
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the network's encoder (for ``--freeze_encoder``)."""
+        net = networks.unwrap_model(self.model) if hasattr(networks, "unwrap_model") else engine.unwrap_model(self.model)
+        params = [p for attr in _ENCODER_ATTRS if isinstance(getattr(net, attr, None), nn.Module) for p in getattr(net, attr).parameters()]
+        if not params:
+            raise ConfigError(f"--freeze_encoder: {self.config.network.name} has no encoder module this code knows; drop the flag")
+        return params
+
+    def load_pretrained(self, path: str) -> None:
+        """Start from the weights of ``path``: every tensor whose name and shape fit is loaded; the others
+        (an output head for another class count, ...) keep their initial values and are listed."""
+        ckpt = networks.read_checkpoint(path)
+        state = networks.checkpoint_state_dict(ckpt)
+        own = engine.unwrap_model(self.model).state_dict()
+        skipped = {k: f"shape {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)}
+        kept = {k: v for k, v in state.items() if k not in skipped}
+        networks.load_network_weights(self.model, kept, strict=False)
+        loaded = [k for k in kept if k in own]
+        if not loaded:
+            raise networks.CheckpointError(f"--pretrained_weights {path}: no tensor fits {self.config.network.name} with these options; check --network and its options")
+        msg = f"weights loaded from {path}: {len(loaded)} of {len(own)} tensors (weights only: a new run from step 0)"
+        not_in_model = [k for k in state if k not in own and not networks.is_reference_layout(state)]
+        if skipped:
+            msg += "; re-initialised (shapes differ, e.g. another class count): " + ", ".join(f"{k} ({why})" for k, why in sorted(skipped.items()))
+        if not_in_model:
+            msg += f"; {len(not_in_model)} checkpoint tensors the model does not have were ignored (e.g. {not_in_model[:3]})"
+        self.log(msg)
+
+    # ------------------------------------------------------------------ set-up and tear-down
+
+    def setup(self) -> None:
+        """Device, process group, model, loss, optimizer, state (resume or pretrained), data, logs."""
+        t = self.config.training
+        if self.resume_from is None and os.path.isfile(self.path(LAST_CKPT)):
+            raise ConfigError(
+                f"{self.output} already holds a run ({LAST_CKPT}). Pass --resume to continue it, another --output "
+                "to start a new one, or delete the folder"
+            )
+        self.device = engine.select_device(t.gpu)
+        self.dist = _Dist(use_cuda=self.device.type == "cuda")
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.amp_dtype = engine.resolve_amp(t.amp, self.device)
+        if self.config.data.is_demo:
+            import demo_data
+
+            if self.dist.main:
+                demo_data.make_demo_dataset(demo_data.DEMO_ROOT_DEFAULT)
+            self.dist.barrier()
+        # Model and optimizer state come before the data so that bad network settings fail fast.
+        engine.set_seed(t.seed + self.dist.rank)
+        self.model = self.build_network()
+        if t.pretrained_weights and self.resume_from is None:
+            self.load_pretrained(t.pretrained_weights)
+        self.model.to(self.device)
+        self.loss_fn = self.build_loss().to(self.device)
+        self.optimizer, self.scheduler = self.configure_optimizers()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if self.resume_from is not None:
+            self.load_state_dict(self.resume_from)
+        self.frozen = self.encoder_parameters() if t.freeze_encoder > self.step else []
+        self.train_loader, self.val_loader = self.build_data()
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.eval_model = self.train_model
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.writer = None
+        if self.dist.main:
+            os.makedirs(self.output, exist_ok=True)
+            engine.write_json(self.config.to_dict(), self.path("config.json"))
+            if self.command_line is not None:
+                engine.write_json(self.command_line, self.path("args.json"))
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops the events a killed run logged after its last checkpoint.
+            self.writer = SummaryWriter(self.path("tensorboard"), purge_step=self.step if self.resume_from is not None else None)
+        self.timer = LoopTimer(self.device)
+        self.log(self.describe())
+
+    def describe(self) -> str:
+        """The start line: network, device, data, loader path, optimisation, output."""
+        c, t, d = self.config, self.config.training, self.config.data
+        n_params = sum(p.numel() for p in self.model.parameters())
+        amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
+        world = f" x {self.dist.world} processes ({self.dist.backend})" if self.dist.enabled else ""
+        line = (
+            f"{c.network.name} ({n_params / 1e6:.3f}M parameters) on {self.device}{world}, AMP {amp}; dataset {d.dataset.name} "
+            f"({d.dataset.num_classes} classes), roi {list(d.roi)}, {len(self.train_loader.dataset)} training / "
+            f"{len(self.val_loader.dataset)} validation cases{' on rank 0' if self.dist.enabled else ''}; data: {self.loader_reason}; "
+            f"{t.optim} lr {t.lr:g} ({t.lr_schedule}, warm-up {t.warmup}), loss {t.loss}, {t.max_iter} iterations, "
+            f"validation every {t.eval_step}; output {os.path.abspath(self.output)}"
+        )
+        if self.frozen:
+            line += f"; encoder frozen for the first {t.freeze_encoder} iterations"
+        return line
+
+    def teardown(self) -> None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+        if getattr(self, "dist", None) is not None:
+            self.dist.close()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self, full: bool = True) -> dict:
+        """The checkpoint: weights, run configuration (format :data:`configs.FORMAT_VERSION`), step and
+        best metric; with ``full`` also optimizer, scheduler, scaler, RNG, history (what resume needs)."""
+        state = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in engine.unwrap_model(self.model).state_dict().items()},
+            "step": int(self.step),
+            "best_metric": float(self.best),
+            "best_step": int(self.best_step),
+            "metrics": engine.jsonable(self.best_metrics),
+        }
+        if full:
+            state.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                rng=_rng_state(),
+                history=self.history,
+                train_time_s=float(self.train_time),
+                config_changes=engine.jsonable(self.config_changes),
+            )
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (full form): continue at the saved step with the same optimizer,
+        scheduler, scaler and RNG state. The schedule, peak LR and weight decay of ``config`` apply from
+        here on (they may have been changed for this session)."""
+        t = self.config.training
+        networks.load_network_weights(self.model, state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        # The loaded states carry the old run's peak LR, weight decay and next-step LR: re-apply the config's.
+        self.scheduler.base_lrs = [t.lr] * len(self.optimizer.param_groups)
+        self.scheduler.lr_lambdas = [lambda s: lr_factor(s, t.max_iter, t.warmup, t.lr_schedule)] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = t.lr
+            group["weight_decay"] = t.weight_decay
+            group["lr"] = t.lr * lr_factor(self.step, t.max_iter, t.warmup, t.lr_schedule)
+        self.best, self.best_step = float(state.get("best_metric", -1.0)), int(state.get("best_step", 0))
+        self.best_metrics = dict(state.get("metrics") or {})
+        saved = state.get("history") or {}
+        self.history = {k: list(saved.get(k, []))[: self.step if k in ("loss", "lr") else None] for k in self.history}
+        self.train_time = float(state.get("train_time_s", 0.0))
+        self.config_changes = list(state.get("config_changes") or []) + list(self.config_changes)
+        if self.dist.main and "rng" in state:
+            _set_rng_state(state["rng"])
+        else:
+            engine.set_seed(t.seed + self.dist.rank + self.step)
+
+    def save_checkpoint(self, path: str, full: bool = True) -> None:
+        """Write :meth:`state_dict` atomically (a crash mid-write leaves the previous file intact)."""
+        engine.save_checkpoint_atomic(self.state_dict(full=full), path)
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self, batch: Mapping[str, Any]) -> float:
+        """One optimisation step on ``batch``; returns the loss (mean over ranks), NaN when skipped.
+
+        A non-finite loss skips the step (on every rank); ``--max_nonfinite`` of them in a row stop the run.
+        """
+        image, label = _tensor(batch["image"], self.device), _tensor(batch["label"], self.device)
+        self.timer.start_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with engine.autocast(self.device, self.amp_dtype):
+            logits = self.train_model(image)
+        loss = self.loss_fn(logits.float(), label)  # float32 loss: softmax/log of bf16 logits is coarse
+        value, finite = self._loss_consensus(loss)
+        if finite:
+            self.scaler.scale(loss).backward()
+            if self.frozen and self.step < self.config.training.freeze_encoder:
+                for p in self.frozen:
+                    p.grad = None  # the optimizer skips parameters without a gradient
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.nonfinite = 0
+        else:
+            self.nonfinite += 1
+            warnings.warn(f"step {self.step + 1}: non-finite loss ({value}); step skipped ({self.nonfinite} in a row)", RuntimeWarning, stacklevel=1)
+            if self.nonfinite >= self.config.training.max_nonfinite:
+                raise TrainingError(
+                    f"the loss was non-finite for {self.nonfinite} iterations in a row (up to step {self.step + 1}); stopped. "
+                    f"The last checkpoint ({self.path(LAST_CKPT)}) is intact. Try a lower --lr, --amp bf16 or "
+                    "--amp off instead of fp16, and check the images for NaN/inf values; then --resume or start anew"
+                )
+            value = float("nan")
+        self.timer.end_step()
+        with warnings.catch_warnings():
+            # A skipped step still counts as an iteration of the schedule.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        return value
+
+    def _loss_consensus(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """The loss (mean over ranks) and whether it is finite on every rank: all ranks must agree to
+        skip a step, or DDP's gradient all-reduce would wait for the ones that skipped."""
+        v = loss.detach().float()
+        if not self.dist.enabled:
+            value = float(v.item())
+            return value, math.isfinite(value)
+        ok = torch.isfinite(v)
+        buf = torch.stack([torch.where(ok, v, torch.zeros_like(v)), (~ok).float()])
+        torch.distributed.all_reduce(buf)
+        bad = float(buf[1].item())
+        return (float(buf[0].item()) / self.dist.world if bad == 0 else float("nan")), bad == 0
+
+    def validate(self) -> engine.DiceAccumulator:
+        """Sliding-window Dice over this rank's validation cases, summed over all ranks."""
+        ds, sw = self.config.data.dataset, self.config.sliding_window
+        acc = engine.DiceAccumulator(ds.num_classes, ds.class_names)
+        net = engine.unwrap_model(self.eval_model)  # DDP's forward would sync buffers and expects equal call counts
+        sync_buffers_from_rank0(net)
+        was_training = net.training
+        net.eval()
+        try:
+            for batch in self.val_loader:
+                image, label = _tensor(batch["image"], self.device), _tensor(batch["label"], self.device)
+                probs = engine.sliding_window_predict(
+                    net, image, ds.roi, sw_batch_size=sw.sw_batch_size, overlap=sw.overlap, mode=sw.mode,
+                    amp_dtype=self.amp_dtype, sw_device=self.device, device=self.device,
+                )  # fmt: skip
+                acc.add(probs, label)
+        finally:
+            net.train(was_training)
+        acc.all_reduce()
+        return acc
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_train_start(self) -> None:
+        """Called once, right before the first iteration of this session."""
+
+    def on_iteration_end(self, loss: float) -> None:
+        """Called after every iteration (``self.step`` is the number of completed iterations)."""
+
+    def on_validation_end(self, acc: engine.DiceAccumulator, improved: bool, seconds: float) -> None:
+        """Rank 0's writes after a validation: best model, full checkpoint, logs, metrics CSV, plot."""
+        ds = self.config.data.dataset
+        mean, per_class = acc.mean(), acc.per_class()
+        if improved:
+            self.save_checkpoint(self.path(BEST_CKPT), full=False)
+        self.save_checkpoint(self.path(LAST_CKPT), full=True)
+        if self.writer is not None:
+            self.writer.add_scalar("val/mean_dice", mean, self.step)
+            for name, value in zip(ds.class_names[1:], per_class):
+                self.writer.add_scalar("val/dice_" + "".join(c if c.isalnum() else "_" for c in name), value, self.step)
+            self.writer.flush()
+        self._append_metrics_csv(acc)
+        try:
+            plot_curves(self.history, ds.class_names, self.path("training_curve.png"), self.config.training.loss)
+        except Exception as err:  # noqa: BLE001 - a plotting problem must not stop training
+            warnings.warn(f"could not write the training curve: {err}", RuntimeWarning, stacklevel=1)
+        per = ", ".join(f"{n} {v:.3f}" for n, v in zip(ds.class_names[1:], per_class))
+        line = (
+            f"step {self.step}: mean foreground Dice {mean:.4f} ({per}); best {self.best:.4f} at step {self.best_step}"
+            + (" [new best, saved]" if improved else "")
+            + f"; validation {seconds:.1f} s, training time so far {self.train_time:.0f} s"
+        )
+        with open(self.path("training_log.txt"), "a") as f:
+            f.write(line + "\n")
+        self.bar.write(line, file=sys.stderr if not sys.stdout.isatty() else sys.stdout)
+
+    def _append_metrics_csv(self, acc: engine.DiceAccumulator) -> None:
+        """One row per class and validation in ``validation_metrics.csv`` (step, class, dice)."""
+        path = self.path("validation_metrics.csv")
+        rows = self._csv_rows(path)
+        rows += [[self.step, name, f"{value:.6f}"] for name, value in acc.as_dict().items()] + [[self.step, "mean_foreground", f"{acc.mean():.6f}"]]
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "class", "dice"])
+            w.writerows(rows)
+        os.replace(tmp, path)
+
+    def _csv_rows(self, path: str) -> list[list]:
+        """Rows of earlier validations (of this session or of the resumed one), before the current step."""
+        if not os.path.isfile(path):
+            return []
+        with open(path, newline="") as f:
+            return [r for r in list(csv.reader(f))[1:] if r and int(r[0]) < self.step]
+
+    def on_train_end(self, summary: dict) -> None:
+        """Rank 0: ``summary.json`` and the closing lines."""
+        engine.write_json(summary, self.path("summary.json"))
+        s = summary
+        lines = [
+            f"finished at step {s['steps']}/{self.config.training.max_iter}: {s['steps_this_session']} iterations in "
+            f"{s['wall_time_s'] / 60:.1f} min this session; best mean foreground Dice {s['best_metric']:.4f} at step {s['best_step']}:"
+        ]
+        if s["dice_per_class"]:
+            lines.append(engine.dice_table(s["dice_per_class"]))
+        timing = s.get("timing") or {}
+        if timing.get("timed_iterations"):
+            frac = timing["outside_step_fraction"]
+            line = (
+                f"loop {timing['loop_ms_per_iter']:.1f} ms per iteration, training step {timing['step_ms_per_iter']:.1f} ms "
+                f"({timing['step_timer']}): {100 * frac:.0f}% of the loop outside the step; waited for the loader "
+                f"{s['data_wait_s']} s; data: {self.loader_reason}"
+            )
+            if frac > OUTSIDE_STEP_ADVICE:
+                line += (
+                    ". Over 15% outside the step: the data path is the bottleneck. On a GPU, --loader gpu with --cache_rate 1.0 "
+                    "if the cached volumes fit; with CPU workers, raise --num_workers (one per free core) and --cache_rate"
+                )
+            lines.append(line)
+        lines.append(f"best checkpoint: {s['best_checkpoint']}")
+        lines.append(f"predict with: python3 test_seg.py --trained_weights {self.path(BEST_CKPT)} --output {self.path('predictions')}")
+        self.log("\n".join(lines))
+
+    # ------------------------------------------------------------------ the loop
+
+    def validation_round(self) -> None:
+        t_val = time.time()
+        acc = self.validate()
+        mean, per_class = acc.mean(), acc.per_class()
+        self.history["val_step"].append(self.step)
+        self.history["val_dice"].append(mean)
+        self.history["val_per_class"].append(per_class)
+        improved = not math.isnan(mean) and mean > self.best
+        if improved:
+            self.best, self.best_step = mean, self.step
+            self.best_metrics = {"mean_dice": mean, "dice_per_class": acc.as_dict(), "val_cases": acc.cases}
+        self.train_time += time.time() - self._t_loop
+        if self.dist.main:
+            self.on_validation_end(acc, improved, time.time() - t_val)
+        self._t_loop = time.time()
+
+    def run(self) -> dict:
+        """Set up, train to ``max_iter`` with validation every ``eval_step`` iterations, return the summary."""
+        from tqdm import tqdm
+
+        t_start = time.time()
+        try:
+            self.setup()
+            t = self.config.training
+            batches = _infinite(self.train_loader)
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(
+                total=t.max_iter, initial=self.step, desc="train", unit="it", disable=not self.dist.main,
+                dynamic_ncols=True, mininterval=0.5 if tty else 30.0, file=sys.stderr,
+            )  # fmt: skip
+            step_at_start, recent = self.step, []
+            self._t_loop = t_session = time.time()
+            self.train_model.train()
+            self.on_train_start()
+            while self.step < t.max_iter:
+                try:
+                    t_data = time.perf_counter()
+                    batch = next(batches)
+                    self.data_wait += time.perf_counter() - t_data
+                    lr_now = self.optimizer.param_groups[0]["lr"]
+                    loss = self.train_step(batch)
+                    self.step += 1
+                    self._record(loss, lr_now, recent)
+                    validating = self.step % t.eval_step == 0 or self.step == t.max_iter
+                    if validating:
+                        self.validation_round()
+                    self.timer.end_iteration(count=not validating)
+                    self.on_iteration_end(loss)
+                except RuntimeError as err:
+                    if engine.is_oom(err):
+                        raise TrainingError(f"out of GPU memory at step {self.step + 1}: {OOM_ADVICE}") from None
+                    raise
+            summary = self._summary(t_start, step_at_start, t_session)
+            if self.dist.main:
+                self.on_train_end(summary)
+            return summary
+        finally:
+            if getattr(self, "bar", None) is not None:
+                self.bar.close()
+            self.teardown()
+
+    def _record(self, loss: float, lr_now: float, recent: list[float]) -> None:
+        self.history["loss"].append(loss)
+        self.history["lr"].append(lr_now)
+        finite = math.isfinite(loss)
+        if self.writer is not None:
+            if finite:
+                self.writer.add_scalar("train/loss", loss, self.step)
+            self.writer.add_scalar("train/lr", lr_now, self.step)
+        if finite:
+            recent.append(loss)
+            del recent[:-20]
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{sum(recent) / max(1, len(recent)):.4f}", lr=f"{lr_now:.2e}", best=f"{self.best:.4f}" if self.best >= 0 else "-", refresh=False
+        )
+
+    def _summary(self, t_start: float, step_at_start: int, t_session: float) -> dict:
+        timing = self.timer.summary()
+        return {
+            "output": os.path.abspath(self.output),
+            "network": self.config.network.name,
+            "dataset": self.config.data.dataset.name,
+            "steps": self.step,
+            "steps_this_session": self.step - step_at_start,
+            "best_metric": self.best,
+            "best_step": self.best_step,
+            "dice_per_class": self.best_metrics.get("dice_per_class", {}),
+            "best_checkpoint": os.path.abspath(self.path(BEST_CKPT)),
+            "last_checkpoint": os.path.abspath(self.path(LAST_CKPT)),
+            "wall_time_s": round(time.time() - t_start, 1),
+            "train_time_s": round(self.train_time, 1),
+            "data_wait_s": round(self.data_wait, 1),
+            "data_wait_fraction": round(self.data_wait / max(time.time() - t_session, 1e-9), 3),
+            "loader": self.loader_reason,
+            "timing": timing,
+            **{k: v for k, v in timing.items() if k in ("loop_ms_per_iter", "step_ms_per_iter", "outside_step_fraction")},
+        }
+
+
+class _CrossEntropy(nn.Module):
+    """Cross-entropy of logits (N, C, ...) against labels (N, 1, ...) holding class indices."""
+
+    def __init__(self, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, label[:, 0].long(), weight=self.weight)
