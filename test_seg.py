@@ -190,7 +190,7 @@ def resolve_checkpoint(args: argparse.Namespace) -> dict:
 
     # network options: checkpoint's, then flags; deploy is decided by build_deploy_network.
     kwargs = {k: v for k, v in dict(meta.get("network_kwargs") or {}).items() if k not in ("deploy", "dwconv")}
-    given = engine.network_overrides(args)
+    given = engine.network_overrides(name, vars(args))
     for key, value in given.items():
         if key in _ARCH_KEYS and key in kwargs and not _same(kwargs[key], value):
             flag = f"--{key} {' '.join(map(str, value)) if isinstance(value, list) else value}"
