@@ -1,0 +1,166 @@
+"""The Trainer's options (issue 13): losses, fine-tuning, frozen encoder, resume bookkeeping, configs.
+
+Tiny settings as in test_train.py: REP3D widths 8-16-16-32, depths 1, kernel 5, 32^3 demo volumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import demo_data
+import main_train
+import networks
+from configs import FORMAT_VERSION, ConfigError, RunConfig, TrainConfig
+from load_datasets_transforms import get_dataset_config
+from trainer import Trainer
+
+TINY = {"feature_size": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "kernel_size": 5, "hidden_size": 32}
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("demo"))
+    return demo_data.make_demo_dataset(root, n_train=2, n_val=1, size=(32, 32, 32))
+
+
+def argv(root: str, output: str, *extra: str) -> list[str]:
+    return [
+        "--root", root, "--dataset", "demo", "--output", output, "--roi", "32", "32", "32", "--num_workers", "0",
+        "--lr", "1e-3", "--sw_batch_size", "2", "--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1",
+        "--kernel_size", "5", "--hidden_size", "32", *extra,
+    ]  # fmt: skip
+
+
+class Stop(Exception):
+    pass
+
+
+def trainer_for(args: list[str], cls: type[Trainer] = Trainer, logs: list | None = None) -> Trainer:
+    return main_train.make_trainer(main_train.parse_args(args), cls, log=(logs.append if logs is not None else (lambda m: None)))
+
+
+@pytest.mark.parametrize("loss", ["dicece", "dice_focal", "ce"])
+def test_each_loss_lowers_the_loss_on_a_fixed_batch(demo_root, tmp_path, loss):
+    trainer = trainer_for(argv(demo_root, str(tmp_path / loss), "--loss", loss, "--class_weights", "0.5", "1", "1", "1", "2", "--lr_schedule", "constant"))
+    trainer.setup()
+    try:
+        batch = next(iter(trainer.train_loader))
+        losses = [trainer.train_step(batch) for _ in range(3)]  # each value is the loss before that step's update
+    finally:
+        trainer.teardown()
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[2] < losses[0], losses
+
+
+def test_class_weights_and_crop_ratios_need_one_value_per_class(demo_root, tmp_path, capsys):
+    assert main_train.main(argv(demo_root, str(tmp_path / "w"), "--class_weights", "1", "2")) == 2
+    err = capsys.readouterr().err
+    assert "--class_weights needs one value per class" in err and "background, liver" in err
+    assert main_train.main(argv(demo_root, str(tmp_path / "w"), "--crop_ratios", "0", "0", "0", "0", "0")) == 2
+    assert "--crop_ratios values" in capsys.readouterr().err
+
+
+def test_fine_tuning_from_another_class_count_keeps_every_fitting_tensor(demo_root, tmp_path):
+    src = networks.build_network("REP3D", 1, 3, **TINY)
+    path = str(tmp_path / "three_classes.pth")
+    torch.save({"state_dict": src.state_dict()}, path)
+    logs: list[str] = []
+    seen = {}
+
+    class Check(Trainer):
+        def on_train_start(self):
+            seen["state"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            raise Stop
+
+    with pytest.raises(Stop):
+        trainer_for(argv(demo_root, str(tmp_path / "ft"), "--pretrained_weights", path), Check, logs).run()
+    src_state, state = src.state_dict(), seen["state"]
+    differing = [k for k in state if k in src_state and state[k].shape != src_state[k].shape]
+    assert differing and all(k.startswith("out.") for k in differing)  # only the 3 -> 5 class head
+    encoder = [k for k in src_state if k.startswith("rep3d.")]
+    assert encoder
+    for k in src_state:
+        if k not in differing:
+            torch.testing.assert_close(state[k], src_state[k], rtol=0, atol=0)
+    message = next(m for m in logs if m.startswith("weights loaded"))
+    assert "re-initialised" in message and all(k in message for k in differing)
+
+
+def test_freeze_encoder_keeps_the_encoder_for_the_first_iterations(demo_root, tmp_path):
+    snapshots = {}
+
+    class Watch(Trainer):
+        def on_train_start(self):
+            snapshots[0] = self._params()
+
+        def on_iteration_end(self, loss):
+            snapshots[self.step] = self._params()
+
+        def _params(self):
+            enc = {id(p) for p in self.encoder_parameters()}
+            return {
+                "encoder": [p.detach().clone() for p in self.model.parameters() if id(p) in enc],
+                "rest": [p.detach().clone() for p in self.model.parameters() if id(p) not in enc],
+            }
+
+    trainer_for(argv(demo_root, str(tmp_path / "fz"), "--freeze_encoder", "2", "--max_iter", "3", "--eval_step", "3"), Watch).run()
+    for a, b in zip(snapshots[0]["encoder"], snapshots[2]["encoder"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[0]["rest"], snapshots[2]["rest"]))
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[2]["encoder"], snapshots[3]["encoder"]))
+
+
+def test_resume_derives_defaults_again_counts_this_session_and_announces_changes(demo_root, tmp_path):
+    out = str(tmp_path / "run")
+
+    def killed_at(n):
+        class Killed(Trainer):
+            def on_iteration_end(self, loss):
+                if self.step >= n:
+                    raise Stop
+
+        return Killed
+
+    with pytest.raises(Stop):  # a long run, killed at step 3 (checkpoint of step 2)
+        trainer_for(argv(demo_root, out, "--max_iter", "400", "--eval_step", "2"), killed_at(3)).run()
+    logs: list[str] = []
+    # --max_iter 6 without --warmup_iters: the warm-up is derived from 6 again (not the stored 20).
+    with pytest.raises(Stop):
+        trainer_for(["--output", out, "--root", demo_root, "--resume", "--max_iter", "6", "--lr", "5e-4"], killed_at(5), logs).run()
+    assert any("changed now:" in m and "training.max_iter 400 -> 6" in m and "training.lr 0.001 -> 0.0005" in m for m in logs), logs
+    logs.clear()
+    trainer = trainer_for(["--output", out, "--root", demo_root, "--resume"], logs=logs)
+    assert trainer.config.training.lr == 5e-4 and trainer.config.training.warmup == 0
+    summary = trainer.run()
+    # The change made at the earlier resume is announced again, not silently kept.
+    assert any("changed at the resume of step 2" in m and "training.lr 0.001 -> 0.0005" in m for m in logs), logs
+    assert summary["steps"] == 6 and summary["steps_this_session"] == 2
+    assert any("2 iterations in" in m and "this session" in m for m in logs), logs
+    ckpt = torch.load(os.path.join(out, "checkpoint_last.pth"), map_location="cpu", weights_only=True)
+    assert [c["step"] for c in ckpt["config_changes"]] == [2]
+
+
+def test_config_round_trip_and_older_checkpoint_formats():
+    ds = get_dataset_config("demo")
+    cfg = RunConfig.from_dict(
+        {"network": {"name": "rep3d", "in_channels": 1, "out_channels": 5, "options": TINY}, "data": {"dataset": ds.to_dict()}, "training": {"lr": 3e-4}}
+    )
+    assert cfg.network.name == "REP3D" and cfg.training.lr == 3e-4 and cfg.training.warmup == 1000
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(Exception):
+        cfg.training.lr = 1.0  # frozen
+    # Format 1: flags under "args", network under "network"/"network_kwargs"; its stored warm-up was derived.
+    v1 = {
+        "state_dict": {}, "network": "REP3D", "network_kwargs": TINY, "in_channels": 1, "out_channels": 5, "dataset": ds.to_dict(),
+        "args": {"max_iter": 400, "warmup_iters": 20, "lr": 2e-3, "batch_size": 1, "sw_batch_size": 2, "root": "/data"},
+    }  # fmt: skip
+    old = RunConfig.from_checkpoint(v1)
+    assert old.network.options == TINY and old.data.root == "/data" and old.training.lr == 2e-3 and old.training.warmup_iters is None
+    assert RunConfig.from_checkpoint({"state_dict": {}}) is None  # bare / release checkpoints carry no settings
+    with pytest.raises(networks.CheckpointError, match="newer version"):
+        RunConfig.from_checkpoint({"format_version": FORMAT_VERSION + 1, "config": {}})
+    with pytest.raises(ConfigError, match="--warmup_iters"):
+        RunConfig(cfg.network, cfg.data, TrainConfig(max_iter=5, warmup_iters=5)).check()
