@@ -203,26 +203,34 @@ def test_cli_flags():
     ldt.add_dataset_args(parser)
     ldt.add_dataset_args(parser)  # harmless twice
     args = parser.parse_args([])
-    assert args.num_workers == 7
-    cfg = ldt.config_from_args(args)
-    assert cfg.name == "demo"
-    kw = ldt.loader_kwargs_from_args(args, cfg)
-    assert kw["root"] == demo_data.DEMO_ROOT_DEFAULT and kw["cache_rate"] == 1.0 and kw["device"] is None
-    args = parser.parse_args("--root /x --dataset custom --spacing 1 1 2 --intensity zscore --num_classes 3 --class_names bg,a,b --roi 32 32 16 --cache_rate 0.5".split())
-    cfg = ldt.config_from_args(args)
+    assert args.num_workers == 7 and args.loader == "auto"
+    assert ldt.resolve_dataset_config(args.dataset, args.root, args.datalist).name == "demo"
+    cfg = ldt.resolve_dataset_config("custom", "/x", spacing=[1, 1, 2], intensity="zscore", num_classes=3, class_names="bg,a,b", roi=[32, 32, 16])
     assert (cfg.spacing, cfg.intensity, cfg.class_names, cfg.roi) == ((1.0, 1.0, 2.0), "zscore", ["bg", "a", "b"], (32, 32, 16))
-    assert ldt.loader_kwargs_from_args(args, cfg)["cache_rate"] == 0.5
+    with pytest.raises(ValueError, match="--dataset is required"):
+        ldt.resolve_dataset_config(None, "/x")
+    # inference has no use for the training-only flags
+    infer = argparse.ArgumentParser()
+    ldt.add_dataset_args(infer, training=False)
+    assert not {"--cache_rate", "--loader", "--cache_on_gpu", "--crop_ratios"} & set(infer._option_string_actions)
+
+
+def test_flags_to_run_config(tmp_path):
+    import main_train
+
+    demo = main_train.run_config_from_args(main_train.parse_args([]))
+    assert demo.data.is_demo and demo.data.dataset.cache_rate == 1.0 and demo.data.loader == "auto"
+    root = str(tmp_path)
+    flags = f"--root {root} --dataset custom --spacing 1 1 2 --intensity zscore --num_classes 3 --class_names bg,a,b --roi 32 32 16 --cache_rate 0.5 --cache_on_gpu"
+    cfg = main_train.run_config_from_args(main_train.parse_args(flags.split()))
+    assert cfg.data.cache_rate == 0.5 and cfg.data.loader == "gpu" and cfg.data.root == root and cfg.network.out_channels == 3
     # a datalist without --root keeps root None (paths relative to the datalist); a real preset
     # without any data is refused instead of silently training on the demo
-    args = parser.parse_args(["--dataset", "kits", "--datalist", "/d/list.json"])
-    assert ldt.loader_kwargs_from_args(args, ldt.config_from_args(args))["root"] is None
+    assert main_train.run_config_from_args(main_train.parse_args(["--dataset", "kits", "--datalist", "/d/list.json"])).data.root is None
     with pytest.raises(ValueError, match="--dataset kits needs its data"):
-        ldt.loader_kwargs_from_args(parser.parse_args(["--dataset", "kits"]), ldt.get_dataset_config("kits"))
-    with pytest.raises(ValueError, match="--dataset is required"):
-        ldt.config_from_args(parser.parse_args(["--root", "/x"]))
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="--cache_on_gpu"):
-            ldt.loader_kwargs_from_args(parser.parse_args(["--cache_on_gpu"]), cfg)
+        main_train.run_config_from_args(main_train.parse_args(["--dataset", "kits"]))
+    with pytest.raises(ValueError, match="folder not found"):
+        main_train.run_config_from_args(main_train.parse_args(["--root", str(tmp_path / "typo"), "--dataset", "custom"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,8 +285,8 @@ def test_msd_dataset_json(tmp_path):
     train, val = ldt.list_cases(str(tmp_path), "train", fold=1), ldt.list_cases(str(tmp_path), "val", fold=1)
     assert len(train) == 4 and len(val) == 1 and val[0]["image"].endswith("case1_0000.nii.gz")
     assert ldt.list_cases(str(tmp_path), "test") == [{"image": str(tmp_path / "imagesTs" / "new_0000.nii.gz")}]
-    args = argparse.Namespace(root=str(tmp_path), dataset="custom", dataset_config=None, spacing=[2, 2, 2], intensity="zscore", a_min=None, a_max=None, num_classes=None, class_names=None, roi=None)
-    assert ldt.config_from_args(args).class_names == ["background", "pancreas", "cancer"]
+    cfg = ldt.resolve_dataset_config("custom", str(tmp_path), spacing=[2, 2, 2], intensity="zscore")
+    assert cfg.class_names == ["background", "pancreas", "cancer"]
     # a preset with another class count is reported
     with pytest.raises(DataError, match="lists 3 labels"):
         ldt.check_dataset(ldt.get_dataset_config("kits"), str(tmp_path))
