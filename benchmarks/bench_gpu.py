@@ -703,7 +703,7 @@ def layout_check(device, classes, tiny) -> None:
     (relative max errors; float32 itself is the floor: the two layouts should err alike)."""
     import copy
 
-    from networks.blocks import ChannelsLastInstanceNorm3d
+    from networks.layout import ChannelsLastInstanceNorm3d
 
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # float32 means float32 here

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import engine
 from networks import build_network
-from networks.blocks import ChannelsLastInstanceNorm3d, memory_format_of, to_channels_last_3d
+from networks.layout import ChannelsLastInstanceNorm3d, memory_format_of, to_channels_last_3d
 
 TINY = {
     "REP3D": dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, dwconv="fft"),

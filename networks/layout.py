@@ -1,0 +1,169 @@
+"""Memory-layout helpers: speed only, no architecture.
+
+Nothing here changes what a network computes or its state dict; it changes how tensors are laid out
+in memory so that cuDNN's 3-D convolutions and the instance norms of MONAI's decoder blocks run on
+channels-last (NDHWC) tensors without layout copies between them (benchmarks/RESULTS.md):
+
+* :func:`memory_format_of`, :func:`to_channels_last_3d`: inspect and convert layouts;
+* :class:`ChannelsLastInstanceNorm3d` and :func:`use_channels_last_instance_norms`: an instance norm
+  that keeps a channels-last input channels-last (same parameters and keys as ``nn.InstanceNorm3d``);
+* :func:`decoder_uses_channels_last`: what a network's ``decoder_channels_last`` setting means for one
+  input (``"auto"``: on CUDA in eager mode).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "ChannelsLastInstanceNorm3d",
+    "decoder_uses_channels_last",
+    "memory_format_of",
+    "to_channels_last_3d",
+    "use_channels_last_instance_norms",
+]
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last_3d`` for a 5-D channels-last tensor (with more than one channel), else contiguous."""
+    if x.ndim == 5 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def to_channels_last_3d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with channels-last (NDHWC) strides, also for a single channel, where ``x.contiguous(memory_format=...)``
+    keeps NCDHW strides and the convolutions that follow would choose NCDHW."""
+    out = torch.empty_like(x, memory_format=torch.channels_last_3d)
+    return out.copy_(x)
+
+
+class _ChannelsLastInstanceNormCUDA(torch.autograd.Function):
+    """Instance norm of a channels-last (NDHWC) CUDA tensor with PyTorch's channels-last batch-norm kernels
+    (the SyncBatchNorm building blocks), one sample at a time, each sample seen as a 4-D (1, C, D*H, W)
+    channels-last tensor. Output and input gradient are written into fresh NDHWC tensors: no slices or
+    concatenations enter the autograd graph (those cost a full-size copy per sample in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        n, c, d, h, w = x.shape
+        x4 = x.view(n, c, d * h, w)
+        out = torch.empty_like(x, memory_format=torch.channels_last_3d)
+        out4 = out.view(n, c, d * h, w)
+        means, invstds = [], []
+        for i in range(n):
+            mean, invstd = torch.batch_norm_stats(x4[i : i + 1], eps)
+            torch.batch_norm_elemt(x4[i : i + 1], weight, bias, mean, invstd, eps, out=out4[i : i + 1])
+            means.append(mean)
+            invstds.append(invstd)
+        ctx.save_for_backward(x, weight, torch.stack(means), torch.stack(invstds))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, mean, invstd = ctx.saved_tensors
+        n, c, d, h, w = x.shape
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x4 = x.view(n, c, d * h, w)
+        g4 = grad_out.contiguous(memory_format=torch.channels_last_3d).view(n, c, d * h, w)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last_3d) if need_x else None
+        grad_w = grad_b = None
+        count = torch.full((1,), d * h * w, dtype=torch.int32, device=x.device)
+        for i in range(n):
+            sum_dy, sum_dy_xmu, gw, gb = torch.batch_norm_backward_reduce(
+                g4[i : i + 1], x4[i : i + 1], mean[i], invstd[i], weight, need_x, need_w, need_b
+            )
+            if need_w:
+                grad_w = gw if grad_w is None else grad_w + gw
+            if need_b:
+                grad_b = gb if grad_b is None else grad_b + gb
+            if need_x:
+                torch.ops.aten.batch_norm_backward_elemt.out(  # (torch.batch_norm_backward_elemt has no out=)
+                    g4[i : i + 1], x4[i : i + 1], mean[i], invstd[i], weight, sum_dy, sum_dy_xmu, count,
+                    out=grad_x.view(n, c, d * h, w)[i : i + 1],
+                )
+        return grad_x, grad_w, grad_b, None
+
+
+class ChannelsLastInstanceNorm3d(nn.Module):
+    """Instance normalisation that keeps a channels-last (NDHWC) input channels-last.
+
+    Computes what ``nn.InstanceNorm3d`` (no running statistics) computes, with the same parameters and
+    state-dict keys. ``F.instance_norm`` copies its input to NCDHW first; here each sample is normalised
+    with batch-norm kernels in training form (statistics over that sample's voxels, per channel), which
+    exist for channels-last tensors, so a decoder run in ``channels_last_3d`` needs no layout copies around
+    its norms. Contiguous (NCDHW) inputs take ``F.instance_norm`` unchanged. (On the CPU the channels-last
+    batch norm is less accurate in float32 when |mean| >> std, one reason the decoder uses this layout
+    on CUDA only by default.)
+
+    Args:
+        num_features: channels C.
+        eps: added to the variance. Defaults to 1e-5 (PyTorch's and MONAI's value).
+        affine: learn a per-channel scale and shift. Defaults to False (MONAI's "instance" norm).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = False) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+
+    @classmethod
+    def from_instance_norm(cls, norm: nn.InstanceNorm3d) -> "ChannelsLastInstanceNorm3d":
+        new = cls(norm.num_features, norm.eps, affine=False)
+        if norm.affine:  # share the parameters themselves (same keys, same tensors)
+            new.weight, new.bias = norm.weight, norm.bias
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if memory_format_of(x) != torch.channels_last_3d:
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        if x.is_cuda and not torch.compiler.is_compiling():
+            return _ChannelsLastInstanceNormCUDA.apply(x, self.weight, self.bias, self.eps)
+        # Elsewhere (CPU, or traced by torch.compile): the same with functional ops, which autograd and
+        # inductor understand; the batch statistics of one sample are its instance statistics.
+        n, c, d, h, w = x.shape
+        if n == 1:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # The 4-D view is taken of the whole batch, then sliced, so that every sample keeps its batch
+        # stride (a size-1 view gets an arbitrary one, which the CPU batch-norm backward misreads).
+        x4 = x.view(n, c, d * h, w)
+        outs = [F.batch_norm(x4[i : i + 1], None, None, self.weight, self.bias, True, 0.0, self.eps) for i in range(n)]
+        return torch.cat(outs).view(n, c, d, h, w)
+
+
+def use_channels_last_instance_norms(module: nn.Module) -> int:
+    """Replace every ``nn.InstanceNorm3d`` without running statistics inside ``module`` by a
+    :class:`ChannelsLastInstanceNorm3d` (same result, same state dict); returns how many were replaced."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
+            setattr(module, name, ChannelsLastInstanceNorm3d.from_instance_norm(child))
+            count += 1
+        else:
+            count += use_channels_last_instance_norms(child)
+    return count
+
+
+def decoder_uses_channels_last(setting: bool | str, x: torch.Tensor) -> bool:
+    """Whether a decoder with ``decoder_channels_last = setting`` runs channels-last for input ``x``.
+
+    Args:
+        setting: True, False or ``"auto"``: channels-last on CUDA in eager mode only. cuDNN's 3-D
+            convolutions run natively in NDHWC (in NCDHW they transpose each input and output), while
+            under torch.compile inductor does better with NCDHW (benchmarks/RESULTS.md).
+        x: the network input.
+    """
+    if setting == "auto":
+        return x.is_cuda and not torch.compiler.is_compiling()
+    if not isinstance(setting, bool):
+        raise ValueError(f"decoder_channels_last must be True, False or 'auto', got {setting!r}.")
+    return setting
