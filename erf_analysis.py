@@ -1,6 +1,6 @@
 """See the method work: effective receptive fields, kernel statistics and kernel dynamics (issue 16).
 
-Two tools for the encoders with large depthwise kernels (REP3D and its ablations, 3D UX-Net):
+Three tools for the encoders with large depthwise kernels (REP3D and its ablations, 3D UX-Net):
 
 * **Effective receptive field (ERF)** of each encoder stage: the gradient of the stage output's centre
   voxel, summed over channels, with respect to the input; absolute, averaged over real crops or random
@@ -10,6 +10,8 @@ Two tools for the encoders with large depthwise kernels (REP3D and its ablations
   profile (mean contribution against distance from the centre).
 * **Kernel statistics**: per block, the radial profile of |W_eff| (W_eff = W * M, the kernel the
   convolution applies) and, for modulated blocks, of the mask M and of the prior P = beta / (d + beta).
+* **Kernel dynamics** (:class:`KernelDynamics`), for training: at each validation, how far each stage's
+  effective kernels have moved from their initial values, in the centre and in the periphery.
 
 Command line (writes ``erf.json``, ``erf.png`` and ``kernels.png`` into ``--output``)::
 
@@ -34,11 +36,13 @@ Departures from RepLKNet's script, and why:
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -53,6 +57,7 @@ __all__ = [
     "CENTRE_FRACTION",
     "PERIPHERY_FRACTION",
     "ErfConfig",
+    "KernelDynamics",
     "analyse_source",
     "area_ratios",
     "build_parser",
@@ -66,6 +71,7 @@ __all__ = [
     "main",
     "modulation_of",
     "plot_erf",
+    "plot_kernel_dynamics",
     "plot_kernels",
     "radial_profile",
     "run_analysis",
@@ -399,6 +405,241 @@ def kernel_statistics(model: nn.Module, with_mask: bool = True) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
+# kernel dynamics during training
+
+
+class KernelDynamics:
+    """How far each encoder stage's depthwise kernels moved from their initial values, in the centre
+    and in the periphery of the kernel: the paper's convergence picture, logged at every validation.
+
+    For each stage, over all its blocks and channels, with W_eff the kernel the convolution applies
+    (W * M for LRBM / fixed-prior blocks, W for plain ones)::
+
+        centre    = ||W_eff,t - W_eff,0||_F / ||W_eff,0||_F   over taps at distance d <= 0.3 * (K // 2)
+        periphery = the same over taps at d > 0.7 * (K // 2)
+
+    (Euclidean distance from the centre tap; K = 21: d <= 3 and d > 7). The relative change makes stages
+    and modulations comparable although the masks shrink the initial peripheral weights.
+
+    Use from a training loop (rank 0 only under DDP)::
+
+        # once, before the first iteration (after a resumed state is loaded); None: nothing to track
+        dynamics = KernelDynamics.for_model(model, output_dir=out, resume=resuming)
+        ...
+        if dynamics is not None:                  # at each validation
+            dynamics.record(step, model, writer)  # CSV, TensorBoard, kernel_dynamics.png
+
+    The snapshot file holds every depthwise kernel once in float32 (about 53 MB for the paper's REP3D).
+
+    Args:
+        model: the network (DDP / ``torch.compile`` wrappers are unwrapped), at its initial weights, or
+            resumed when ``resume`` and ``output_dir`` hold the initial snapshot.
+        kernel_size: expected K; checked against the model's kernels. Defaults to None (read from them).
+        output_dir: folder of ``kernel_dynamics.csv``, ``kernel_dynamics.png`` and the initial kernels
+            ``kernel_dynamics_init.pt`` (which lets a resumed run measure against the true start).
+            Defaults to None: nothing is written unless :meth:`log` gets a ``csv_path``.
+        resume: continue a run: load the initial kernels from ``output_dir`` and append to its CSV,
+            dropping the rows at or after the first step this object logs (written by the interrupted run
+            after its last checkpoint). Without it the initial kernels are taken from ``model`` and a CSV
+            this object writes starts afresh.
+
+    Raises:
+        ValueError: the model has no depthwise kernels (use :meth:`for_model`), a kernel size that does
+            not match ``kernel_size``, or a snapshot that does not fit the model.
+    """
+
+    CSV_NAME = "kernel_dynamics.csv"
+    PNG_NAME = "kernel_dynamics.png"
+    INIT_NAME = "kernel_dynamics_init.pt"
+    COLUMNS = ("step", "stage", "centre", "periphery")
+
+    def __init__(
+        self, model: nn.Module, kernel_size: int | None = None, output_dir: str | None = None, resume: bool = False
+    ) -> None:
+        kernels = self._kernels(model)
+        if not any(kernels):
+            raise ValueError(
+                f"{type(unwrap(model)).__name__} has no depthwise kernels in a staged encoder; use "
+                "KernelDynamics.for_model(model), which returns None for such networks."
+            )
+        sizes = {int(w.shape[-1]) for stage in kernels for w in stage}
+        if kernel_size is not None and sizes != {int(kernel_size)}:
+            raise ValueError(f"kernel_size {kernel_size} given, but the model's depthwise kernels have sizes {sorted(sizes)}.")
+        self.output_dir = output_dir
+        self.csv_path = os.path.join(output_dir, self.CSV_NAME) if output_dir else None
+        self.png_path = os.path.join(output_dir, self.PNG_NAME) if output_dir else None
+        self.init_path = os.path.join(output_dir, self.INIT_NAME) if output_dir else None
+        self.resume = resume
+        self._started: set[str] = set()  # CSV files this object has (re)started or checked
+        if resume and self.init_path and os.path.isfile(self.init_path):
+            self.initial = self._load_initial(self.init_path, kernels)
+        else:
+            if resume:
+                warnings.warn(
+                    f"KernelDynamics: resuming without {self.init_path or 'an output_dir'}: kernel changes are "
+                    "measured from the resumed weights, not from the run's start.",
+                    stacklevel=2,
+                )
+            self.initial = kernels
+            if self.init_path:
+                os.makedirs(output_dir, exist_ok=True)
+                _atomic_torch_save({"kernels": kernels}, self.init_path)
+        self.regions = {k: kernel_regions(k) for k in sizes}
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kwargs: Any) -> "KernelDynamics | None":
+        """A tracker for ``model``, or None when it has no depthwise kernels (SwinUNETR, UNETR, ...).
+        ``kwargs`` go to the constructor."""
+        encoder = _find_encoder(model)
+        if encoder is None or not depthwise_convs(encoder):
+            return None
+        return cls(model, **kwargs)
+
+    @staticmethod
+    @torch.no_grad()
+    def _kernels(model: nn.Module) -> list[list[torch.Tensor]]:
+        encoder = _find_encoder(model)
+        if encoder is None:
+            return []
+        return [
+            [effective_kernel(conv).detach().to("cpu", torch.float32).clone() for _, conv in depthwise_convs(stage)]
+            for stage in encoder.stages
+        ]
+
+    @staticmethod
+    def _load_initial(path: str, current: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)["kernels"]
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ValueError(f"{path}: unreadable initial-kernel snapshot ({type(err).__name__}); delete it to measure from the resumed weights.") from None
+        shapes = [[tuple(w.shape) for w in stage] for stage in current]
+        if [[tuple(w.shape) for w in stage] for stage in saved] != shapes:
+            raise ValueError(
+                f"{path}: the initial-kernel snapshot does not fit this model (another network in the same output "
+                "folder?): delete it, or resume the run it belongs to."
+            )
+        return saved
+
+    def measure(self, model: nn.Module) -> list[dict]:
+        """Relative change of each stage's effective kernels since the snapshot.
+
+        Returns:
+            ``[{"stage": s, "centre": float, "periphery": float}, ...]``, stages numbered from 1;
+            stages without depthwise kernels are left out.
+        """
+        current = self._kernels(model)
+        if [[tuple(w.shape) for w in st] for st in current] != [[tuple(w.shape) for w in st] for st in self.initial]:
+            raise ValueError("KernelDynamics.measure: the model's depthwise kernels differ in shape from the snapshot's.")
+        rows = []
+        for s, (now, start) in enumerate(zip(current, self.initial), start=1):
+            if not now:
+                continue
+            row: dict[str, Any] = {"stage": s}
+            for key, index in (("centre", 0), ("periphery", 1)):
+                diff = ref = 0.0
+                for w_t, w_0 in zip(now, start):
+                    region = self.regions[int(w_t.shape[-1])][index]
+                    d = (w_t.double() - w_0.double())[..., region]
+                    diff += float((d**2).sum())
+                    ref += float((w_0.double()[..., region] ** 2).sum())
+                row[key] = math.sqrt(diff / ref) if ref > 0 else float("nan")
+            rows.append(row)
+        return rows
+
+    def log(self, step: int, rows: Sequence[Mapping[str, Any]], writer: Any = None, csv_path: str | None = None) -> None:
+        """Append ``rows`` (from :meth:`measure`) at ``step`` to the CSV and to a TensorBoard writer.
+
+        The CSV (columns step, stage, centre, periphery) gets its header once. A file the object has not
+        written yet is started afresh, unless ``resume``: then its rows at ``step`` or later (logged by the
+        interrupted run after its last checkpoint) are dropped and the new rows appended. TensorBoard tags:
+        ``kernel_dynamics/stage{s}_centre`` and ``..._periphery``.
+
+        Args:
+            step: training iteration.
+            rows: per-stage measurements.
+            writer: a ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar``), or None.
+            csv_path: CSV file. Defaults to ``<output_dir>/kernel_dynamics.csv``; None without output_dir
+                writes no CSV.
+        """
+        csv_path = csv_path or self.csv_path
+        if writer is not None:
+            for row in rows:
+                for key in ("centre", "periphery"):
+                    writer.add_scalar(f"kernel_dynamics/stage{row['stage']}_{key}", float(row[key]), int(step))
+        if csv_path is None:
+            return
+        if csv_path not in self._started:
+            self._start_csv(csv_path, int(step))
+            self._started.add(csv_path)
+        with open(csv_path, "a", newline="") as f:
+            out = csv.writer(f)
+            for row in rows:
+                out.writerow([int(step), int(row["stage"]), repr(float(row["centre"])), repr(float(row["periphery"]))])
+
+    def _start_csv(self, path: str, step: int) -> None:
+        kept: list[list[str]] = []
+        if self.resume and os.path.isfile(path) and os.path.getsize(path) > 0:
+            header, body = _read_csv(path)
+            if header != list(self.COLUMNS):
+                raise ValueError(f"{path}: columns {header}, expected {list(self.COLUMNS)}; move the file away to start a new one.")
+            kept = [r for r in body if int(r[0]) < step]
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        _atomic_write_text(path, _csv_text([list(self.COLUMNS)] + kept))
+
+    def record(self, step: int, model: nn.Module, writer: Any = None) -> list[dict]:
+        """:meth:`measure`, :meth:`log` and, with an ``output_dir``, :func:`plot_kernel_dynamics`; returns the rows.
+        A failing plot only warns: it must not stop a training run."""
+        rows = self.measure(model)
+        self.log(step, rows, writer)
+        if self.csv_path and self.png_path:
+            try:
+                plot_kernel_dynamics(self.csv_path, self.png_path)
+            except Exception as err:  # noqa: BLE001 - matplotlib raises many types
+                warnings.warn(f"could not write {self.png_path}: {err}", RuntimeWarning, stacklevel=2)
+        return rows
+
+
+def _read_csv(path: str) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as f:
+        lines = [r for r in csv.reader(f) if r]
+    return (lines[0], lines[1:]) if lines else ([], [])
+
+
+def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def plot_kernel_dynamics(csv_path: str, png_path: str) -> None:
+    """Plot the CSV of :class:`KernelDynamics` (relative kernel change against step; one colour per
+    stage, centre solid, periphery dashed) into ``png_path``, atomically."""
+    header, body = _read_csv(csv_path)
+    if header != list(KernelDynamics.COLUMNS):
+        raise ValueError(f"{csv_path}: columns {header}, expected {list(KernelDynamics.COLUMNS)}.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    stages = sorted({int(r[1]) for r in body})
+    for i, s in enumerate(stages):
+        rows = sorted((int(r[0]), float(r[2]), float(r[3])) for r in body if int(r[1]) == s)
+        steps = [r[0] for r in rows]
+        colour = f"C{i}"
+        ax.plot(steps, [r[1] for r in rows], "-o", color=colour, ms=3, label=f"stage {s} centre")
+        ax.plot(steps, [r[2] for r in rows], "--s", color=colour, ms=3, label=f"stage {s} periphery")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(r"$\|W_t - W_0\| / \|W_0\|$ (effective kernel)")
+    ax.set_title("kernel change from initialisation: centre (d <= 0.3 r) vs periphery (d > 0.7 r)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if stages:
+        ax.legend(fontsize=7, ncol=2)
+    _save_figure(fig, png_path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
 # files
 
 
@@ -408,6 +649,19 @@ def _atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

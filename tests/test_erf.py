@@ -1,11 +1,12 @@
 """Tests of erf_analysis.py: the ERF of known convolutions, area ratios, radial profiles, kernel
-statistics and the command line.
+statistics, the kernel-dynamics tracker (CSV, TensorBoard, resume) and the command line.
 
 Tiny settings: REP3D / 3D UX-Net with widths 8-16-32-64, depths 1, kernel 5, hidden 32, 16^3-32^3 inputs.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -173,6 +174,105 @@ def test_kernel_regions_for_k21_are_d_le_3_and_d_gt_7():
     assert centre[c, c, c + 3] and not centre[c + 2, c + 2, c + 2]  # d = 3 in, d = 3.46 out
     assert not periphery[c, c, c + 7] and periphery[c, c + 1, c + 7]  # d = 7 out, d = 7.07 in
     assert int(centre.sum()) == 123  # lattice points with x^2 + y^2 + z^2 <= 9
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel dynamics
+
+
+class FakeWriter:
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+
+def read_rows(path: str) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_dynamics_is_a_no_op_for_networks_without_depthwise_kernels():
+    assert ea.KernelDynamics.for_model(networks.build_network("SwinUNETR", 1, 2, feature_size=12)) is None
+    assert ea.KernelDynamics.for_model(nn.Sequential(nn.Conv3d(1, 4, 3))) is None
+    with pytest.raises(ValueError, match="for_model"):
+        ea.KernelDynamics(nn.Sequential(nn.Conv3d(1, 4, 3)))
+    assert ea.KernelDynamics.for_model(tiny("3DUXNET")) is not None
+
+
+def test_dynamics_separates_centre_and_periphery_and_unwraps_wrappers():
+    model = tiny("REP3D_Vanilla")
+    dyn = ea.KernelDynamics(model, kernel_size=5)
+    assert [(r["stage"], r["centre"], r["periphery"]) for r in dyn.measure(model)] == [(s, 0.0, 0.0) for s in (1, 2, 3, 4)]
+    _, periphery = ea.kernel_regions(5)
+    conv = ea.depthwise_convs(ea.encoder_stages(model)[1][0])[0][1]
+    with torch.no_grad():
+        conv.weight[..., periphery] *= 3.0  # moves the periphery of stage 1 by 2x its initial norm
+    wrapper = nn.Module()
+    wrapper._orig_mod = nn.DataParallel(model)  # torch.compile around DataParallel
+    rows = dyn.measure(wrapper)
+    assert rows[0]["centre"] == 0.0 and math.isclose(rows[0]["periphery"], 2.0, rel_tol=1e-6)
+    assert all(r["centre"] == 0.0 and r["periphery"] == 0.0 for r in rows[1:])
+    with pytest.raises(ValueError, match="kernel_size 7"):
+        ea.KernelDynamics(model, kernel_size=7)
+
+
+def test_dynamics_measures_the_effective_kernel_of_modulated_blocks():
+    model = tiny("REP3D")
+    dyn = ea.KernelDynamics(model)
+    gen = next(m for name, m in model.named_modules() if name.endswith("stages.1.0.dwconv.modulation.generator"))
+    with torch.no_grad():
+        gen.norm_w2.bias.add_(0.5)  # only the mask of stage 2 changes: W_eff = W * M moves there
+    rows = dyn.measure(model)
+    assert rows[1]["centre"] > 0 and rows[1]["periphery"] > 0
+    assert rows[0]["centre"] == rows[0]["periphery"] == 0.0
+
+
+def test_dynamics_csv_has_one_row_per_validation_and_stage_and_survives_resume(tmp_path):
+    out = str(tmp_path / "run")
+    model = tiny("REP3D_Vanilla")
+    dyn = ea.KernelDynamics.for_model(model, output_dir=out)
+    writer = FakeWriter()
+    for step in (10, 20):
+        with torch.no_grad():
+            for _, conv in ea.depthwise_convs(model):
+                conv.weight.mul_(1.1)
+        dyn.record(step, model, writer)
+    csv_path = os.path.join(out, "kernel_dynamics.csv")
+    rows = read_rows(csv_path)
+    assert rows[0] == ["step", "stage", "centre", "periphery"]
+    assert [(r[0], r[1]) for r in rows[1:]] == [(str(s), str(k)) for s in (10, 20) for k in (1, 2, 3, 4)]
+    assert math.isclose(float(rows[1][2]), 0.1, rel_tol=1e-5) and math.isclose(float(rows[5][3]), 0.21, rel_tol=1e-5)
+    assert ("kernel_dynamics/stage1_centre", pytest.approx(0.1, rel=1e-5), 10) in writer.scalars
+    assert len(writer.scalars) == 2 * 4 * 2
+    with open(os.path.join(out, "kernel_dynamics.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # The run is killed after logging step 20 and resumed from its step-10 checkpoint: a new tracker
+    # measures from the run's start (saved snapshot), replaces the stale step-20 rows, appends after.
+    resumed = tiny("REP3D_Vanilla")
+    with torch.no_grad():
+        for (_, conv), (_, src) in zip(ea.depthwise_convs(resumed), ea.depthwise_convs(model)):
+            conv.weight.copy_(src.weight / 1.1)  # the weights of step 10
+    dyn2 = ea.KernelDynamics.for_model(resumed, output_dir=out, resume=True)
+    assert math.isclose(dyn2.measure(resumed)[0]["centre"], 0.1, rel_tol=1e-5)
+    for step in (20, 30):
+        dyn2.record(step, resumed)
+    rows = read_rows(csv_path)
+    assert sum(r[0] == "step" for r in rows) == 1
+    assert [(r[0], r[1]) for r in rows[1:]] == [(str(s), str(k)) for s in (10, 20, 30) for k in (1, 2, 3, 4)]
+
+    # a new run (not resumed) in the same folder starts the CSV and the snapshot afresh
+    dyn3 = ea.KernelDynamics.for_model(tiny("REP3D_Vanilla", seed=5), output_dir=out)
+    dyn3.record(5, tiny("REP3D_Vanilla", seed=5))
+    assert [r[0] for r in read_rows(csv_path)] == ["step", "5", "5", "5", "5"]
+
+
+def test_dynamics_refuses_a_snapshot_of_another_network(tmp_path):
+    ea.KernelDynamics(tiny("REP3D_Vanilla"), output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="does not fit"):
+        ea.KernelDynamics(tiny("REP3D_Vanilla", kernel_size=3), output_dir=str(tmp_path), resume=True)
 
 
 # --------------------------------------------------------------------------------------------------

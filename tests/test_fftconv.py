@@ -11,7 +11,7 @@ from networks import build_network
 from networks import dwconv, fftconv
 from networks.dwconv import DepthwiseConv3d, depthwise_conv3d, set_dwconv_impl
 from networks.fftconv import fft_depthwise_conv3d, fft_is_faster, fft_kernel_spectrum, fft_plan, next_fast_len
-from networks.Rep3D import ModulatedDepthwiseConv3d
+from networks.Rep3D import LRBMConfig, ModulatedDepthwiseConv3d
 
 TOL = 1e-5  # relative (norm) error allowed against float64
 
@@ -123,7 +123,7 @@ def test_autocast_bf16_runs_the_fft_in_float32(monkeypatch):
 def test_lrbm_mask_gradients_match_native(modulation, k, size, monkeypatch):
     """W_eff = W * M goes through the FFT op: W and the generator must get the native gradients."""
     torch.manual_seed(0)
-    fft = ModulatedDepthwiseConv3d(4, k, modulation, impl="fft")
+    fft = ModulatedDepthwiseConv3d(4, LRBMConfig(kernel_size=k, modulation=modulation, dwconv="fft"))
     with torch.no_grad():  # a generator far from its near-identity start, so M clearly depends on it
         for p in fft.parameters():
             p.copy_(torch.randn_like(p) * 0.5)

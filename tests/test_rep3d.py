@@ -1,5 +1,6 @@
 """REP3D: prior, LRBM generator, gradient flow, the SGD identity, deploy folding, checkpoints, arguments."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import networks
 from networks import build_deploy_network, build_network, load_network_weights, reparameterize_model
 from networks.Rep3D import (
     KernelModulation,
+    LRBMConfig,
     LRBMGenerator,
     ModulatedDepthwiseConv3d,
     Rep3DBlock,
@@ -100,12 +102,12 @@ def test_generator_keeps_shape_and_depends_on_input():
 
 def test_mask_starts_near_prior():
     torch.manual_seed(0)
-    mod = KernelModulation(21, "lrbm")
+    mod = KernelModulation(LRBMConfig(kernel_size=21, modulation="lrbm"))
     m = mod()
     assert m.shape == (21, 21, 21)
     assert (m - mod.prior).abs().max() < 0.1
     assert not torch.equal(m, mod.prior)
-    assert torch.equal(KernelModulation(21, "fixed")(), compute_distance_prior(21))
+    assert torch.equal(KernelModulation(LRBMConfig(kernel_size=21, modulation="fixed"))(), compute_distance_prior(21))
 
 
 # ---------------------------------------------------------------------------- gradients, the SGD identity
@@ -131,7 +133,7 @@ def test_every_trainable_parameter_gets_a_gradient(modulation):
 
 def test_forward_does_not_rebind_parameters():
     torch.manual_seed(0)
-    conv = ModulatedDepthwiseConv3d(4, 5, "lrbm", impl="native")
+    conv = ModulatedDepthwiseConv3d(4, LRBMConfig(kernel_size=5, modulation="lrbm", dwconv="native"))
     before = {n: (id(p), p.detach().clone()) for n, p in conv.named_parameters()}
     conv(torch.randn(1, 4, 8, 8, 8))
     conv(torch.randn(1, 4, 8, 8, 8))
@@ -142,7 +144,7 @@ def test_forward_does_not_rebind_parameters():
 
 def test_sgd_step_on_w_is_a_spatial_learning_rate_m_squared():
     torch.manual_seed(0)
-    conv = ModulatedDepthwiseConv3d(3, 5, "fixed", impl="native").double()
+    conv = ModulatedDepthwiseConv3d(3, LRBMConfig(kernel_size=5, modulation="fixed", dwconv="native")).double()
     mask = conv.modulation().detach()
     x = torch.randn(2, 3, 9, 9, 9, dtype=torch.float64)
     target = torch.randn(2, 3, 9, 9, 9, dtype=torch.float64)
@@ -195,7 +197,7 @@ def test_folding_preserves_eval_outputs(modulation):
 
 def test_block_fold_is_idempotent_and_drops_generator():
     torch.manual_seed(0)
-    block = Rep3DBlock(4, kernel_size=5, modulation="lrbm", dwconv="native").eval()
+    block = Rep3DBlock(4, LRBMConfig(kernel_size=5, modulation="lrbm", dwconv="native")).eval()
     perturb_generators(block)
     x = torch.randn(1, 4, 10, 10, 10)
     with torch.no_grad():
@@ -217,6 +219,56 @@ def test_deploy_build_has_only_plain_convs():
     block = net.rep3d.stages[0][0]
     assert block.deploy
     assert block.dwconv.bias is None
+
+
+# ------------------------------------------------------------------------------ the LRBM config
+
+
+@pytest.mark.parametrize("name", ["REP3D", "3DUXNET_LRBM"])
+def test_one_frozen_lrbm_config_is_shared_by_every_block(name):
+    net = build_network(name, 1, 3, **{**TINY, "dwconv": "native", "beta": 2.0, "generator_kernel_size": 3, "generator_depth": 1})
+    cfg = net.lrbm_config
+    assert isinstance(cfg, LRBMConfig)
+    assert (cfg.kernel_size, cfg.beta, cfg.generator_kernel_size, cfg.generator_depth) == (5, 2.0, 3, 1)
+    encoder = net.rep3d if name == "REP3D" else net.uxnet_3d
+    blocks = [b for stage in encoder.stages for b in stage]
+    convs = [m for m in net.modules() if isinstance(m, ModulatedDepthwiseConv3d)]
+    assert len(blocks) == len(convs) == 4
+    assert encoder.config is cfg
+    assert all(b.config is cfg for b in blocks) and all(c.config is cfg for c in convs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.kernel_size = 7
+    # The settings took effect in every block: prior with beta 2, one 3^3 generator conv.
+    for conv in convs:
+        torch.testing.assert_close(conv.modulation.prior, compute_distance_prior(5, beta=2.0))
+        assert conv.modulation.generator.depth == 1
+        assert conv.modulation.generator.prior_conv.weight.shape == (1, 1, 3, 3, 3)
+    # A folded copy still shares one config among its blocks.
+    folded = reparameterize_model(net)
+    assert all(m.config is folded.lrbm_config for m in folded.modules() if isinstance(m, ModulatedDepthwiseConv3d))
+
+
+def test_deploy_flag_travels_in_the_config():
+    net = tiny_rep3d("lrbm", deploy=True)
+    assert net.lrbm_config.deploy and net.lrbm_config.built_modulation == "none"
+    assert all(m.modulation is None for m in net.modules() if isinstance(m, ModulatedDepthwiseConv3d))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kernel_size=4), "odd"),
+        (dict(modulation="lrbn"), "modulation"),
+        (dict(beta=0.0), "beta"),
+        (dict(generator_kernel_size=6), "generator_kernel_size"),
+        (dict(generator_depth=0), "generator_depth"),
+        (dict(dwconv="cudnn"), "dwconv"),
+        (dict(deploy="yes"), "deploy"),
+    ],
+)
+def test_lrbm_config_refuses_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LRBMConfig(**kwargs)
 
 
 def test_build_deploy_network_folds_a_training_checkpoint(tmp_path):

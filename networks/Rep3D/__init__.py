@@ -1,6 +1,7 @@
 from .lrbm import (
     MODULATIONS,
     KernelModulation,
+    LRBMConfig,
     LRBMGenerator,
     ModulatedDepthwiseConv3d,
     compute_distance_prior,

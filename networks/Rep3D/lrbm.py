@@ -11,12 +11,14 @@ spatially varying learning rate, faster at the kernel centre. Folding for deploy
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..blocks import check_kernel_size, check_positive_int
-from ..dwconv import DepthwiseConv3d
+from ..dwconv import DepthwiseConv3d, check_impl
 
 MODULATIONS = ("lrbm", "fixed", "none")
 
@@ -28,6 +30,59 @@ def check_modulation(modulation: str) -> str:
             f"'fixed': M = P; 'none': plain large kernel), got {modulation!r}."
         )
     return modulation
+
+
+@dataclass(frozen=True)
+class LRBMConfig:
+    """How the large depthwise kernel of every block is built and modulated: one object, made once by the
+    network constructor and shared by all its blocks (REP3D, and 3D UX-Net with the paper's LRBM ablation).
+
+    Frozen, so that no block can change what the others were built with; use ``dataclasses.replace`` for
+    a variant. The defaults are REP3D's (the paper's); 3D UX-Net uses ``kernel_size=7, modulation="none"``.
+    Every field is checked here, so a bad value fails once, before any block is built.
+
+    Args:
+        kernel_size: odd depthwise kernel size K. Defaults to 21.
+        modulation: ``"lrbm"`` (M = P + f(P), default), ``"fixed"`` (M = P) or ``"none"`` (M = 1, a plain
+            large kernel).
+        beta: decay scale of the distance prior P. Defaults to 1.
+        generator_kernel_size: kernel size of the LRBM generator's convolutions (odd). Defaults to 7.
+        generator_depth: number of generator convolutions. Defaults to 2.
+        deploy: build the folded inference form only (no mask, no generator, no prior), to load folded
+            weights into. Defaults to False.
+        dwconv: how the depthwise convolution is computed, ``"auto"`` (default), ``"native"`` or ``"fft"``
+            (same result; see :mod:`networks.dwconv`). This is the build-time choice:
+            :func:`networks.set_dwconv_impl` switches built modules later.
+
+    Example::
+
+        cfg = LRBMConfig(kernel_size=21, modulation="fixed")
+        block = Rep3DBlock(48, cfg)
+    """
+
+    kernel_size: int = 21
+    modulation: str = "lrbm"
+    beta: float = 1.0
+    generator_kernel_size: int = 7
+    generator_depth: int = 2
+    deploy: bool = False
+    dwconv: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_kernel_size(self.kernel_size)
+        check_modulation(self.modulation)
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0:
+            raise ValueError(f"beta must be a positive number, got {self.beta!r}; the paper uses 1.")
+        check_kernel_size(self.generator_kernel_size, "generator_kernel_size")
+        check_positive_int("generator_depth", self.generator_depth)
+        if not isinstance(self.deploy, bool):
+            raise ValueError(f"deploy must be True or False, got {self.deploy!r}.")
+        check_impl(self.dwconv)
+
+    @property
+    def built_modulation(self) -> str:
+        """The modulation the kernels are built with: ``"none"`` for a deploy build, else ``modulation``."""
+        return "none" if self.deploy else self.modulation
 
 
 def compute_distance_prior(
@@ -119,30 +174,21 @@ class KernelModulation(nn.Module):
     """Produces the modulation mask M of one block's K^3 depthwise kernel.
 
     Args:
-        kernel_size: K, the size of the modulated kernel.
-        modulation: ``"lrbm"`` (M = P + f(P)) or ``"fixed"`` (M = P).
-        beta: prior decay scale. Defaults to 1.
-        generator_kernel_size: LRBM generator kernel size. Defaults to 7.
-        generator_depth: LRBM generator depth. Defaults to 2.
+        config: the block's settings; uses ``kernel_size``, ``modulation`` (``"lrbm"``: M = P + f(P), or
+            ``"fixed"``: M = P), ``beta``, ``generator_kernel_size`` and ``generator_depth``.
     """
 
-    def __init__(
-        self,
-        kernel_size: int,
-        modulation: str = "lrbm",
-        beta: float = 1.0,
-        generator_kernel_size: int = 7,
-        generator_depth: int = 2,
-    ) -> None:
+    def __init__(self, config: LRBMConfig) -> None:
         super().__init__()
-        check_modulation(modulation)
-        if modulation == "none":
+        if config.modulation == "none":
             raise ValueError("KernelModulation needs modulation 'lrbm' or 'fixed'; for 'none' build no modulation.")
-        self.modulation = modulation
+        self.modulation = config.modulation
         # Persistent although it is a function of K and beta: its presence in a state dict marks a
         # training (unfolded) checkpoint, whose weight is W rather than W * M (see networks.load_network_weights).
-        self.register_buffer("prior", compute_distance_prior(kernel_size, beta))
-        self.generator = LRBMGenerator(generator_kernel_size, generator_depth) if modulation == "lrbm" else None
+        self.register_buffer("prior", compute_distance_prior(config.kernel_size, config.beta))
+        self.generator = (
+            LRBMGenerator(config.generator_kernel_size, config.generator_depth) if config.modulation == "lrbm" else None
+        )
 
     def forward(self) -> torch.Tensor:
         """Return M, a (K, K, K) float32 tensor."""
@@ -174,31 +220,17 @@ class ModulatedDepthwiseConv3d(DepthwiseConv3d):
 
     Args:
         channels: number of channels C.
-        kernel_size: odd kernel size K.
-        modulation: ``"lrbm"``, ``"fixed"`` or ``"none"`` (no mask: a plain large kernel).
+        config: kernel size, modulation (none when ``config.deploy``), LRBM settings and implementation
+            (``config.dwconv``); kept as ``self.config``.
         bias: whether the convolution has a bias (the mask never touches it). Defaults to False.
-        impl: depthwise convolution implementation, see :mod:`networks.dwconv`.
-        beta, generator_kernel_size, generator_depth: see :class:`KernelModulation`.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        kernel_size: int,
-        modulation: str = "lrbm",
-        bias: bool = False,
-        impl: str = "auto",
-        beta: float = 1.0,
-        generator_kernel_size: int = 7,
-        generator_depth: int = 2,
-    ) -> None:
-        super().__init__(channels, kernel_size, bias=bias, impl=impl)
-        check_modulation(modulation)
-        self.modulation = (
-            None
-            if modulation == "none"
-            else KernelModulation(kernel_size, modulation, beta, generator_kernel_size, generator_depth)
-        )
+    def __init__(self, channels: int, config: LRBMConfig, bias: bool = False) -> None:
+        if not isinstance(config, LRBMConfig):
+            raise TypeError(f"config must be an LRBMConfig, got {type(config).__name__}.")
+        super().__init__(channels, config.kernel_size, bias=bias, impl=config.dwconv)
+        self.config = config
+        self.modulation = None if config.built_modulation == "none" else KernelModulation(config)
 
     @property
     def is_folded(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..blocks import UnetrDecoderNet, check_positive_int
+from .lrbm import LRBMConfig
 from .rep3d_encoder import Rep3DEncoder
 
 
@@ -26,8 +27,12 @@ class REP3D(UnetrDecoderNet):
         dwconv: depthwise convolution implementation, ``"auto"``, ``"native"`` or ``"fft"``.
         norm_name: decoder normalisation. Defaults to "instance".
         res_block: residual decoder blocks. Defaults to True.
-        beta, generator_kernel_size, generator_depth: LRBM settings (1, 7, 2).
+        beta: decay scale of the distance prior. Defaults to 1.
+        generator_kernel_size: kernel size of the LRBM generator's convolutions. Defaults to 7.
+        generator_depth: number of generator convolutions. Defaults to 2.
 
+    The seven kernel settings (``kernel_size`` to ``generator_depth``, without the decoder's) become one
+    frozen :class:`~networks.Rep3D.lrbm.LRBMConfig`, ``self.lrbm_config``, shared by every encoder block.
     Input spatial sizes must be multiples of 16.
 
     Example::
@@ -59,16 +64,14 @@ class REP3D(UnetrDecoderNet):
         super().__init__()
         check_positive_int("out_channels", out_channels)
         check_positive_int("hidden_size", hidden_size)
-        self.rep3d = Rep3DEncoder(
-            in_channels=in_channels,
-            depths=depths,
-            feature_size=feature_size,
+        self.lrbm_config = LRBMConfig(
             kernel_size=kernel_size,
             modulation=modulation,
-            deploy=deploy,
-            dwconv=dwconv,
             beta=beta,
             generator_kernel_size=generator_kernel_size,
             generator_depth=generator_depth,
+            deploy=deploy,
+            dwconv=dwconv,
         )
+        self.rep3d = Rep3DEncoder(in_channels, depths, feature_size, self.lrbm_config)
         self._build_decoder(in_channels, out_channels, feature_size, hidden_size, norm_name, res_block)

@@ -3,6 +3,7 @@
 Each block is DWConv(K, modulated by LRBM while training) -> BatchNorm3d -> GELU, with no residual and
 no MLP. Stem: Conv3d(k=7, stride 2) + channels-first LayerNorm; downsampling before stages 2-4:
 channels-first LayerNorm + Conv3d(k=2, stride 2); a channels-first LayerNorm after each stage.
+The kernel and LRBM settings travel as one :class:`~networks.Rep3D.lrbm.LRBMConfig`, shared by all blocks.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..blocks import HierarchicalEncoder, check_kernel_size, check_positive_int
-from .lrbm import MODULATIONS, ModulatedDepthwiseConv3d, check_modulation, compute_distance_prior
+from ..blocks import HierarchicalEncoder, check_positive_int
+from .lrbm import MODULATIONS, LRBMConfig, ModulatedDepthwiseConv3d, compute_distance_prior
 
 __all__ = ["MODULATIONS", "Rep3DBlock", "Rep3DEncoder", "compute_distance_prior"]
 
@@ -23,50 +24,27 @@ class Rep3DBlock(nn.Module):
 
     Args:
         channels: number of channels C.
-        kernel_size: odd depthwise kernel size K. Defaults to 21.
-        modulation: ``"lrbm"`` (M = P + f(P), default), ``"fixed"`` (M = P) or ``"none"`` (M = 1).
-        deploy: build the inference form only (a plain depthwise conv, no generator, no prior).
-            Load folded weights into it. Defaults to False.
-        dwconv: depthwise convolution implementation (``"auto"``, ``"native"``, ``"fft"``).
-        beta, generator_kernel_size, generator_depth: LRBM settings (1, 7, 2 in the paper).
+        config: kernel size, modulation, LRBM settings, deploy flag and depthwise implementation; kept as
+            ``self.config``. Defaults to ``LRBMConfig()`` (the paper's: K = 21, LRBM, beta 1, generator 7 x 2).
 
     Example::
 
-        block = Rep3DBlock(48, kernel_size=21)
+        block = Rep3DBlock(48, LRBMConfig(kernel_size=21))
         ...  # train
         block.reparameterize()  # now DWConv -> BN -> GELU with W_eff stored as the weight
     """
 
-    def __init__(
-        self,
-        channels: int,
-        kernel_size: int = 21,
-        modulation: str = "lrbm",
-        deploy: bool = False,
-        dwconv: str = "auto",
-        beta: float = 1.0,
-        generator_kernel_size: int = 7,
-        generator_depth: int = 2,
-    ) -> None:
+    def __init__(self, channels: int, config: LRBMConfig | None = None) -> None:
         super().__init__()
         check_positive_int("channels", channels)
-        check_kernel_size(kernel_size)
-        check_modulation(modulation)
-        self.dwconv = ModulatedDepthwiseConv3d(
-            channels,
-            kernel_size,
-            modulation="none" if deploy else modulation,
-            bias=False,
-            impl=dwconv,
-            beta=beta,
-            generator_kernel_size=generator_kernel_size,
-            generator_depth=generator_depth,
-        )
+        self.config = LRBMConfig() if config is None else config
+        self.dwconv = ModulatedDepthwiseConv3d(channels, self.config, bias=False)
         self.norm = nn.BatchNorm3d(channels)
         self.act = nn.GELU()
 
     @property
     def deploy(self) -> bool:
+        """Whether the block is in its folded (inference) form, built so or folded since."""
         return self.dwconv.is_folded
 
     def equivalent_kernel(self) -> torch.Tensor:
@@ -88,8 +66,8 @@ class Rep3DEncoder(HierarchicalEncoder):
         in_channels: input channels. Defaults to 1.
         depths: blocks per stage. Defaults to (2, 2, 2, 2).
         feature_size: channels per stage. Defaults to (48, 96, 192, 384).
-        kernel_size, modulation, deploy, dwconv, beta, generator_kernel_size, generator_depth:
-            passed to every :class:`Rep3DBlock`.
+        config: passed, as this one object, to every :class:`Rep3DBlock`; kept as ``self.config``.
+            Defaults to ``LRBMConfig()``.
     """
 
     def __init__(
@@ -97,28 +75,8 @@ class Rep3DEncoder(HierarchicalEncoder):
         in_channels: int = 1,
         depths: Sequence[int] = (2, 2, 2, 2),
         feature_size: Sequence[int] = (48, 96, 192, 384),
-        kernel_size: int = 21,
-        modulation: str = "lrbm",
-        deploy: bool = False,
-        dwconv: str = "auto",
-        beta: float = 1.0,
-        generator_kernel_size: int = 7,
-        generator_depth: int = 2,
+        config: LRBMConfig | None = None,
     ) -> None:
-        # Checked here so that a bad value fails once, before any block is built.
-        check_kernel_size(kernel_size)
-        check_modulation(modulation)
-
-        def make_block(channels: int, index: int) -> Rep3DBlock:
-            return Rep3DBlock(
-                channels,
-                kernel_size=kernel_size,
-                modulation=modulation,
-                deploy=deploy,
-                dwconv=dwconv,
-                beta=beta,
-                generator_kernel_size=generator_kernel_size,
-                generator_depth=generator_depth,
-            )
-
-        super().__init__(in_channels, depths, feature_size, make_block)
+        config = LRBMConfig() if config is None else config
+        super().__init__(in_channels, depths, feature_size, lambda channels, index: Rep3DBlock(channels, config))
+        self.config = config

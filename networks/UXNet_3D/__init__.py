@@ -1,4 +1,4 @@
 from .network_backbone import UXNET
-from .uxnet_encoder import UXNetBlock, UXNetEncoder
+from .uxnet_encoder import UXNET_KERNEL, UXNetBlock, UXNetEncoder
 
-__all__ = ["UXNET", "UXNetBlock", "UXNetEncoder"]
+__all__ = ["UXNET", "UXNET_KERNEL", "UXNetBlock", "UXNetEncoder"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..blocks import UnetrDecoderNet, check_positive_int
+from ..Rep3D.lrbm import LRBMConfig
 from .uxnet_encoder import UXNetEncoder
 
 
@@ -32,7 +33,9 @@ class UXNET(UnetrDecoderNet):
         drop_path_rate: encoder stochastic depth (largest rate). Defaults to 0.
         beta, generator_kernel_size, generator_depth: LRBM settings (1, 7, 2), used when modulation is not "none".
 
-    Input spatial sizes must be multiples of 16.
+    The kernel settings (``kernel_size``, ``modulation``, ``deploy``, ``dwconv`` and the three LRBM ones)
+    become one frozen :class:`~networks.Rep3D.lrbm.LRBMConfig`, ``self.lrbm_config``, shared by every
+    encoder block. Input spatial sizes must be multiples of 16.
 
     Example::
 
@@ -65,18 +68,21 @@ class UXNET(UnetrDecoderNet):
         super().__init__()
         check_positive_int("out_channels", out_channels)
         check_positive_int("hidden_size", hidden_size)
-        self.uxnet_3d = UXNetEncoder(
-            in_channels=in_channels,
-            depths=depths,
-            feature_size=feature_size,
+        self.lrbm_config = LRBMConfig(
             kernel_size=kernel_size,
             modulation=modulation,
-            deploy=deploy,
-            dwconv=dwconv,
-            layer_scale_init_value=layer_scale_init_value,
-            drop_path_rate=drop_path_rate,
             beta=beta,
             generator_kernel_size=generator_kernel_size,
             generator_depth=generator_depth,
+            deploy=deploy,
+            dwconv=dwconv,
+        )
+        self.uxnet_3d = UXNetEncoder(
+            in_channels,
+            depths,
+            feature_size,
+            self.lrbm_config,
+            layer_scale_init_value=layer_scale_init_value,
+            drop_path_rate=drop_path_rate,
         )
         self._build_decoder(in_channels, out_channels, feature_size, hidden_size, norm_name, res_block)

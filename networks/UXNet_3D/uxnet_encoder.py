@@ -4,7 +4,9 @@
 Image Segmentation", Lee et al., ICLR 2023. Block: depthwise Conv3d(K, bias) -> LayerNorm ->
 Conv3d(C, 4C, 1, groups=C) -> GELU -> Conv3d(4C, C, 1, groups=C) -> layer scale -> residual.
 Stem, downsampling and per-stage output norms are laid out as in the Rep3D encoder, and the module
-names follow the authors' release so that its checkpoints load unchanged.
+names follow the authors' release so that its checkpoints load unchanged. The depthwise kernel's
+settings (size, optional LRBM mask, deploy flag, implementation) travel as one
+:class:`~networks.Rep3D.lrbm.LRBMConfig` shared by all blocks.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import torch
 import torch.nn as nn
 from monai.networks.layers import DropPath
 
-from ..blocks import HierarchicalEncoder, LayerNormChannelsFirst, check_kernel_size, check_positive_int
-from ..Rep3D.lrbm import ModulatedDepthwiseConv3d, check_modulation
+from ..blocks import HierarchicalEncoder, LayerNormChannelsFirst, check_positive_int
+from ..Rep3D.lrbm import LRBMConfig, ModulatedDepthwiseConv3d
 
-__all__ = ["UXNetBlock", "UXNetEncoder"]
+__all__ = ["UXNET_KERNEL", "UXNetBlock", "UXNetEncoder"]
+
+#: The depthwise kernel of 3D UX-Net as published: K = 7, no mask.
+UXNET_KERNEL = LRBMConfig(kernel_size=7, modulation="none")
 
 
 # The two pointwise convolutions are grouped per channel (groups=C), so each is an element-wise
@@ -49,47 +54,27 @@ class UXNetBlock(nn.Module):
 
     Args:
         channels: number of channels C.
-        kernel_size: odd depthwise kernel size K. Defaults to 7 (the paper's value).
-        modulation: ``"none"`` (default, the original block), ``"lrbm"`` or ``"fixed"``: an LRBM mask on the
-            depthwise kernel while training (the paper's ablation), folded by
-            :func:`networks.reparameterize_model`.
-        deploy: build the folded form only (no mask), to load folded weights into. Defaults to False.
-        dwconv: depthwise convolution implementation (``"auto"``, ``"native"``, ``"fft"``).
+        config: the depthwise kernel's settings, kept as ``self.config``. Defaults to :data:`UXNET_KERNEL`
+            (K = 7, no mask, the original block); ``modulation="lrbm"`` or ``"fixed"`` puts an LRBM mask on
+            the kernel while training (the paper's ablation), folded by :func:`networks.reparameterize_model`.
         layer_scale_init_value: initial value of the per-channel output scale ``gamma``; 0 or less
             builds no scale. Defaults to 1e-6.
         drop_path: stochastic depth rate of the residual branch. Defaults to 0.
-        beta, generator_kernel_size, generator_depth: LRBM settings (1, 7, 2 in the paper).
     """
 
     def __init__(
         self,
         channels: int,
-        kernel_size: int = 7,
-        modulation: str = "none",
-        deploy: bool = False,
-        dwconv: str = "auto",
+        config: LRBMConfig | None = None,
         layer_scale_init_value: float = 1e-6,
         drop_path: float = 0.0,
-        beta: float = 1.0,
-        generator_kernel_size: int = 7,
-        generator_depth: int = 2,
     ) -> None:
         super().__init__()
         check_positive_int("channels", channels)
-        check_kernel_size(kernel_size)
-        check_modulation(modulation)
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path!r}; the paper uses 0.")
-        self.dwconv = ModulatedDepthwiseConv3d(
-            channels,
-            kernel_size,
-            modulation="none" if deploy else modulation,
-            bias=True,
-            impl=dwconv,
-            beta=beta,
-            generator_kernel_size=generator_kernel_size,
-            generator_depth=generator_depth,
-        )
+        self.config = UXNET_KERNEL if config is None else config
+        self.dwconv = ModulatedDepthwiseConv3d(channels, self.config, bias=True)
         # Over channels, per voxel: the release's channels-last LayerNorm computes the same function.
         self.norm = LayerNormChannelsFirst(channels, eps=1e-6)
         # Grouped per channel (not full 1x1 convolutions): each channel gets its own 4-wide MLP.
@@ -118,9 +103,10 @@ class UXNetEncoder(HierarchicalEncoder):
         in_channels: input channels. Defaults to 1.
         depths: blocks per stage. Defaults to (2, 2, 2, 2).
         feature_size: channels per stage. Defaults to (48, 96, 192, 384).
+        config: passed, as this one object, to every :class:`UXNetBlock`; kept as ``self.config``.
+            Defaults to :data:`UXNET_KERNEL`.
+        layer_scale_init_value: passed to every block. Defaults to 1e-6.
         drop_path_rate: stochastic depth of the last block; rates rise linearly from 0. Defaults to 0.
-        kernel_size, modulation, deploy, dwconv, layer_scale_init_value, beta, generator_kernel_size,
-            generator_depth: passed to every :class:`UXNetBlock`.
     """
 
     def __init__(
@@ -128,34 +114,17 @@ class UXNetEncoder(HierarchicalEncoder):
         in_channels: int = 1,
         depths: Sequence[int] = (2, 2, 2, 2),
         feature_size: Sequence[int] = (48, 96, 192, 384),
-        kernel_size: int = 7,
-        modulation: str = "none",
-        deploy: bool = False,
-        dwconv: str = "auto",
+        config: LRBMConfig | None = None,
         layer_scale_init_value: float = 1e-6,
         drop_path_rate: float = 0.0,
-        beta: float = 1.0,
-        generator_kernel_size: int = 7,
-        generator_depth: int = 2,
     ) -> None:
-        check_kernel_size(kernel_size)
-        check_modulation(modulation)
+        config = UXNET_KERNEL if config is None else config
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}; the paper uses 0.")
         rates = torch.linspace(0, drop_path_rate, max(sum(depths), 1)).tolist()
 
         def make_block(channels: int, index: int) -> UXNetBlock:
-            return UXNetBlock(
-                channels,
-                kernel_size=kernel_size,
-                modulation=modulation,
-                deploy=deploy,
-                dwconv=dwconv,
-                layer_scale_init_value=layer_scale_init_value,
-                drop_path=rates[index],
-                beta=beta,
-                generator_kernel_size=generator_kernel_size,
-                generator_depth=generator_depth,
-            )
+            return UXNetBlock(channels, config, layer_scale_init_value=layer_scale_init_value, drop_path=rates[index])
 
         super().__init__(in_channels, depths, feature_size, make_block)
+        self.config = config
