@@ -3,6 +3,10 @@
     net = build_network("REP3D", in_channels=1, out_channels=16, modulation="lrbm")
     deployed = reparameterize_model(net)            # folded copy for inference
     load_network_weights(deployed, "best_metric_model.pth")
+
+The registry is also the one place that says which options a network takes
+(:func:`network_options`) and whether it only takes inputs of the size it was built for
+(:func:`fixed_input_size`); scripts ask it instead of keeping their own lists.
 """
 
 from __future__ import annotations
@@ -18,20 +22,25 @@ import torch
 import torch.nn as nn
 
 from .dwconv import DWCONV_IMPLS, DepthwiseConv3d, set_dwconv_impl
+from .Rep3D.lrbm import LRBMConfig
 
 __all__ = [
     "DWCONV_IMPLS",
     "NETWORK_NAMES",
     "CheckpointError",
+    "LRBMConfig",
     "build_network",
     "build_deploy_network",
     "canonical_name",
     "check_roi",
     "checkpoint_state_dict",
+    "fixed_input_size",
     "load_network_weights",
     "network_accepts",
+    "network_options",
     "reparameterize_model",
     "set_dwconv_impl",
+    "unwrap_model",
 ]
 
 
@@ -40,20 +49,38 @@ class _Entry:
     target: str  # "module:Class"
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: The options a user sets for this network (command-line flags), each a keyword of the constructor
+    #: with the meaning the flag has for every network that takes it (e.g. ``feature_size`` = the four
+    #: encoder stage widths, so SwinUNETR, whose ``feature_size`` is one int, does not list it).
+    #: ``img_size`` means "pass the ROI". Other constructor keywords stay accepted by build_network.
+    options: tuple[str, ...] = ()
+    #: Takes only inputs of exactly ``img_size`` (a learned positional embedding, fixed windows).
+    fixed_input_size: bool = False
+    #: Has re-parameterisable (foldable) blocks and a ``deploy`` flag (set by build_deploy_network).
     deployable: bool = False
 
 
+# The large-kernel networks: encoder shape, decoder bottleneck, and the kernel / LRBM settings that make
+# their LRBMConfig.
+_LARGE_KERNEL_OPTIONS = (
+    "modulation", "kernel_size", "dwconv", "feature_size", "depths", "hidden_size",
+    "beta", "generator_kernel_size", "generator_depth",
+)
+_REP3D = "networks.Rep3D.network_backbone:REP3D"
+_UXNET = "networks.UXNet_3D.network_backbone:UXNET"
+
 _REGISTRY: dict[str, _Entry] = {
-    "REP3D": _Entry("networks.Rep3D.network_backbone:REP3D", {"modulation": "lrbm"}, "Rep3D with LRBM (the paper's model)", deployable=True),
-    "REP3D_FixedPrior": _Entry("networks.Rep3D.network_backbone:REP3D", {"modulation": "fixed"}, "Rep3D, M = P (ablation)", deployable=True),
-    "REP3D_Vanilla": _Entry("networks.Rep3D.network_backbone:REP3D", {"modulation": "none"}, "Rep3D blocks, plain 21^3 kernel (ablation)", deployable=True),
-    "3DUXNET": _Entry("networks.UXNet_3D.network_backbone:UXNET", {}, "3D UX-Net, kernel 7", deployable=True),
-    "3DUXNET_K21": _Entry("networks.UXNet_3D.network_backbone:UXNET", {"kernel_size": 21}, "3D UX-Net, kernel 21 (ablation)", deployable=True),
-    "3DUXNET_LRBM": _Entry("networks.UXNet_3D.network_backbone:UXNET", {"modulation": "lrbm"}, "3D UX-Net with the LRBM mask (ablation)", deployable=True),
-    "SwinUNETR": _Entry("networks.monai_nets:build_swin_unetr", {}, "MONAI SwinUNETR, feature size 48"),
-    "UNETR": _Entry("networks.monai_nets:build_unetr", {}, "MONAI UNETR, feature size 16, hidden 768"),
-    "nnFormer": _Entry("networks.nnFormer.nnFormer:nnFormer", {}, "nnFormer, crop 96, embed 192"),
-    "TransBTS": _Entry("networks.TransBTS.TransBTS:TransBTS", {}, "TransBTS, img 96, embed 512"),
+    "REP3D": _Entry(_REP3D, {"modulation": "lrbm"}, "Rep3D with LRBM (the paper's model)", _LARGE_KERNEL_OPTIONS, deployable=True),
+    "REP3D_FixedPrior": _Entry(_REP3D, {"modulation": "fixed"}, "Rep3D, M = P (ablation)", _LARGE_KERNEL_OPTIONS, deployable=True),
+    "REP3D_Vanilla": _Entry(_REP3D, {"modulation": "none"}, "Rep3D blocks, plain 21^3 kernel (ablation)", _LARGE_KERNEL_OPTIONS, deployable=True),
+    "3DUXNET": _Entry(_UXNET, {}, "3D UX-Net, kernel 7", _LARGE_KERNEL_OPTIONS, deployable=True),
+    "3DUXNET_K21": _Entry(_UXNET, {"kernel_size": 21}, "3D UX-Net, kernel 21 (ablation)", _LARGE_KERNEL_OPTIONS, deployable=True),
+    "3DUXNET_LRBM": _Entry(_UXNET, {"modulation": "lrbm"}, "3D UX-Net with the LRBM mask (ablation)", _LARGE_KERNEL_OPTIONS, deployable=True),
+    # img_size is only checked (multiples of 32): SwinUNETR takes any such size.
+    "SwinUNETR": _Entry("networks.monai_nets:build_swin_unetr", {}, "MONAI SwinUNETR, feature size 48", ("img_size",)),
+    "UNETR": _Entry("networks.monai_nets:build_unetr", {}, "MONAI UNETR, feature size 16, hidden 768", ("img_size",), fixed_input_size=True),
+    "nnFormer": _Entry("networks.nnFormer.nnFormer:nnFormer", {}, "nnFormer, crop 96, embed 192", ("img_size",), fixed_input_size=True),
+    "TransBTS": _Entry("networks.TransBTS.TransBTS:TransBTS", {}, "TransBTS, img 96, embed 512", ("img_size",), fixed_input_size=True),
 }
 
 NETWORK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -72,6 +99,38 @@ def _constructor(entry: _Entry):
     return getattr(importlib.import_module(module), attr)
 
 
+def network_options(name: str) -> tuple[str, ...]:
+    """The options a user can set for network ``name`` (case-insensitive), as keywords of
+    :func:`build_network`: e.g. ``("modulation", "kernel_size", "dwconv", "feature_size", "depths",
+    "hidden_size", ...)`` for REP3D, ``("img_size",)`` for UNETR. Each has the same meaning for every
+    network that lists it; ``img_size`` means "pass the ROI" (see :func:`fixed_input_size`)."""
+    return _REGISTRY[canonical_name(name)].options
+
+
+def fixed_input_size(name: str) -> bool:
+    """Whether network ``name`` takes only inputs of exactly the ``img_size`` it was built with (UNETR,
+    nnFormer, TransBTS), so that sliding-window inference must use that window. Networks that list
+    ``img_size`` in :func:`network_options` without being fixed-size use it to check or plan for the ROI."""
+    return _REGISTRY[canonical_name(name)].fixed_input_size
+
+
+def _accepted_keywords(ctor) -> set[str] | None:
+    """Keyword parameters of ``ctor``; None when it also takes ``**kwargs`` (the callee decides)."""
+    params = inspect.signature(ctor).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def _unknown_options(key: str, names: Sequence[str]) -> ValueError:
+    entry = _REGISTRY[key]
+    takes = f"its options are {', '.join(entry.options)}" if entry.options else "it has no options"
+    return ValueError(
+        f"network {key} does not accept {', '.join(sorted(names))}: {takes} "
+        f"(and the other keywords of its constructor, {entry.target.replace(':', '.')})."
+    )
+
+
 def build_network(name: str, in_channels: int = 1, out_channels: int = 16, **overrides: Any) -> nn.Module:
     """Build a registered network with the paper's defaults.
 
@@ -79,19 +138,31 @@ def build_network(name: str, in_channels: int = 1, out_channels: int = 16, **ove
         name: one of :data:`NETWORK_NAMES` (case-insensitive).
         in_channels: image channels.
         out_channels: classes, background included.
-        overrides: constructor keywords replacing the defaults, e.g. ``modulation``, ``kernel_size``,
-            ``deploy`` for REP3D; ``dwconv`` (``"auto"``/``"native"``/``"fft"``) for the networks with
-            large depthwise kernels. ``None`` values are ignored, so CLI defaults can pass through.
+        overrides: constructor keywords replacing the defaults: the options of :func:`network_options`
+            (e.g. ``modulation``, ``kernel_size`` for REP3D; ``img_size`` for UNETR), ``deploy`` for the
+            deployable networks, or any other keyword of the network's constructor. ``None`` values are
+            ignored, so CLI defaults can pass through.
+
+    Raises:
+        ValueError: an unknown network, a keyword the network does not take (naming its options), or a
+            bad value (the network's own message).
     """
     key = canonical_name(name)
     entry = _REGISTRY[key]
     kwargs = dict(entry.defaults)
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     ctor = _constructor(entry)
+    accepted = _accepted_keywords(ctor)
+    if accepted is not None and set(kwargs) - accepted:
+        raise _unknown_options(key, list(set(kwargs) - accepted))
     try:
         return ctor(in_channels=in_channels, out_channels=out_channels, **kwargs)
-    except TypeError as err:  # an override the constructor does not know
-        raise ValueError(f"network {key} does not accept these options: {err}") from None
+    except TypeError as err:
+        # A keyword that a **kwargs constructor handed on to a class that does not know it.
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if match is None:
+            raise
+        raise _unknown_options(key, [match.group(1)]) from None
 
 
 def network_accepts(name: str, keyword: str) -> bool:
@@ -103,7 +174,7 @@ def check_roi(model: nn.Module, roi: Sequence[int], in_channels: int = 1) -> Non
     """Raise the network's own ValueError (naming a usable ``--roi``) if it cannot take crops of size
     ``roi``, without running it: lets a script fail before loading any data. Networks built for one
     input size (UNETR, nnFormer, TransBTS) check their ``img_size`` when constructed."""
-    check = getattr(_unwrap(model), "check_input", None)
+    check = getattr(unwrap_model(model), "check_input", None)
     if check is not None:
         check(torch.empty((1, in_channels, *[int(r) for r in roi]), device="meta"))
 
@@ -113,8 +184,16 @@ def is_deployable(name: str) -> bool:
     return _REGISTRY[canonical_name(name)].deployable
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare network inside DDP / DataParallel / ``torch.compile`` wrappers (nested ones too); ``model``
+    itself when unwrapped. The one unwrap helper: use it to save, load, fold or inspect a model."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -127,7 +206,7 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     Returns:
         The folded model (``model`` itself when ``inplace``). Folding twice is harmless.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not inplace:
         model = copy.deepcopy(model)
     for module in list(model.modules()):
@@ -235,7 +314,7 @@ def load_network_weights(model: nn.Module, checkpoint: Any, strict: bool = True)
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         checkpoint = read_checkpoint(str(checkpoint))
     state = checkpoint_state_dict(checkpoint)
-    target = _unwrap(model)
+    target = unwrap_model(model)
     own = target.state_dict()
     if is_reference_layout(state):
         state = _from_reference_layout(state)

@@ -1,4 +1,5 @@
-"""Baselines in the registry: 3D UX-Net (+K21, +LRBM), SwinUNETR, UNETR, nnFormer, TransBTS.
+"""Baselines in the registry: 3D UX-Net (+K21, +LRBM), SwinUNETR, UNETR, nnFormer, TransBTS; and the
+registry's account of each network's options.
 
 Full-size models are only built to count parameters (and, for 3D UX-Net, to compare the state-dict
 layout with the authors' release); everything that runs a forward pass uses reduced widths.
@@ -11,7 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from networks import build_deploy_network, build_network, load_network_weights, reparameterize_model
+import networks
+from networks import (
+    LRBMConfig,
+    build_deploy_network,
+    build_network,
+    fixed_input_size,
+    load_network_weights,
+    network_accepts,
+    network_options,
+    reparameterize_model,
+    unwrap_model,
+)
 from networks.Rep3D import LRBMGenerator, ModulatedDepthwiseConv3d
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "3DUXNET_16cls_state_dict.json"
@@ -47,6 +59,19 @@ TINY = {
     ),
 }
 
+# A value for each option of networks.network_options (img_size: the TINY size of that network).
+OPTION_VALUES = {
+    "modulation": "fixed",
+    "kernel_size": 5,
+    "dwconv": "native",
+    "feature_size": (8, 16, 16, 32),
+    "depths": (1, 1, 1, 1),
+    "hidden_size": 32,
+    "beta": 2.0,
+    "generator_kernel_size": 3,
+    "generator_depth": 1,
+}
+
 
 @pytest.fixture(scope="module")
 def full_uxnet():
@@ -60,7 +85,7 @@ def count(model: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------------ parameter counts
 
 
-@pytest.mark.parametrize("name,classes,millions", PARAM_COUNTS, ids=[p[0] for p in PARAM_COUNTS])
+@pytest.mark.parametrize("name,classes,millions", PARAM_COUNTS, ids=[f"{p[0]}-{p[1]}" for p in PARAM_COUNTS])
 def test_parameter_count_matches_paper(name, classes, millions, full_uxnet):
     model = full_uxnet if name == "3DUXNET" else build_network(name, 1, classes)
     n = count(model)
@@ -118,6 +143,48 @@ def test_bad_roi_at_construction_names_the_roi(name, overrides):
 def test_unknown_override_is_a_value_error():
     with pytest.raises(ValueError, match="does not accept"):
         build_network("nnFormer", 1, 3, not_an_option=1)
+    # Constructors that hand **kwargs on to MONAI: the same message, naming the network's options.
+    for name in ("SwinUNETR", "UNETR"):
+        with pytest.raises(ValueError, match=f"network {name} does not accept not_an_option"):
+            build_network(name, 1, 3, not_an_option=1)
+    with pytest.raises(ValueError, match="its options are img_size"):
+        build_network("UNETR", 1, 3, not_an_option=1)
+
+
+# ------------------------------------------------------------------------------- registry options
+
+
+@pytest.mark.parametrize("name", networks.NETWORK_NAMES)
+def test_declared_options_are_accepted_and_build(name):
+    options = network_options(name)
+    assert isinstance(options, tuple)
+    for option in options:
+        assert network_accepts(name, option), f"{name} declares {option!r}, which its constructor does not take"
+    base = dict(TINY[name][0]) if name in TINY else {}
+    values = {o: (TINY[name][1] if o == "img_size" else OPTION_VALUES[o]) for o in options}
+    model = build_network(name, 1, 3, **{**base, **values})
+    if "modulation" in options:  # the large-kernel networks: every kernel option reached the config
+        assert model.lrbm_config == LRBMConfig(
+            kernel_size=5, modulation="fixed", beta=2.0, generator_kernel_size=3, generator_depth=1, dwconv="native"
+        )
+
+
+def test_img_size_and_fixed_input_size_agree_with_the_constructors():
+    takes_roi = {n for n in networks.NETWORK_NAMES if "img_size" in network_options(n)}
+    assert takes_roi == {n for n in networks.NETWORK_NAMES if network_accepts(n, "img_size")}
+    assert {n for n in networks.NETWORK_NAMES if fixed_input_size(n)} == {"UNETR", "nnFormer", "TransBTS"}
+    assert {n for n in networks.NETWORK_NAMES if fixed_input_size(n)} <= takes_roi
+    assert network_options("rep3d") == network_options("REP3D")  # case-insensitive, like build_network
+    with pytest.raises(ValueError, match="unknown network"):
+        network_options("rep4d")
+
+
+def test_unwrap_model_removes_every_wrapper():
+    net = torch.nn.Conv3d(1, 2, 1)
+    compiled = torch.compile(net)  # compiles lazily: never called here
+    assert unwrap_model(net) is net
+    assert unwrap_model(compiled) is net
+    assert unwrap_model(torch.nn.DataParallel(compiled)) is net
 
 
 # ----------------------------------------------------------------------------- 3D UX-Net layout
