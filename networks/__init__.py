@@ -81,6 +81,10 @@ _REGISTRY: dict[str, _Entry] = {
     "UNETR": _Entry("networks.monai_nets:build_unetr", {}, "MONAI UNETR, feature size 16, hidden 768", ("img_size",), fixed_input_size=True),
     "nnFormer": _Entry("networks.nnFormer.nnFormer:nnFormer", {}, "nnFormer, crop 96, embed 192", ("img_size",), fixed_input_size=True),
     "TransBTS": _Entry("networks.TransBTS.TransBTS:TransBTS", {}, "TransBTS, img 96, embed 512", ("img_size",), fixed_input_size=True),
+    # img_size plans the topology; the network then takes any multiple of its total stride.
+    "nnUNet": _Entry("networks.monai_nets:build_nnunet", {}, "nnU-Net 3d_fullres topology for the ROI (MONAI DynUNet)", ("img_size",)),
+    "UNet3D": _Entry("networks.monai_nets:build_unet3d", {}, "3D U-Net (MONAI UNet, 16-256 channels, 2 residual units)"),
+    "MedNeXt": _Entry("networks.monai_nets:build_mednext", {}, "MONAI MedNeXt, variant B, kernel 3", ("variant", "kernel_size")),
 }
 
 NETWORK_NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -62,16 +62,34 @@ def check_stages(depths: Sequence[int], feature_size: Sequence[int], num_stages:
             check_positive_int(f"every entry of {name}", v)
 
 
-def check_spatial_size(x: torch.Tensor, divisor: int, network: str) -> None:
-    """Raise a ValueError naming a usable ROI if ``x``'s spatial size is not a multiple of ``divisor``."""
+def check_spatial_size(x: torch.Tensor, divisor: int | Sequence[int], network: str) -> None:
+    """Raise a ValueError naming a usable ROI if ``x``'s spatial size is not a multiple of ``divisor``
+    (one int for every axis, or one per axis)."""
     if x.ndim != 5:
         raise ValueError(f"{network} expects a 5-D input (batch, channels, D, H, W), got shape {tuple(x.shape)}.")
-    bad = [s for s in x.shape[2:] if s % divisor]
-    if bad:
-        fix = tuple(max(divisor, round(s / divisor) * divisor) for s in x.shape[2:])
+    size = tuple(int(s) for s in x.shape[2:])
+    divisors = tuple(divisor) if isinstance(divisor, Sequence) else (divisor,) * len(size)
+    if any(s % d for s, d in zip(size, divisors)):
+        fix = tuple(max(d, round(s / d) * d) for s, d in zip(size, divisors))
+        need = divisors[0] if len(set(divisors)) == 1 else divisors
         raise ValueError(
-            f"{network} needs every spatial size to be a multiple of {divisor}, got {tuple(x.shape[2:])}; "
+            f"{network} needs every spatial size to be a multiple of {need}, got {size}; "
             f"use an ROI such as --roi {' '.join(map(str, fix))}."
+        )
+
+
+def check_bottleneck_size(x: torch.Tensor, divisor: int | Sequence[int], network: str) -> None:
+    """Raise a ValueError naming a usable ROI if ``x`` would leave a single voxel at a bottleneck of stride
+    ``divisor`` (per axis, or one int for all): the instance or per-channel group norm there cannot
+    normalise one voxel (an error in training, a constant output otherwise)."""
+    size = tuple(int(s) for s in x.shape[2:])
+    divisors = tuple(divisor) if isinstance(divisor, Sequence) else (divisor,) * len(size)
+    if all(s <= d for s, d in zip(size, divisors)):
+        fix = " ".join(str(max(s, 2 * d)) for s, d in zip(size, divisors))
+        stride = divisors[0] if len(set(divisors)) == 1 else divisors
+        raise ValueError(
+            f"{network} needs inputs with at least one side of twice its total stride ({stride}) or more "
+            f"(its bottleneck would be a single voxel), got {size}; use e.g. --roi {fix}."
         )
 
 

@@ -1,20 +1,37 @@
-"""MONAI's SwinUNETR and UNETR with the settings of the 3D UX-Net / Rep3D comparisons.
+"""MONAI's networks with the settings of the paper's comparisons: SwinUNETR, UNETR, nnU-Net (DynUNet),
+3D U-Net (UNet) and MedNeXt.
 
-Both are MONAI's own classes (subclassed only to check the input size up front with a message that
-names the ROI to use), so MONAI-trained checkpoints load unchanged.
+Each is MONAI's own class, subclassed only to check the input size up front with a message that names
+the ROI to use (``check_input``, also used by :func:`networks.check_roi`), so MONAI-trained checkpoints
+load unchanged. Every one returns plain logits in training and evaluation (no deep-supervision outputs),
+so the loss and inference code need no special case.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
-from monai.networks.nets import SwinUNETR, UNETR
+from monai.networks.nets import DynUNet, MedNeXt, SwinUNETR, UNet, UNETR
 from monai.utils import ensure_tuple_rep
 
-from .blocks import check_fixed_size, check_positive_int, check_spatial_size
+from .blocks import check_bottleneck_size, check_fixed_size, check_positive_int, check_spatial_size
 
-__all__ = ["RoiCheckedSwinUNETR", "RoiCheckedUNETR", "build_swin_unetr", "build_unetr"]
+__all__ = [
+    "MEDNEXT_VARIANTS",
+    "RoiCheckedDynUNet",
+    "RoiCheckedMedNeXt",
+    "RoiCheckedSwinUNETR",
+    "RoiCheckedUNETR",
+    "RoiCheckedUNet",
+    "build_mednext",
+    "build_nnunet",
+    "build_swin_unetr",
+    "build_unet3d",
+    "build_unetr",
+    "plan_nnunet_topology",
+]
 
 # SwinUNETR: patch 2, then four 2x patch mergings: the bottleneck is at stride 2**5.
 _SWIN_DIVISOR = 32
@@ -149,4 +166,322 @@ def build_unetr(
         res_block=res_block,
         dropout_rate=dropout_rate,
         **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# nnU-Net (3d_fullres topology on MONAI's DynUNet)
+
+
+def _refuse_deep_supervision(kwargs: dict, network: str) -> None:
+    if kwargs.get("deep_supervision"):
+        raise ValueError(
+            f"{network} is built without deep supervision: the training and inference code expect one logits "
+            "tensor, not the stacked or tupled outputs of the supervision heads."
+        )
+    kwargs.pop("deep_supervision", None)
+
+
+def plan_nnunet_topology(
+    img_size: Sequence[int] | int,
+    spacing: Sequence[float] | None = None,
+    min_feature_map_size: int = 3,
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Kernel sizes and strides of a U-Net for patches of ``img_size``, by nnU-Net's planning rule.
+
+    The rule of nnU-Net v2's ``get_pool_and_conv_props`` (3d_fullres): halve, together, every axis that
+    is at least ``2 * min_feature_map_size`` long and whose current spacing is within a factor 2 of the
+    finest (a lone axis only while it is at least ``3 * min_feature_map_size`` long); an axis gets
+    3-wide kernels once its spacing is within a factor 2 of the finest (1 before); the bottleneck gets
+    3-wide kernels. Stage 0 has stride 1.
+
+    Args:
+        img_size: the patch (ROI) in voxels, one int or one per axis.
+        spacing: voxel spacing of the patch, one per axis. Defaults to isotropic.
+        min_feature_map_size: shortest bottleneck edge nnU-Net pools down to. Defaults to 3, which plans
+            the paper's 6-stage network (31.2M parameters) for its 96^3 ROI: 96 -> 3. nnU-Net's own
+            default of 4 stops one pooling earlier at 96^3 (bottleneck 6^3, 5 stages, 16.5M), and plans
+            the same 6 stages as 3 does for 128^3 or 160^3 patches.
+
+    Returns:
+        ``(kernel_sizes, strides)``: one tuple per stage each, for ``monai.networks.nets.DynUNet``.
+    """
+    size = [float(s) for s in _roi_tuple(img_size)]
+    dims = len(size)
+    current = [1.0] * dims if spacing is None else [float(s) for s in spacing]
+    if len(current) != dims or not all(s > 0 for s in current):
+        raise ValueError(f"spacing must be {dims} positive numbers, got {spacing!r}.")
+    check_positive_int("min_feature_map_size", min_feature_map_size)
+    kernel = [1] * dims
+    kernels: list[tuple[int, ...]] = []
+    strides: list[tuple[int, ...]] = [(1,) * dims]
+    while True:
+        axes = [i for i in range(dims) if size[i] >= 2 * min_feature_map_size]
+        if not axes:
+            break
+        finest = min(current[i] for i in axes)
+        axes = [i for i in axes if current[i] / finest < 2]
+        if len(axes) == 1 and size[axes[0]] < 3 * min_feature_map_size:
+            break
+        for d in range(dims):
+            if current[d] / min(current) < 2:
+                kernel[d] = 3
+        kernels.append(tuple(kernel))
+        strides.append(tuple(2 if d in axes else 1 for d in range(dims)))
+        for d in axes:
+            size[d] = math.ceil(size[d] / 2)
+            current[d] *= 2
+    kernels.append((3,) * dims)
+    return kernels, strides
+
+
+def _total_strides(strides: Sequence[Sequence[int] | int], dims: int = 3) -> tuple[int, ...]:
+    """Per-axis product of a network's stage strides (the divisor of its input sizes)."""
+    total = [1] * dims
+    for s in strides:
+        for d, v in enumerate(ensure_tuple_rep(s, dims)):
+            total[d] *= int(v)
+    return tuple(total)
+
+
+class RoiCheckedDynUNet(DynUNet):
+    """MONAI's :class:`~monai.networks.nets.DynUNet` whose forward first checks that every spatial size is a
+    multiple of the network's total stride on that axis and leaves more than one bottleneck voxel.
+
+    ``img_size`` (the ROI its topology was planned for) is kept as an attribute for messages.
+    """
+
+    def __init__(self, *args: Any, img_size: Sequence[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.img_size = None if img_size is None else tuple(img_size)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
+        divisors = _total_strides(self.strides, self.spatial_dims)
+        check_spatial_size(x, divisors, "nnUNet")
+        check_bottleneck_size(x, divisors, "nnUNet")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self.check_input(x)
+        return super().forward(x)
+
+
+def _planned_roi(roi: tuple[int, ...], spacing: Sequence[float] | None, min_feature_map_size: int) -> tuple[int, ...]:
+    """The smallest ROI >= ``roi`` whose nnU-Net plan has 3 stages or more and divides it (what to suggest)."""
+    cand = tuple(max(s, 4 * min_feature_map_size) for s in roi)
+    for _ in range(16):
+        _, strides = plan_nnunet_topology(cand, spacing, min_feature_map_size)
+        div = _total_strides(strides, len(cand))
+        new = tuple(math.ceil(s / d) * d for s, d in zip(cand, div))
+        if new == cand and len(strides) >= 3:
+            return cand
+        cand = new
+    return cand
+
+
+def build_nnunet(
+    in_channels: int,
+    out_channels: int,
+    img_size: Sequence[int] | int = (96, 96, 96),
+    spacing: Sequence[float] | None = None,
+    base_filters: int = 32,
+    max_filters: int = 320,
+    min_feature_map_size: int = 3,
+    res_block: bool = False,
+    **kwargs: Any,
+) -> RoiCheckedDynUNet:
+    """nnU-Net's 3d_fullres U-Net for the ROI, on MONAI's DynUNet: 31.190M parameters at 16 classes and the
+    paper's 96^3 ROI (the paper's table: 31.2M).
+
+    "nnU-Net: a self-configuring method for deep learning-based biomedical image segmentation", Isensee et
+    al., Nature Methods 2021. Topology from :func:`plan_nnunet_topology`: at 96^3, six stages of two 3^3
+    convolutions (strides 1, 2, 2, 2, 2, 2), filters 32, 64, 128, 256, 320, 320, instance norm (affine),
+    leaky ReLU 0.01, transposed-convolution upsampling. Built without deep supervision (plain logits).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output classes, background included.
+        img_size: the ROI the topology is planned for. Defaults to (96, 96, 96). The network then takes any
+            input whose sizes are multiples of its total stride per axis (32 at 96^3); sliding-window
+            inference uses the ROI anyway.
+        spacing: voxel spacing of the ROI for the plan (anisotropic spacing pools the fine axes first).
+            Defaults to isotropic.
+        base_filters: filters of the first stage, doubled per stage. Defaults to 32 (nnU-Net's).
+        max_filters: cap on the filters of a stage. Defaults to 320 (nnU-Net's for 3-D).
+        min_feature_map_size: see :func:`plan_nnunet_topology`. Defaults to 3.
+        res_block: residual convolution blocks (nnU-Net's ResEnc-like variant). Defaults to False.
+        kwargs: any other keyword of MONAI's ``DynUNet`` (e.g. ``norm_name``, ``dropout``), except
+            ``deep_supervision``.
+    """
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("out_channels", out_channels)
+    check_positive_int("base_filters", base_filters)
+    check_positive_int("max_filters", max_filters)
+    _refuse_deep_supervision(kwargs, "nnUNet")
+    roi = _roi_tuple(img_size)
+    kernels, strides = plan_nnunet_topology(roi, spacing, min_feature_map_size)
+    divisors = _total_strides(strides, len(roi))
+    if len(strides) < 3 or any(s % d for s, d in zip(roi, divisors)):
+        fix = " ".join(map(str, _planned_roi(roi, spacing, min_feature_map_size)))
+        why = (
+            "is too small for nnU-Net's plan (at least two poolings)"
+            if len(strides) < 3
+            else f"is not a multiple of its plan's total stride {divisors}"
+        )
+        raise ValueError(f"nnUNet: ROI {roi} {why}; use e.g. --roi {fix}.")
+    filters = [min(base_filters * 2**i, max_filters) for i in range(len(strides))]
+    return RoiCheckedDynUNet(
+        spatial_dims=len(roi),
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernels,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=filters,
+        res_block=res_block,
+        deep_supervision=False,
+        img_size=roi,
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# 3D U-Net (MONAI UNet)
+
+
+class RoiCheckedUNet(UNet):
+    """MONAI's :class:`~monai.networks.nets.UNet` whose forward first checks that every spatial size is a
+    multiple of its total stride and leaves more than one bottleneck voxel."""
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
+        divisors = _total_strides(self.strides, self.dimensions)
+        check_spatial_size(x, divisors, "UNet3D")
+        check_bottleneck_size(x, divisors, "UNet3D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self.check_input(x)
+        return super().forward(x)
+
+
+def build_unet3d(
+    in_channels: int,
+    out_channels: int,
+    channels: Sequence[int] = (16, 32, 64, 128, 256),
+    strides: Sequence[int] = (2, 2, 2, 2),
+    num_res_units: int = 2,
+    norm: str | tuple = "instance",
+    **kwargs: Any,
+) -> RoiCheckedUNet:
+    """The 3D U-Net of the paper's table (4.81M parameters) as MONAI's residual ``UNet``.
+
+    The configuration of MONAI's 3-D UNet tutorials: five levels of 16, 32, 64, 128, 256 channels,
+    stride 2, two residual units per level, instance norm, PReLU: 4.810M parameters at 5 classes (the
+    3D UX-Net paper's FLARE setting, where the 4.81M comes from), 4.825M at 16 classes. Inputs must be
+    multiples of 16.
+
+    "3D U-Net: Learning Dense Volumetric Segmentation from Sparse Annotation", Cicek et al., MICCAI 2016
+    (the residual units follow Kerfoot et al., 2018, as MONAI's UNet does).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output classes, background included.
+        channels: channels per level. Defaults to (16, 32, 64, 128, 256).
+        strides: downsampling between levels (one fewer than ``channels``). Defaults to (2, 2, 2, 2).
+        num_res_units: residual units per level. Defaults to 2.
+        norm: normalisation. Defaults to "instance" (MONAI's).
+        kwargs: any other keyword of MONAI's ``UNet`` (e.g. ``dropout``, ``act``).
+    """
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("out_channels", out_channels)
+    if len(strides) != len(channels) - 1:
+        raise ValueError(f"UNet3D needs one stride fewer than channels, got channels={tuple(channels)} and strides={tuple(strides)}.")
+    return RoiCheckedUNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=tuple(channels),
+        strides=tuple(strides),
+        num_res_units=num_res_units,
+        norm=norm,
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# MedNeXt
+
+
+#: MedNeXt variants (Roy et al., MICCAI 2023, Table 1; MONAI's MedNeXtS/B/M/L): expansion ratios per
+#: encoder stage, per decoder stage and at the bottleneck, and blocks per encoder stage, at the
+#: bottleneck and per decoder stage.
+MEDNEXT_VARIANTS: dict[str, dict[str, Any]] = {
+    "S": dict(encoder_expansion_ratio=2, decoder_expansion_ratio=2, bottleneck_expansion_ratio=2,
+              blocks_down=(2, 2, 2, 2), blocks_bottleneck=2, blocks_up=(2, 2, 2, 2)),
+    "B": dict(encoder_expansion_ratio=(2, 3, 4, 4), decoder_expansion_ratio=(4, 4, 3, 2), bottleneck_expansion_ratio=4,
+              blocks_down=(2, 2, 2, 2), blocks_bottleneck=2, blocks_up=(2, 2, 2, 2)),
+    "M": dict(encoder_expansion_ratio=(2, 3, 4, 4), decoder_expansion_ratio=(4, 4, 3, 2), bottleneck_expansion_ratio=4,
+              blocks_down=(3, 4, 4, 4), blocks_bottleneck=4, blocks_up=(4, 4, 4, 3)),
+    "L": dict(encoder_expansion_ratio=(3, 4, 8, 8), decoder_expansion_ratio=(8, 8, 4, 3), bottleneck_expansion_ratio=8,
+              blocks_down=(3, 4, 8, 8), blocks_bottleneck=8, blocks_up=(8, 8, 4, 3)),
+}
+
+
+class RoiCheckedMedNeXt(MedNeXt):
+    """MONAI's :class:`~monai.networks.nets.MedNeXt` whose forward first checks that every spatial size is a
+    multiple of 16 (four 2x downsamplings) and leaves more than one bottleneck voxel."""
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
+        divisor = 2 ** len(self.down_blocks)
+        check_spatial_size(x, divisor, "MedNeXt")
+        check_bottleneck_size(x, divisor, "MedNeXt")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self.check_input(x)
+        return super().forward(x)
+
+
+def build_mednext(
+    in_channels: int,
+    out_channels: int,
+    variant: str = "B",
+    kernel_size: int = 3,
+    init_filters: int = 32,
+    **kwargs: Any,
+) -> RoiCheckedMedNeXt:
+    """MedNeXt, MONAI's implementation: variant B with 3^3 kernels by default (10.51M parameters at 16 classes).
+
+    "MedNeXt: Transformer-driven Scaling of ConvNets for Medical Image Segmentation", Roy et al., MICCAI
+    2023. Residual up/down-sampling blocks, group norm, no GRN, no deep supervision (plain logits), as
+    MONAI's ``MedNeXtS/B/M/L``. Inputs must be multiples of 16. At 16 classes: S 5.55M, B 10.51M,
+    M 17.53M, L 61.73M with 3^3 kernels; L with 5^3 kernels (the paper's best) 62.94M.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output classes, background included.
+        variant: ``"S"``, ``"B"`` (default), ``"M"`` or ``"L"`` (:data:`MEDNEXT_VARIANTS`).
+        kernel_size: depthwise kernel size of every block (odd). Defaults to 3; the paper also trains 5.
+        init_filters: channels of the first stage, doubled per stage. Defaults to 32 (the paper's).
+        kwargs: any other keyword of MONAI's ``MedNeXt`` (overriding the variant's), except ``deep_supervision``.
+    """
+    check_positive_int("in_channels", in_channels)
+    check_positive_int("out_channels", out_channels)
+    check_positive_int("init_filters", init_filters)
+    key = str(variant).upper()
+    if key not in MEDNEXT_VARIANTS:
+        raise ValueError(f"MedNeXt variant must be one of {', '.join(MEDNEXT_VARIANTS)}, got {variant!r}.")
+    if not isinstance(kernel_size, int) or isinstance(kernel_size, bool) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"MedNeXt kernel_size must be a positive odd integer, got {kernel_size!r}; the paper uses 3 or 5.")
+    _refuse_deep_supervision(kwargs, "MedNeXt")
+    settings = {**MEDNEXT_VARIANTS[key], "use_residual_connection": True, "norm_type": "group", "global_resp_norm": False}
+    settings.update(kwargs)
+    return RoiCheckedMedNeXt(
+        spatial_dims=3,
+        init_filters=init_filters,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        deep_supervision=False,
+        **settings,
     )

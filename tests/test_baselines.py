@@ -1,5 +1,5 @@
-"""Baselines in the registry: 3D UX-Net (+K21, +LRBM), SwinUNETR, UNETR, nnFormer, TransBTS; and the
-registry's account of each network's options.
+"""Baselines in the registry: 3D UX-Net (+K21, +LRBM), SwinUNETR, UNETR, nnFormer, TransBTS, nnUNet,
+UNet3D, MedNeXt; and the registry's account of each network's options.
 
 Full-size models are only built to count parameters (and, for 3D UX-Net, to compare the state-dict
 layout with the authors' release); everything that runs a forward pass uses reduced widths.
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.networks.nets import MedNeXtB, MedNeXtL
 
 import networks
 from networks import (
@@ -24,17 +25,22 @@ from networks import (
     reparameterize_model,
     unwrap_model,
 )
+from networks.monai_nets import plan_nnunet_topology
 from networks.Rep3D import LRBMGenerator, ModulatedDepthwiseConv3d
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "3DUXNET_16cls_state_dict.json"
 
-# SPEC section 3: (network, classes, millions of parameters), each to be met within 0.1M.
+# (network, classes, millions of parameters), each to be met within 0.1M: SPEC section 3, and the paper's
+# table for nnU-Net (31.2M) and 3D U-Net (4.81M, which is the count at 5 classes: 4.825M at 16).
 PARAM_COUNTS = [
     ("3DUXNET", 16, 53.007),
     ("SwinUNETR", 16, 62.187),
     ("UNETR", 16, 92.803),
     ("nnFormer", 16, 149.333),
     ("TransBTS", 17, 31.577),
+    ("nnUNet", 16, 31.2),
+    ("UNet3D", 16, 4.81),
+    ("UNet3D", 5, 4.81),
 ]
 
 UX_TINY = dict(depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, kernel_size=5, dwconv="native")
@@ -57,6 +63,10 @@ TINY = {
         (16, 16, 16),
         (24, 16, 16),
     ),
+    # Planned for a 32^3 ROI: strides 1, 2, 2, 2 (total 8), filters 4, 8, 16, 16.
+    "nnUNet": (dict(img_size=32, base_filters=4, max_filters=16), (32, 32, 32), (32, 32, 20)),
+    "UNet3D": (dict(channels=(4, 8, 8, 16, 16)), (32, 32, 32), (32, 32, 24)),
+    "MedNeXt": (dict(variant="S", init_filters=4), (32, 32, 32), (32, 32, 24)),
 }
 
 # A value for each option of networks.network_options (img_size: the TINY size of that network).
@@ -70,6 +80,7 @@ OPTION_VALUES = {
     "beta": 2.0,
     "generator_kernel_size": 3,
     "generator_depth": 1,
+    "variant": "S",
 }
 
 
@@ -90,6 +101,28 @@ def test_parameter_count_matches_paper(name, classes, millions, full_uxnet):
     model = full_uxnet if name == "3DUXNET" else build_network(name, 1, classes)
     n = count(model)
     assert abs(n - millions * 1e6) < 0.1e6, f"{name}: {n / 1e6:.3f}M parameters, SPEC says {millions}M"
+
+
+def test_nnunet_topology_is_planned_for_the_roi():
+    kernels, strides = plan_nnunet_topology((96, 96, 96))
+    assert strides == [(1, 1, 1)] + [(2, 2, 2)] * 5 and kernels == [(3, 3, 3)] * 6
+    # nnU-Net's own bottleneck edge (4) stops one pooling earlier at 96^3; both agree at 128^3.
+    assert len(plan_nnunet_topology(96, min_feature_map_size=4)[1]) == 5
+    assert plan_nnunet_topology(128, min_feature_map_size=4) == plan_nnunet_topology(128)
+    # A short axis stops pooling first; a coarse axis waits (1-wide kernels) until the others catch up.
+    assert plan_nnunet_topology((96, 96, 64))[1][-1] == (2, 2, 1)
+    kernels, strides = plan_nnunet_topology((96, 96, 48), spacing=(1.5, 1.5, 4.0))
+    assert kernels[0] == (3, 3, 1) and strides[1] == (2, 2, 1)
+    net = build_network("nnUNet", 1, 16)  # the paper's settings
+    assert list(net.filters) == [32, 64, 128, 256, 320, 320]
+    assert net.img_size == (96, 96, 96) and not net.deep_supervision
+
+
+@pytest.mark.parametrize("variant,reference", [("B", MedNeXtB), ("L", MedNeXtL)])
+def test_mednext_variants_are_monai_s(variant, reference):
+    ours = build_network("MedNeXt", 1, 16, variant=variant)
+    theirs = reference(spatial_dims=3, in_channels=1, out_channels=16, kernel_size=3)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
 # -------------------------------------------------------------------- forward, backward, gradients
@@ -132,6 +165,8 @@ def test_bad_input_size_names_the_roi(name):
         ("UNETR", dict(img_size=(96, 96, 72))),
         ("nnFormer", dict(img_size=(96, 96, 80))),
         ("TransBTS", dict(img_size=(96, 96, 92))),
+        ("nnUNet", dict(img_size=(96, 96, 100))),
+        ("nnUNet", dict(img_size=(8, 8, 8))),
     ],
 )
 def test_bad_roi_at_construction_names_the_roi(name, overrides):
@@ -144,11 +179,29 @@ def test_unknown_override_is_a_value_error():
     with pytest.raises(ValueError, match="does not accept"):
         build_network("nnFormer", 1, 3, not_an_option=1)
     # Constructors that hand **kwargs on to MONAI: the same message, naming the network's options.
-    for name in ("SwinUNETR", "UNETR"):
+    for name in ("SwinUNETR", "nnUNet", "UNet3D", "MedNeXt"):
         with pytest.raises(ValueError, match=f"network {name} does not accept not_an_option"):
             build_network(name, 1, 3, not_an_option=1)
-    with pytest.raises(ValueError, match="its options are img_size"):
-        build_network("UNETR", 1, 3, not_an_option=1)
+    with pytest.raises(ValueError, match="variant, kernel_size"):
+        build_network("MedNeXt", 1, 3, not_an_option=1)
+
+
+@pytest.mark.parametrize("name", ["nnUNet", "MedNeXt"])
+def test_deep_supervision_is_refused(name):
+    with pytest.raises(ValueError, match="deep supervision"):
+        build_network(name, 1, 3, deep_supervision=True)
+
+
+@pytest.mark.parametrize("name", ["nnUNet", "UNet3D", "MedNeXt"])
+def test_check_roi_refuses_unusable_rois_of_new_baselines(name):
+    overrides, good, bad = TINY[name]
+    model = build_network(name, 1, 3, **overrides)
+    networks.check_roi(model, good)
+    with pytest.raises(ValueError, match="--roi"):
+        networks.check_roi(model, bad)
+    # One bottleneck voxel: its norm cannot normalise it; the message names a larger ROI.
+    with pytest.raises(ValueError, match="single voxel.*--roi"):
+        networks.check_roi(model, (8, 8, 8) if name == "nnUNet" else (16, 16, 16))
 
 
 # ------------------------------------------------------------------------------- registry options
