@@ -55,6 +55,7 @@ __all__ = [
     "str2bool",
     "unwrap_model",
     "write_json",
+    "write_text_atomic",
 ]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -479,15 +480,28 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
     return str(value)
 
 
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so a reader never sees half a file."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``jsonable(obj)`` to ``path`` through a temporary file, so a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(obj), f, indent=1)
-    os.replace(tmp, path)
+    """Write ``jsonable(obj)`` to ``path`` atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(json.dumps(jsonable(obj), indent=1) + "\n", path)
 
 
 def save_checkpoint_atomic(obj: Any, path: str | os.PathLike) -> None:

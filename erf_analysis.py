@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import engine
 import networks
 
 __all__ = [
@@ -76,7 +76,6 @@ __all__ = [
     "radial_profile",
     "run_analysis",
     "summarise_erf",
-    "unwrap",
 ]
 
 AREA_THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
@@ -92,21 +91,10 @@ _RUN_FILES = ("best_metric_model.pth", "checkpoint_last.pth")
 # model inspection
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _find_encoder(model: nn.Module) -> nn.Module | None:
     # REP3D and 3D UX-Net share networks.blocks.HierarchicalEncoder: stem/downsampling layers and a
     # ModuleList of stages, whose i-th entry produces the features of stride 2^(i+1).
-    for module in unwrap(model).modules():
+    for module in engine.unwrap_model(model).modules():
         if isinstance(getattr(module, "stages", None), nn.ModuleList) and hasattr(module, "downsample_layers"):
             return module
     return None
@@ -121,7 +109,7 @@ def encoder_stages(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     encoder = _find_encoder(model)
     if encoder is None:
         raise ValueError(
-            f"{type(unwrap(model)).__name__} has no staged convolutional encoder: the ERF and kernel analysis "
+            f"{type(engine.unwrap_model(model)).__name__} has no staged convolutional encoder: the ERF and kernel analysis "
             "support REP3D (and REP3D_FixedPrior / REP3D_Vanilla) and the 3DUXNET variants."
         )
     return encoder, list(encoder.stages)
@@ -459,7 +447,7 @@ class KernelDynamics:
         kernels = self._kernels(model)
         if not any(kernels):
             raise ValueError(
-                f"{type(unwrap(model)).__name__} has no depthwise kernels in a staged encoder; use "
+                f"{type(engine.unwrap_model(model)).__name__} has no depthwise kernels in a staged encoder; use "
                 "KernelDynamics.for_model(model), which returns None for such networks."
             )
         sizes = {int(w.shape[-1]) for stage in kernels for w in stage}
@@ -483,7 +471,7 @@ class KernelDynamics:
             self.initial = kernels
             if self.init_path:
                 os.makedirs(output_dir, exist_ok=True)
-                _atomic_torch_save({"kernels": kernels}, self.init_path)
+                engine.save_checkpoint_atomic({"kernels": kernels}, self.init_path)
         self.regions = {k: kernel_regions(k) for k in sizes}
 
     @classmethod
@@ -585,7 +573,7 @@ class KernelDynamics:
             kept = [r for r in body if int(r[0]) < step]
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        _atomic_write_text(path, _csv_text([list(self.COLUMNS)] + kept))
+        engine.write_text_atomic(_csv_text([list(self.COLUMNS)] + kept), path)
 
     def record(self, step: int, model: nn.Module, writer: Any = None) -> list[dict]:
         """:meth:`measure`, :meth:`log` and, with an ``output_dir``, :func:`plot_kernel_dynamics`; returns the rows.
@@ -641,49 +629,6 @@ def plot_kernel_dynamics(csv_path: str, png_path: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # files
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON-ready copy: NaN/inf become null, tuples lists, numpy scalars numbers."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _write_json(obj: Any, path: str) -> None:
-    _atomic_write_text(path, json.dumps(_jsonable(obj), indent=1) + "\n")
 
 
 def _pyplot():
@@ -896,10 +841,10 @@ def run_analysis(cfg: ErfConfig, log: Callable[[str], None] = print) -> dict:
             "radial_profile": "mean of the ERF (normalised to its maximum) in unit-width bins of distance from that centre",
             "kernel_regions": f"centre d <= {CENTRE_FRACTION} * (K // 2), periphery d > {PERIPHERY_FRACTION} * (K // 2)",
         },
-        "args": _jsonable(asdict(cfg)),
+        "args": engine.jsonable(asdict(cfg)),
         "checkpoints": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
     }
-    _write_json(report, os.path.join(cfg.output, "erf.json"))
+    engine.write_json(report, os.path.join(cfg.output, "erf.json"))
     plot_erf(results, os.path.join(cfg.output, "erf.png"))
     plot_kernels(results, os.path.join(cfg.output, "kernels.png"))
     log(f"wrote {os.path.join(cfg.output, 'erf.json')}, erf.png and kernels.png")

@@ -26,8 +26,8 @@ from typing import Any, Callable, Sequence
 import engine
 import networks
 from configs import OPTIMIZERS, ConfigError, DataConfig, NetworkConfig, RunConfig, SlidingWindowConfig, TrainConfig, default_warmup
-from load_datasets_transforms import PRESETS, DataError, add_dataset_args, resolve_dataset_config
-from trainer import BEST_CKPT, LAST_CKPT, OOM_ADVICE, Trainer, TrainingError, lr_factor, sync_buffers_from_rank0
+from load_datasets_transforms import DataError, add_dataset_args, resolve_dataset_config
+from trainer import LAST_CKPT, OOM_ADVICE, Trainer, TrainingError, lr_factor, sync_buffers_from_rank0
 
 __all__ = [
     "DEMO_DEFAULTS",

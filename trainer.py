@@ -518,6 +518,8 @@ class Trainer:
 
             # purge_step drops the events a killed run logged after its last checkpoint.
             self.writer = SummaryWriter(self.path("tensorboard"), purge_step=self.step if self.resume_from is not None else None)
+        # Centre vs periphery movement of the large kernels at each validation (the paper's convergence picture).
+        self.dynamics = self.kernel_dynamics() if self.dist.main else None
         self.timer = LoopTimer(self.device)
         self.log(self.describe())
 
@@ -537,6 +539,12 @@ class Trainer:
         if self.frozen:
             line += f"; encoder frozen for the first {t.freeze_encoder} iterations"
         return line
+
+    def kernel_dynamics(self):
+        """The tracker of how far the large kernels moved, centre vs periphery (None for networks without them)."""
+        from erf_analysis import KernelDynamics
+
+        return KernelDynamics.for_model(self.model, output_dir=self.output, resume=self.resume_from is not None)
 
     def teardown(self) -> None:
         if getattr(self, "writer", None) is not None:
@@ -697,6 +705,8 @@ class Trainer:
                 self.writer.add_scalar("val/dice_" + "".join(c if c.isalnum() else "_" for c in name), value, self.step)
             self.writer.flush()
         self._append_metrics_csv(acc)
+        if self.dynamics is not None:
+            self.dynamics.record(self.step, self.model, self.writer)
         try:
             plot_curves(self.history, ds.class_names, self.path("training_curve.png"), self.config.training.loss)
         except Exception as err:  # noqa: BLE001 - a plotting problem must not stop training

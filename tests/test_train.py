@@ -98,6 +98,10 @@ def test_short_run_writes_checkpoints_logs_args_and_plot(demo_root, tmp_path):
     rows = open(os.path.join(out, "validation_metrics.csv")).read().splitlines()
     assert rows[0] == "step,class,dice" and len(rows) == 1 + 2 * 5
     assert {r.split(",")[0] for r in rows[1:]} == {"2", "3"}
+    # Kernel dynamics: one row per validation and encoder stage, plotted beside the training curve.
+    dyn = open(os.path.join(out, "kernel_dynamics.csv")).read().splitlines()
+    assert dyn[0] == "step,stage,centre,periphery" and sorted(r.split(",")[0] for r in dyn[1:]) == ["2"] * 4 + ["3"] * 4
+    assert os.path.isfile(os.path.join(out, "kernel_dynamics.png"))
     timing = summary["timing"]
     assert timing["timed_iterations"] >= 0 and set(summary) >= {"loader", "data_wait_s"}
     args_json = json.load(open(os.path.join(out, "args.json")))
