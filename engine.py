@@ -59,8 +59,6 @@ __all__ = [
 ]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-# Flags of add_network_args that become build_network keywords (dest -> keyword).
-_NETWORK_KWARGS = ("modulation", "kernel_size", "dwconv", "feature_size", "depths", "hidden_size")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,9 +137,7 @@ def network_overrides(name: str, values: Mapping[str, Any], roi: Sequence[int] |
 
 
 def _network_options(name: str) -> tuple[str, ...]:
-    if hasattr(networks, "network_options"):
-        return tuple(networks.network_options(name))
-    return tuple(k for k in _NETWORK_KWARGS if _accepts(name, k))
+    return tuple(networks.network_options(name))
 
 
 def _accepts(network: str, keyword: str) -> bool:
@@ -228,15 +224,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+unwrap_model = networks.unwrap_model  # the one unwrapper (DDP, DataParallel, torch.compile), re-exported
 
 
 # --------------------------------------------------------------------------------------------------

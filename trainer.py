@@ -441,7 +441,7 @@ class Trainer:
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the network's encoder (for ``--freeze_encoder``)."""
-        net = networks.unwrap_model(self.model) if hasattr(networks, "unwrap_model") else engine.unwrap_model(self.model)
+        net = networks.unwrap_model(self.model)
         params = [p for attr in _ENCODER_ATTRS if isinstance(getattr(net, attr, None), nn.Module) for p in getattr(net, attr).parameters()]
         if not params:
             raise ConfigError(f"--freeze_encoder: {self.config.network.name} has no encoder module this code knows; drop the flag")

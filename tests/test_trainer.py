@@ -164,3 +164,14 @@ def test_config_round_trip_and_older_checkpoint_formats():
         RunConfig.from_checkpoint({"format_version": FORMAT_VERSION + 1, "config": {}})
     with pytest.raises(ConfigError, match="--warmup_iters"):
         RunConfig(cfg.network, cfg.data, TrainConfig(max_iter=5, warmup_iters=5)).check()
+
+
+@pytest.mark.parametrize("network", ["nnUNet", "UNet3D", "MedNeXt"])
+def test_the_papers_other_baselines_train_through_main_train(demo_root, tmp_path, network):
+    out = str(tmp_path / network)
+    flags = ["--root", demo_root, "--dataset", "demo", "--output", out, "--roi", "32", "32", "32", "--num_workers", "0", "--network", network]
+    summary = main_train.train(main_train.parse_args([*flags, "--max_iter", "1", "--eval_step", "1", "--sw_batch_size", "1"]), log=lambda m: None)
+    assert summary["steps"] == 1 and summary["network"] == network and 0.0 <= summary["best_metric"] <= 1.0
+    ckpt = torch.load(os.path.join(out, "best_metric_model.pth"), map_location="cpu", weights_only=True)
+    net = RunConfig.from_checkpoint(ckpt).network.build()
+    net.load_state_dict(ckpt["state_dict"])  # the checkpoint rebuilds its network
