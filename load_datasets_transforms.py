@@ -9,7 +9,15 @@ passed with ``--dataset_config``::
     {"spacing": [1.5, 1.5, 2.0], "intensity": "window", "a_min": -125, "a_max": 275,
      "num_classes": 3, "class_names": ["background", "liver", "tumour"], "roi": [96, 96, 96]}
 
-Flags override the JSON file, which overrides the preset named by ``--dataset``.
+Flags override the JSON file, which overrides the preset named by ``--dataset``. With ``--root``
+(or ``--datalist``) and no ``--dataset``, the settings are planned from the data instead
+(:mod:`planning`: target spacing, per-channel normalisation, classes, ROI), and flags override
+what is planned.
+
+Layouts read: nnU-Net v2 raw datasets (``dataset.json`` with ``channel_names``; images
+``case_0000<ending>``, ``case_0001<ending>``, ...), MSD task folders (4-D multi-channel images),
+the folder layout below, datalists. Formats: NIfTI, NRRD, MetaImage and DICOM series folders
+(:mod:`image_io`). A case of several channel files has ``"image": [path per channel]``.
 
 Where the cases are listed (first match wins):
 
@@ -19,7 +27,7 @@ Where the cases are listed (first match wins):
 3. The folder layout ``<root>/{imagesTr,labelsTr,imagesVal,labelsVal,imagesTs}``.
 
 Images and labels are paired by case name, not by sorted position: ``case.nii.gz`` pairs with
-``case.nii.gz``; the nnU-Net channel suffix ``_0000`` of an image and the label suffixes
+``case.nii.gz``; the nnU-Net channel suffixes ``_0000``, ``_0001``, ... of images and the label suffixes
 ``_seg``, ``_label``, ``_labels``, ``_gt``, ``_mask`` are ignored when pairing. When a list has
 no validation cases (no ``imagesVal``, no ``validation`` list, no ``fold`` keys), cases are split
 into 5 folds by sorted name and fold ``--fold`` validates.
@@ -51,7 +59,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     Invertd,
-    LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
@@ -65,6 +73,7 @@ from monai.transforms import (
 )
 
 import demo_data
+import image_io
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +90,12 @@ __all__ = [
     "nifti_files",
     "check_cases",
     "check_dataset",
+    "inspect_cases",
+    "check_input_channels",
+    "describe_validation",
+    "image_files",
+    "dataset_json_channels",
+    "NormalizeChannelsd",
     "get_train_transforms",
     "get_val_transforms",
     "get_test_transforms",
@@ -93,6 +108,8 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 IMAGE_CHANNEL_SUFFIX = "_0000"
+# nnU-Net channel files: "<case>_0000", "<case>_0001", ... (four digits).
+_CHANNEL_RE = re.compile(r"^(.+)_(\d{4})$")
 LABEL_SUFFIXES = ("_seg", "_labels", "_label", "_gt", "_mask")
 N_AUTO_FOLDS = 5
 # Tolerance on the 3 x 4 voxel-to-world matrix when comparing an image with its label: NIfTI
@@ -110,16 +127,28 @@ class DatasetConfig:
     """How one dataset is pre-processed and what its labels mean.
 
     Args:
-        name: preset name (or ``"custom"``), used in logs and run summaries.
+        name: preset name (or ``"custom"``, or ``"planned"`` for a plan made from the data), used
+            in logs and run summaries.
         spacing: target voxel spacing in mm (x, y, z) after resampling, in RAS order.
         intensity: ``"window"`` (clip ``[a_min, a_max]`` and map it to [0, 1], for CT) or
-            ``"zscore"`` (per-volume, per-channel mean/std over non-zero voxels, for MRI).
+            ``"zscore"`` (per-volume, per-channel mean/std over non-zero voxels, for MRI), applied
+            to every channel. With ``normalization`` given it is derived from it: the scheme all
+            channels share (``"window"``, ``"zscore"``, ``"ct"``) or ``"mixed"``.
         a_min: lower window bound (HU for CT); required for ``"window"``, ignored for ``"zscore"``.
         a_max: upper window bound; must be greater than ``a_min``.
         num_classes: number of label classes including background (label values 0..num_classes-1).
         class_names: one name per class, ``class_names[0] == "background"``.
         roi: training crop and sliding-window ROI in voxels (default 96^3, the paper's).
         cache_rate: default fraction of cases cached in memory when ``--cache_rate`` is not given.
+        channel_names: one name per input channel, in file order (nnU-Net ``_0000``, ``_0001``,
+            ...; the channels of a 4-D file); default one channel, ``["image"]``.
+        normalization: ``None`` (every channel as ``intensity`` says) or one dict per channel:
+            ``{"scheme": "ct", "lower": l, "upper": u, "mean": m, "std": s}`` (clip to the
+            dataset's foreground percentiles, then ``(x - m) / s``, as nnU-Net normalises CT),
+            ``{"scheme": "zscore"}`` (per volume, non-zero voxels) or
+            ``{"scheme": "window", "a_min": a, "a_max": b}`` (clip and map to [0, 1]).
+
+    The number of input channels is :attr:`in_channels`.
     """
 
     name: str
@@ -131,21 +160,51 @@ class DatasetConfig:
     class_names: list[str]
     roi: tuple[int, int, int] = (96, 96, 96)
     cache_rate: float = 0.1
+    channel_names: list[str] = field(default_factory=lambda: ["image"])
+    normalization: list[dict] | None = None
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
         self.roi = tuple(int(r) for r in self.roi)  # type: ignore[assignment]
         self.class_names = [str(c) for c in self.class_names]
+        if isinstance(self.channel_names, str):
+            self.channel_names = [c.strip() for c in self.channel_names.split(",") if c.strip()]
+        self.channel_names = [str(c) for c in self.channel_names]
+        if self.normalization is not None:
+            self.normalization = [dict(n) if isinstance(n, dict) else n for n in self.normalization]
+            schemes = {n.get("scheme") for n in self.normalization if isinstance(n, dict)}
+            self.intensity = schemes.pop() if len(schemes) == 1 else "mixed"
+            if self.intensity != "window":
+                self.a_min = self.a_max = None
+            elif self.normalization and isinstance(self.normalization[0], dict):
+                self.a_min, self.a_max = self.normalization[0].get("a_min"), self.normalization[0].get("a_max")
         self.validate()
+
+    @property
+    def in_channels(self) -> int:
+        """Number of input channels (network input channels)."""
+        return len(self.channel_names)
+
+    def channel_norms(self) -> list[dict]:
+        """The normalisation of each channel, one dict per channel (see ``normalization``)."""
+        if self.normalization is not None:
+            return [dict(n) for n in self.normalization]
+        if self.intensity == "window":
+            return [{"scheme": "window", "a_min": self.a_min, "a_max": self.a_max} for _ in self.channel_names]
+        return [{"scheme": "zscore"} for _ in self.channel_names]
 
     def validate(self) -> None:
         """Raise ``ValueError`` saying what to pass when a field is inconsistent."""
         errors = []
         if len(self.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing):
             errors.append(f"spacing must be 3 positive numbers in mm (e.g. --spacing 1.5 1.5 2.0), got {self.spacing}")
-        if self.intensity not in ("window", "zscore"):
+        if self.normalization is None and self.intensity not in ("window", "zscore"):
             errors.append(f"intensity must be 'window' (CT) or 'zscore' (MRI), got {self.intensity!r}")
-        if self.intensity == "window":
+        if not self.channel_names or len(set(self.channel_names)) != len(self.channel_names):
+            errors.append(f"channel_names must be distinct names, one per input channel, got {self.channel_names}")
+        if self.normalization is not None:
+            errors += _normalization_errors(self.normalization, self.channel_names)
+        elif self.intensity == "window":
             if self.a_min is None or self.a_max is None:
                 errors.append("intensity 'window' needs both bounds: pass --a_min and --a_max (e.g. -125 275 for abdominal CT)")
             elif not self.a_min < self.a_max:
@@ -169,7 +228,34 @@ class DatasetConfig:
         d = dataclasses.asdict(self)
         d["spacing"] = list(self.spacing)
         d["roi"] = list(self.roi)
+        d["channel_names"] = list(self.channel_names)
         return d
+
+
+_SCHEME_KEYS = {"window": ("a_min", "a_max"), "ct": ("lower", "upper", "mean", "std"), "zscore": ()}
+
+
+def _normalization_errors(norms, channel_names: list[str]) -> list[str]:
+    """What is wrong with a per-channel ``normalization`` list (empty when nothing is)."""
+    if not isinstance(norms, (list, tuple)):
+        return [f"normalization must be a list with one dict per channel, got {type(norms).__name__}"]
+    errors = []
+    if len(norms) != len(channel_names):
+        errors.append(f"normalization has {len(norms)} entries but there are {len(channel_names)} channels {channel_names}: give one per channel")
+    for i, n in enumerate(norms):
+        where = f"normalization of channel {i} ({channel_names[i] if i < len(channel_names) else '?'})"
+        if not isinstance(n, dict) or n.get("scheme") not in _SCHEME_KEYS:
+            errors.append(f"{where}: expected {{'scheme': 'ct' | 'zscore' | 'window', ...}}, got {n!r}")
+            continue
+        missing = [k for k in _SCHEME_KEYS[n["scheme"]] if not isinstance(n.get(k), (int, float)) or not math.isfinite(n[k])]
+        if missing:
+            errors.append(f"{where}: scheme {n['scheme']!r} needs numbers for {missing}")
+            continue
+        if n["scheme"] == "window" and not n["a_min"] < n["a_max"]:
+            errors.append(f"{where}: a_min ({n['a_min']}) must be below a_max ({n['a_max']})")
+        if n["scheme"] == "ct" and not (n["lower"] < n["upper"] and n["std"] > 0):
+            errors.append(f"{where}: needs lower < upper and std > 0, got {n}")
+    return errors
 
 
 _CT_WINDOW = (-125.0, 275.0)
@@ -200,7 +286,7 @@ PRESETS: dict[str, DatasetConfig] = {
     ),
 }
 
-_CONFIG_KEYS = ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi", "cache_rate")
+_CONFIG_KEYS = ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi", "cache_rate", "channel_names", "normalization")
 
 
 class DataError(ValueError):
@@ -221,14 +307,20 @@ def _generic_class_names(n: int) -> list[str]:
     return ["background"] + [f"class_{i}" for i in range(1, n)]
 
 
-def get_dataset_config(name: str, config_file: str | None = None, **overrides) -> DatasetConfig:
+def get_dataset_config(name: str, config_file: str | None = None, *, base: DatasetConfig | None = None, **overrides) -> DatasetConfig:
     """Build the :class:`DatasetConfig` for a preset or a user's own dataset.
 
     Args:
         name: a key of :data:`PRESETS` or ``"custom"`` (which needs spacing, num_classes and, for
-            ``intensity="window"``, a_min / a_max from ``config_file`` or ``overrides``).
+            ``intensity="window"``, a_min / a_max from ``config_file`` or ``overrides``); any name
+            when ``base`` is given.
         config_file: optional JSON file with any of the keys ``spacing, intensity, a_min, a_max,
-            num_classes, class_names, roi, cache_rate``; it overrides the preset.
+            num_classes, class_names, roi, cache_rate, channel_names, normalization``; it
+            overrides the preset.
+        base: start from this config instead of a preset (e.g. a plan's, :meth:`planning.Plan.dataset_config`).
+            ``intensity`` / ``a_min`` / ``a_max`` given then replace the normalisation of its CT
+            channels (of every channel when none is CT), e.g. a window instead of the planned
+            percentiles; the other channels keep theirs.
         **overrides: the same keys (e.g. from CLI flags); ``None`` values are ignored. They win
             over the JSON file. ``class_names`` may be a list or a comma-separated string.
 
@@ -239,10 +331,12 @@ def get_dataset_config(name: str, config_file: str | None = None, **overrides) -
     Raises:
         ValueError: unknown preset, unreadable JSON, unknown keys or inconsistent values.
     """
-    if name != "custom" and name not in PRESETS:
+    if base is None and name != "custom" and name not in PRESETS:
         raise ValueError(f"unknown --dataset {name!r}: pass one of {sorted(PRESETS)} or 'custom' (with --dataset_config or flags)")
     values: dict = {}
-    if name in PRESETS:
+    if base is not None:
+        values = {**base.to_dict(), "name": name}
+    elif name in PRESETS:
         values = PRESETS[name].to_dict()
     else:
         values = {"name": "custom", "intensity": "window", "a_min": None, "a_max": None, "roi": [96, 96, 96], "cache_rate": 0.1}
@@ -269,8 +363,10 @@ def get_dataset_config(name: str, config_file: str | None = None, **overrides) -
         given["class_names"] = [c.strip() for c in given["class_names"].split(",") if c.strip()]
     elif isinstance(given.get("class_names"), (list, tuple)) and len(given["class_names"]) == 1 and "," in str(given["class_names"][0]):
         given["class_names"] = [c.strip() for c in str(given["class_names"][0]).split(",") if c.strip()]
+    if base is not None and base.normalization is not None and "normalization" not in given and {"intensity", "a_min", "a_max"} & set(given):
+        given["normalization"] = _override_norms(base, given)
     values.update(given)
-    if name == "custom":
+    if name == "custom" and base is None:
         missing = [k for k in ("spacing", "num_classes") if values.get(k) is None]
         if missing:
             raise ValueError(
@@ -288,10 +384,27 @@ def get_dataset_config(name: str, config_file: str | None = None, **overrides) -
     if values.get("intensity") == "zscore":
         values["a_min"] = values["a_min"] if "a_min" in given else None
         values["a_max"] = values["a_max"] if "a_max" in given else None
+    if values.get("normalization") is not None and len(values.get("channel_names") or []) != len(values["normalization"]) and "channel_names" not in given:
+        values["channel_names"] = [f"channel_{i}" for i in range(len(values["normalization"]))]
     try:
         return DatasetConfig(**values)
     except TypeError as e:
         raise ValueError(f"dataset config: {e}") from None
+
+
+def _override_norms(base: DatasetConfig, given: dict) -> list[dict]:
+    """The base's per-channel normalisation with ``--intensity/--a_min/--a_max`` applied to its
+    CT channels (every channel when none is CT)."""
+    norms = base.channel_norms()
+    targets = [i for i, n in enumerate(norms) if n["scheme"] == "ct"] or list(range(len(norms)))
+    intensity = given.get("intensity") or ("window" if given.get("a_min") is not None or given.get("a_max") is not None else None)
+    for i in targets:
+        if intensity == "zscore":
+            norms[i] = {"scheme": "zscore"}
+        elif intensity == "window":
+            # Validation names what is missing when a bound was not given.
+            norms[i] = {"scheme": "window", "a_min": given.get("a_min"), "a_max": given.get("a_max")}
+    return norms
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
@@ -393,21 +506,26 @@ def default_num_workers() -> int:
 
 
 def _strip_ext(filename: str) -> str | None:
-    for ext in NIFTI_EXTENSIONS:
-        if filename.lower().endswith(ext):
-            return filename[: -len(ext)]
-    return None
+    return image_io.strip_ext(filename)
 
 
-def case_name(path: str, role: str = "image") -> str:
+def _image_paths(image) -> list[str]:
+    """The file(s) of a case's ``"image"``: one path, or one per channel."""
+    return [str(p) for p in image] if isinstance(image, (list, tuple)) else [str(image)]
+
+
+def case_name(path, role: str = "image") -> str:
     """Case name of an image or label file: the file name without extension and without the
     nnU-Net channel suffix ``_0000`` (images) or a ``_seg``/``_label``/... suffix (labels).
 
     Args:
-        path: file path.
+        path: file path (a DICOM series folder: its name), or a case's list of channel files
+            (named after the first).
         role: ``"image"`` or ``"label"``.
     """
-    base = os.path.basename(path)
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    base = os.path.basename(os.path.normpath(str(path)))
     stem = _strip_ext(base) or base
     suffixes = (IMAGE_CHANNEL_SUFFIX,) if role == "image" else LABEL_SUFFIXES
     for s in suffixes:
@@ -416,63 +534,117 @@ def case_name(path: str, role: str = "image") -> str:
     return stem
 
 
-def nifti_files(folder: str) -> list[str]:
-    """Sorted NIfTI files (.nii, .nii.gz) of a folder, the rule every listing here uses.
+def image_files(folder: str, series: bool = True) -> list[str]:
+    """Sorted image files of a folder (every format of :data:`image_io.IMAGE_EXTENSIONS`), the
+    rule every listing here uses; with ``series``, DICOM series sub-folders too.
 
-    Hidden files are skipped: MSD archives ship macOS "._case.nii.gz" resource forks.
+    Hidden files are skipped: MSD archives ship macOS "._case.nii.gz" resource forks. The data
+    files of detached headers (``.raw``, ``.zraw`` beside ``.mhd``/``.nhdr``) are not images.
     """
-    return sorted(
-        os.path.join(folder, f)
-        for f in os.listdir(folder)
-        if not f.startswith(".") and _strip_ext(f) is not None and os.path.isfile(os.path.join(folder, f))
-    )
+    out = []
+    for f in os.listdir(folder):
+        p = os.path.join(folder, f)
+        if f.startswith("."):
+            continue
+        if (_strip_ext(f) is not None and os.path.isfile(p)) or (series and image_io.is_dicom_dir(p)):
+            out.append(p)
+    return sorted(out)
+
+
+def nifti_files(folder: str) -> list[str]:
+    """Image files of a folder (all readable formats, despite the older name): :func:`image_files` without DICOM folders."""
+    return image_files(folder, series=False)
 
 
 _nifti_files = nifti_files  # older name, used by test_seg.py
 
 
-def _pair_folder(image_dir: str, label_dir: str | None, problems: list[str], labels_required: bool) -> list[dict]:
-    """Pair the NIfTI files of two folders by case name; collect unpaired files in ``problems``."""
-    images = _nifti_files(image_dir)
+def _ending(path: str) -> str:
+    return image_io.image_ext(path) or ".nii.gz"
+
+
+def _group_channels(images: list[str], problems: list[str], channel_names: list[str] | None = None, skipped: set[str] | None = None) -> list[tuple[str, str | list[str]]]:
+    """Group image files into cases: ``[(case name, path or [path per channel])]``.
+
+    nnU-Net names channels ``case_0000``, ``case_0001``, ...; that naming is taken to be in use
+    when ``channel_names`` (from dataset.json) lists several channels, or when some case has a
+    ``_0000`` file and more. Otherwise every file is a case of its own (a ``_0000`` suffix is
+    still dropped from the name), so cases named e.g. ``patient_2019`` keep their name. A case
+    lacking one of the channels is reported in ``problems`` and left out.
+    """
+    parsed = []
+    for p in images:
+        base = os.path.basename(os.path.normpath(p))
+        stem = _strip_ext(base) or base
+        m = _CHANNEL_RE.match(stem)
+        parsed.append((p, stem, m.group(1) if m else None, int(m.group(2)) if m else None))
+    groups: dict[str, dict[int, str]] = {}
+    for p, _, prefix, idx in parsed:
+        if prefix is not None:
+            groups.setdefault(prefix, {}).setdefault(idx, p)
+    declared = len(channel_names) if channel_names else None
+    channel_naming = (declared or 0) > 1 or any(0 in g and len(g) > 1 for g in groups.values())
+    if not channel_naming:
+        return [(case_name(p, "image"), p) for p, *_ in parsed]
+    n = declared or max(max(g) + 1 for g in groups.values())
+    names = channel_names or [f"channel_{i}" for i in range(n)]
+    out: list[tuple[str, str | list[str]]] = [(stem, p) for p, stem, prefix, _ in parsed if prefix is None]
+    for prefix, g in groups.items():
+        first = g[min(g)]
+        extra = sorted(i for i in g if i >= n)
+        for i in extra:
+            problems.append(f"{g[i]}: channel {i:04d} but the dataset has {n} channel(s) ({', '.join(names)}). Fix: remove the file, or list the channel in dataset.json's channel_names")
+        missing = [i for i in range(n) if i not in g]
+        for i in missing:
+            expected = os.path.join(os.path.dirname(first), f"{prefix}_{i:04d}{_ending(first)}")
+            problems.append(f"{expected}: case {prefix!r} lacks channel {i:04d} ({names[i] if i < len(names) else '?'}); its other channel files are there. Fix: add the file, or move the case's files out")
+        if missing or extra:
+            if skipped is not None:
+                skipped.add(prefix)
+            continue
+        out.append((prefix, g[0] if n == 1 else [g[i] for i in range(n)]))
+    return sorted(out, key=lambda t: t[0])
+
+
+def _pair_folder(image_dir: str, label_dir: str | None, problems: list[str], labels_required: bool, channel_names: list[str] | None = None) -> list[dict]:
+    """Pair the images (grouped by channel) and labels of two folders by case name; collect
+    missing channels and unpaired files in ``problems``."""
+    images = image_files(image_dir)
     if not images:
-        problems.append(f"{image_dir}: no .nii.gz / .nii files found. Fix: put the images there (hidden files are ignored)")
+        problems.append(f"{image_dir}: no image files found ({', '.join(image_io.IMAGE_EXTENSIONS)} or DICOM series folders). Fix: put the images there (hidden files are ignored)")
         return []
-    # nnU-Net multi-channel cases (_0001, _0002, ...) are not supported: Rep3D takes one channel.
-    stems = {_strip_ext(os.path.basename(p)) for p in images}
-    multi = sorted(p for p in images if re.search(r"_000[1-9]$", _strip_ext(os.path.basename(p)) or "")
-                   and re.sub(r"_000[1-9]$", IMAGE_CHANNEL_SUFFIX, _strip_ext(os.path.basename(p)) or "") in stems)
-    for p in multi:
-        problems.append(f"{p}: an extra input channel (nnU-Net '_000N' naming); only single-channel images are supported. Fix: remove the extra channels or merge them into one image")
-    images = [p for p in images if p not in set(multi)]
+    skipped: set[str] = set()
+    grouped = _group_channels(images, problems, channel_names, skipped)
     by_label: dict[str, str] = {}
     label_paths: list[str] = []
     if label_dir is not None and os.path.isdir(label_dir):
-        label_paths = _nifti_files(label_dir)
+        label_paths = image_files(label_dir, series=False)
         # Exact stems first so that a case literally named "x_seg" still pairs with "x_seg".
         for p in label_paths:
             by_label.setdefault(case_name(p, "label"), p)
         for p in label_paths:
             by_label[_strip_ext(os.path.basename(p)) or p] = p
     cases, used, seen = [], set(), {}
-    for img in images:
-        stem = _strip_ext(os.path.basename(img)) or img
-        name = case_name(img, "image")
+    for name, image in grouped:
+        first = _image_paths(image)[0]
+        stem = _strip_ext(os.path.basename(os.path.normpath(first))) or first
         if name in seen:
-            problems.append(f"{img}: same case name {name!r} as {seen[name]}. Fix: keep one file per case (e.g. not both .nii and .nii.gz)")
+            problems.append(f"{first}: same case name {name!r} as {seen[name]}. Fix: keep one file per case (e.g. not both .nii and .nii.gz)")
             continue
-        seen[name] = img
-        lab = by_label.get(stem) or by_label.get(name)
-        case = {"image": img}
+        seen[name] = first
+        lab = by_label.get(name) if isinstance(image, list) else (by_label.get(stem) or by_label.get(name))
+        case = {"image": image}
         if lab is not None:
             case["label"] = lab
             used.add(lab)
         elif labels_required:
-            problems.append(f"{img}: image without a label (expected {os.path.join(label_dir or '?', name + '.nii.gz')}). Fix: add the label file with the same case name, or move the image out")
+            problems.append(f"{first}: image without a label (expected {os.path.join(label_dir or '?', name + _ending(first))}). Fix: add the label file with the same case name, or move the image out")
         cases.append(case)
     if labels_required:
         for lab in label_paths:
-            if lab not in used:
-                problems.append(f"{lab}: label without an image (expected {os.path.join(image_dir, case_name(lab, 'label') + '.nii.gz')}). Fix: add the image with the same case name, or move the label out")
+            # The label of a case left out for a missing channel is not "without an image".
+            if lab not in used and case_name(lab, "label") not in skipped:
+                problems.append(f"{lab}: label without an image (expected {os.path.join(image_dir, case_name(lab, 'label') + _ending(lab))}). Fix: add the image with the same case name, or move the label out")
     return cases
 
 
@@ -481,7 +653,7 @@ def _fold_of(index: int, item: dict) -> int:
     return int(f) if f is not None else index % N_AUTO_FOLDS
 
 
-def _split_folds(items: list[dict], fold: int, source: str, problems: list[str]) -> tuple[list[dict], list[dict]]:
+def _split_folds(items: list[dict], fold: int, source: str, problems: list[str], info: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Train / validation split: by the items' ``fold`` keys, else 5 folds by sorted case name."""
     if not items:
         return [], []
@@ -493,25 +665,52 @@ def _split_folds(items: list[dict], fold: int, source: str, problems: list[str])
         return ordered, []
     train = [{k: v for k, v in it.items() if k != "fold"} for i, it in enumerate(ordered) if _fold_of(i, it) != fold]
     val = [{k: v for k, v in it.items() if k != "fold"} for i, it in enumerate(ordered) if _fold_of(i, it) == fold]
+    if info is not None:
+        info["pooled"] = True
+        if has_folds:
+            info["validation"] = f"fold {fold} of the 'fold' keys in {source}: {len(val)} of {len(ordered)} cases"
+        else:
+            info["validation"] = (
+                f"fold {fold} of {N_AUTO_FOLDS} by sorted case name (cases {fold + 1}, {fold + 1 + N_AUTO_FOLDS}, ... of the sorted list, "
+                f"{len(val)} of {len(ordered)}), as {source} gives no validation set"
+            )
     if not has_folds:
         logger.info("%s has no validation list: fold %d of %d folds by case name validates (%d cases)", source, fold, N_AUTO_FOLDS, len(val))
     return train, val
 
 
-def _resolve(path: str, base: str) -> str:
+def _channel_files(path: str, n: int | None) -> list[str] | None:
+    """``case_0000.ext``, ``case_0001.ext``, ... beside ``path`` (``case.ext`` or ``case_0000.ext``): the
+    first ``n``, or all consecutive ones when ``n`` is None; None when there is no ``_0000`` file."""
+    stem = _strip_ext(path)
+    if stem is None:
+        return None
+    ext = path[len(stem):]
+    m = _CHANNEL_RE.match(os.path.basename(stem))
+    if m and int(m.group(2)) == 0:
+        stem = os.path.join(os.path.dirname(stem), m.group(1))
+    if not os.path.exists(f"{stem}{IMAGE_CHANNEL_SUFFIX}{ext}"):
+        return None
+    files, i = [], 0
+    while (n is None or i < n) and os.path.exists(f"{stem}_{i:04d}{ext}"):
+        files.append(f"{stem}_{i:04d}{ext}")
+        i += 1
+    if n is not None and len(files) < n:
+        files += [f"{stem}_{j:04d}{ext}" for j in range(len(files), n)]  # reported as missing by the checks
+    return files
+
+
+def _resolve(path: str, base: str, channels: int | None = None) -> str | list[str]:
     p = path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
     if not os.path.exists(p):
-        # nnU-Net v1 lists "imagesTr/case.nii.gz" while the file on disk is "case_0000.nii.gz".
-        stem = _strip_ext(p)
-        if stem is not None:
-            ext = p[len(stem):]
-            alt = stem + IMAGE_CHANNEL_SUFFIX + ext
-            if os.path.exists(alt):
-                return alt
+        # nnU-Net v1 lists "imagesTr/case.nii.gz" while the files on disk are "case_0000.nii.gz", "case_0001.nii.gz", ...
+        files = _channel_files(p, channels)
+        if files:
+            return files[0] if len(files) == 1 else files
     return p
 
 
-def _json_items(entries, base: str, source: str, key: str, problems: list[str], labels_required: bool) -> list[dict]:
+def _json_items(entries, base: str, source: str, key: str, problems: list[str], labels_required: bool, channels: int | None = None) -> list[dict]:
     items = []
     if not isinstance(entries, list):
         problems.append(f"{source}: '{key}' must be a list of {{'image': ..., 'label': ...}} entries")
@@ -519,19 +718,19 @@ def _json_items(entries, base: str, source: str, key: str, problems: list[str], 
     for i, e in enumerate(entries):
         if isinstance(e, str):
             e = {"image": e}
-        if not isinstance(e, dict) or "image" not in e:
+        if not isinstance(e, dict) or "image" not in e or not e["image"]:
             problems.append(f"{source}: entry {i} of '{key}' has no 'image'. Fix: give each entry an 'image' path")
             continue
         if isinstance(e["image"], list):
-            if len(e["image"]) != 1:
-                problems.append(f"{source}: entry {i} of '{key}' lists {len(e['image'])} image channels; only single-channel images are supported")
-                continue
-            e = {**e, "image": e["image"][0]}
-        item = {"image": _resolve(str(e["image"]), base)}
+            paths = [_resolve(str(p), base) for p in e["image"]]
+            image = paths[0] if len(paths) == 1 else paths
+        else:
+            image = _resolve(str(e["image"]), base, channels)
+        item = {"image": image}
         if e.get("label") is not None:
             item["label"] = _resolve(str(e["label"]), base)
         elif labels_required:
-            problems.append(f"{item['image']}: entry {i} of '{key}' in {source} has no 'label'. Fix: add the label path")
+            problems.append(f"{_image_paths(image)[0]}: entry {i} of '{key}' in {source} has no 'label'. Fix: add the label path")
             continue
         if "fold" in e:
             item["fold"] = e["fold"]
@@ -539,36 +738,74 @@ def _json_items(entries, base: str, source: str, key: str, problems: list[str], 
     return items
 
 
-def _dataset_json_labels(path: str) -> list[str] | None:
-    """Class names from an MSD ``dataset.json`` ``labels`` map ({"0": "background", ...}), or None."""
+def _read_dataset_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
-            labels = json.load(f).get("labels")
-    except (OSError, json.JSONDecodeError, AttributeError):
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def _dataset_json_classes(path: str) -> tuple[dict[int, str] | None, str | None]:
+    """``({value: name}, None)`` from a dataset.json's ``labels``, ``(None, problem)`` when they
+    cannot be used, ``(None, None)`` when there are none."""
+    data = _read_dataset_json(path)
+    labels = data.get("labels") if data else None
     if not isinstance(labels, dict) or not labels:
-        return None
+        return None, None
     try:
         # MSD maps value -> name; nnU-Net v2 maps name -> value.
         pairs = {int(k): str(v) for k, v in labels.items()}
     except (TypeError, ValueError):
+        if any(isinstance(v, (list, tuple)) for v in labels.values()):
+            return None, f"{path}: region-based labels ({labels}) are not supported. Fix: give each class one label value"
         try:
             pairs = {int(v): str(k) for k, v in labels.items()}
         except (TypeError, ValueError):
-            return None
+            return None, f"{path}: 'labels' {labels} are neither value -> name (MSD) nor name -> value (nnU-Net v2). Fix: write them as one of those"
     if sorted(pairs) != list(range(len(pairs))):
+        return None, f"{path}: label values {sorted(pairs)} are not 0..{len(pairs) - 1}. Fix: number the classes 0, 1, 2, ... (0 background) in dataset.json and in the label files"
+    return pairs, None
+
+
+def _dataset_json_labels(path: str) -> list[str] | None:
+    """Class names from a dataset.json ``labels`` map (MSD or nnU-Net v2), or None."""
+    pairs, _ = _dataset_json_classes(path)
+    return [pairs[i] for i in range(len(pairs))] if pairs else None
+
+
+def dataset_json_channels(path: str) -> list[str] | None:
+    """Channel names from a dataset.json: nnU-Net v2 ``channel_names`` or MSD ``modality``
+    (``{"0": "T2", "1": "ADC"}``), in channel order; None when it names none."""
+    data = _read_dataset_json(path)
+    if not data:
         return None
-    return [pairs[i] for i in range(len(pairs))]
+    names = data.get("channel_names", data.get("modality"))
+    if not isinstance(names, dict) or not names:
+        return None
+    try:
+        pairs = {int(k): str(v) for k, v in names.items()}
+    except (TypeError, ValueError):
+        return None
+    return [pairs[i] for i in sorted(pairs)]
 
 
-def _list_cases(root: str | None, split: str, datalist: str | None, fold: int) -> tuple[list[dict], list[str], str]:
-    """Cases of one split, the problems found on the way and a description of the source."""
+def _list_cases(root: str | None, split: str, datalist: str | None, fold: int, info: dict | None = None) -> tuple[list[dict], list[str], str]:
+    """Cases of one split, the problems found on the way and a description of the source.
+
+    ``info``, when given, receives ``"validation"`` (how the validation cases are chosen, one
+    line) and ``"pooled"`` (True when they are a fold of the training list).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    info = info if info is not None else {}
+    info.setdefault("pooled", False)
     problems: list[str] = []
     labels_required = split != "test"
+    channel_names = None
     if datalist is not None:
         source = datalist
         if not os.path.isfile(datalist):
@@ -589,9 +826,13 @@ def _list_cases(root: str | None, split: str, datalist: str | None, fold: int) -
         except (OSError, json.JSONDecodeError) as e:
             if datalist is not None:
                 return [], [f"{source}: not valid JSON ({e}). Fix: repair the file"], source
+            problems.append(f"{source}: not valid JSON ({e}). Fix: repair the file or remove it")
             data = None
+        if isinstance(data, dict):
+            channel_names = dataset_json_channels(source)
         if datalist is None and not (isinstance(data, dict) and "training" in data):
             data = None  # an nnU-Net v2 dataset.json lists no files: use the folders
+    n_channels = len(channel_names) if channel_names else None
     if isinstance(data, dict):
         if "training" not in data and split != "test":
             return [], [f"{source}: no 'training' list. Fix: list the cases under 'training' (each {{'image', 'label'}})"], source
@@ -601,41 +842,45 @@ def _list_cases(root: str | None, split: str, datalist: str | None, fold: int) -
                 if "validation" in data:
                     key = "validation"
                 else:
-                    tr = _json_items(data.get("training", []), base, source, "training", problems, True)
-                    _, val = _split_folds(tr, fold, source, problems)
+                    tr = _json_items(data.get("training", []), base, source, "training", problems, True, n_channels)
+                    _, val = _split_folds(tr, fold, source, problems, info)
                     return val, problems, source
-            return _json_items(data[key], base, source, key, problems, False), problems, source
-        training = _json_items(data["training"], base, source, "training", problems, True)
+            return _json_items(data[key], base, source, key, problems, False, n_channels), problems, source
+        training = _json_items(data["training"], base, source, "training", problems, True, n_channels)
         if "validation" in data and not any("fold" in it for it in training):
-            val = _json_items(data["validation"], base, source, "validation", problems, True)
+            val = _json_items(data["validation"], base, source, "validation", problems, True, n_channels)
             train = [{k: v for k, v in it.items() if k != "fold"} for it in training]
+            info["validation"] = f"the 'validation' list of {source}: {len(val)} cases"
         else:
-            train, val = _split_folds(training, fold, source, problems)
+            train, val = _split_folds(training, fold, source, problems, info)
         return (train if split == "train" else val), problems, source
-    # Folder layout.
+    # Folder layout (also nnU-Net v2, whose dataset.json names the channels but lists no files).
     source = root
     dirs = {d: os.path.join(root, d) for d in ("imagesTr", "labelsTr", "imagesVal", "labelsVal", "imagesTs", "labelsTs")}
     have = {d: os.path.isdir(p) for d, p in dirs.items()}
     if split == "test":
         for img_d, lab_d in (("imagesTs", "labelsTs"), ("imagesVal", "labelsVal")):
             if have[img_d]:
-                return _pair_folder(dirs[img_d], dirs[lab_d] if have[lab_d] else None, problems, False), problems, dirs[img_d]
+                return _pair_folder(dirs[img_d], dirs[lab_d] if have[lab_d] else None, problems, False, channel_names), problems, dirs[img_d]
         problems.append(f"{root}: no imagesTs or imagesVal folder, nor a dataset.json. Fix: put the images to predict in {dirs['imagesTs']}")
         return [], problems, source
     for d in ("imagesTr", "labelsTr"):
         if not have[d]:
-            problems.append(f"{dirs[d]}: folder missing. Fix: create it with the training {'images' if d.startswith('images') else 'labels'} (.nii.gz), or give --datalist / a dataset.json")
+            problems.append(f"{dirs[d]}: folder missing. Fix: create it with the training {'images' if d.startswith('images') else 'labels'}, or give --datalist / a dataset.json")
     if have["imagesVal"] != have["labelsVal"]:
         missing = "labelsVal" if have["imagesVal"] else "imagesVal"
         problems.append(f"{dirs[missing]}: folder missing while {'imagesVal' if missing == 'labelsVal' else 'labelsVal'} exists. Fix: create it, or remove both to validate on a fold of imagesTr")
     if split == "val" and have["imagesVal"] and have["labelsVal"]:
-        return _pair_folder(dirs["imagesVal"], dirs["labelsVal"], problems, True), problems, dirs["imagesVal"]
+        val = _pair_folder(dirs["imagesVal"], dirs["labelsVal"], problems, True, channel_names)
+        info["validation"] = f"the cases of {dirs['imagesVal']}: {len(val)}"
+        return val, problems, dirs["imagesVal"]
     if not (have["imagesTr"] and have["labelsTr"]):
         return [], problems, source
-    train = _pair_folder(dirs["imagesTr"], dirs["labelsTr"], problems, True)
+    train = _pair_folder(dirs["imagesTr"], dirs["labelsTr"], problems, True, channel_names)
     if have["imagesVal"] or have["labelsVal"]:
+        info["validation"] = f"the cases of {dirs['imagesVal']}"
         return (train if split == "train" else []), problems, dirs["imagesTr"]
-    tr, val = _split_folds(train, fold, dirs["imagesTr"], problems)
+    tr, val = _split_folds(train, fold, dirs["imagesTr"], problems, info)
     return (tr if split == "train" else val), problems, dirs["imagesTr"]
 
 
@@ -643,8 +888,9 @@ def list_cases(root: str | None, split: str, datalist: str | None = None, fold: 
     """List the cases of one split, images paired with labels by case name.
 
     Args:
-        root: dataset folder (folder layout or MSD ``dataset.json``); base of relative paths in
-            ``datalist``. May be ``None`` when ``datalist`` is given.
+        root: dataset folder (folder layout, MSD / nnU-Net v1 ``dataset.json`` with a ``training``
+            list, or nnU-Net v2 raw dataset); base of relative paths in ``datalist``. May be
+            ``None`` when ``datalist`` is given.
         split: ``"train"``, ``"val"`` or ``"test"`` (test: ``imagesTs``, else ``imagesVal``;
             a label is included when one with the same case name exists).
         datalist: optional MONAI datalist JSON, which takes precedence over ``root``'s layout.
@@ -652,10 +898,13 @@ def list_cases(root: str | None, split: str, datalist: str | None = None, fold: 
             split used when no validation cases are listed.
 
     Returns:
-        ``[{"image": path, "label": path}, ...]`` (no ``"label"`` for unlabeled test images).
+        ``[{"image": path, "label": path}, ...]`` (no ``"label"`` for unlabeled test images);
+        ``"image"`` is a list of paths, one per channel, for nnU-Net multi-channel cases
+        (``case_0000``, ``case_0001``, ...); a 4-D file holds its channels itself.
 
     Raises:
-        DataError: listing every missing folder or file and every unpaired image or label.
+        DataError: listing every missing folder or file, every case lacking a channel and
+            every unpaired image or label.
     """
     cases, problems, _ = _list_cases(root, split, datalist, fold)
     if problems:
@@ -663,22 +912,62 @@ def list_cases(root: str | None, split: str, datalist: str | None = None, fold: 
     return cases
 
 
-def list_images(path: str) -> list[dict]:
-    """Inputs for inference from a single NIfTI file or a folder of them: ``[{"image": path}]``.
+def describe_validation(root: str | None, datalist: str | None = None, fold: int = 0) -> str:
+    """How the validation cases are chosen, in one line (for the start line and ``splits.json``).
+
+    E.g. ``"fold 0 of 5 by sorted case name (cases 1, 6, ... of the sorted list, 2 of 10), as
+    DIR/imagesTr gives no validation set"`` or ``"the cases of DIR/imagesVal: 4"``.
+    """
+    info: dict = {}
+    cases, problems, source = _list_cases(root, "val", datalist, fold, info)
+    return info.get("validation") or f"{len(cases)} validation cases from {source}" + (f" ({len(problems)} problems)" if problems else "")
+
+
+def _training_pool(root: str | None, datalist: str | None, fold: int = 0) -> tuple[list[dict], list[str]]:
+    """Every labelled training case (the validation fold too when validation is a fold of the
+    training list, so that a plan does not depend on ``--fold``), and the listing problems."""
+    info: dict = {}
+    train, problems, _ = _list_cases(root, "train", datalist, fold, info)
+    val, val_problems, _ = _list_cases(root, "val", datalist, fold, {})
+    problems += [p for p in val_problems if p not in problems]
+    return (train + val if info.get("pooled") else train), problems
+
+
+def list_images(path: str, channels: int | None = None) -> list[dict]:
+    """Inputs for inference from one image file, a DICOM series folder or a folder of images:
+    ``[{"image": path or [path per channel]}]``.
+
+    Multi-channel cases named the nnU-Net way are grouped: a folder's ``x_0000``, ``x_0001`` form
+    one case, and a single ``x_0000`` file brings its sibling channel files along.
+
+    Args:
+        path: file or folder.
+        channels: the model's input channels, when known (a missing channel file is then named).
 
     Raises:
-        DataError: when the path does not exist or holds no NIfTI file.
+        DataError: when the path does not exist, holds no image or a case lacks a channel.
     """
+    problems: list[str] = []
     if os.path.isfile(path):
         if _strip_ext(os.path.basename(path)) is None:
-            raise DataError([f"{path}: not a NIfTI file (.nii or .nii.gz). Fix: convert it to NIfTI"])
+            raise DataError([f"{path}: not an image file ({', '.join(image_io.IMAGE_EXTENSIONS)}). Fix: convert it, or pass a DICOM series folder"])
+        m = _CHANNEL_RE.match(_strip_ext(os.path.basename(path)) or "")
+        files = _channel_files(path, channels) if m and int(m.group(2)) == 0 and channels != 1 else None
+        if files and len(files) > 1:
+            return [{"image": files}]
+        return [{"image": path}]
+    if image_io.is_dicom_dir(path):
         return [{"image": path}]
     if os.path.isdir(path):
-        files = _nifti_files(path)
+        files = image_files(path)
         if files:
-            return [{"image": p} for p in files]
-        raise DataError([f"{path}: no .nii.gz / .nii files found. Fix: pass a folder of NIfTI images"])
-    raise DataError([f"{path}: not found. Fix: pass an existing NIfTI file or folder"])
+            names = [f"channel_{i}" for i in range(channels)] if channels and channels > 1 else None
+            cases = [{"image": image} for _, image in _group_channels(files, problems, names)]
+            if problems:
+                raise DataError(problems)
+            return cases
+        raise DataError([f"{path}: no image files found ({', '.join(image_io.IMAGE_EXTENSIONS)} or DICOM series folders). Fix: pass a folder of images"])
+    raise DataError([f"{path}: not found. Fix: pass an existing image file or folder"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,6 +987,27 @@ def _gzip_isize_ok(path: str, expected: int) -> bool:
 
 
 def _load_header(path: str, role: str, problems: list[str]):
+    """``(handle, shape, affine)`` of an image or label file, or None with the problem recorded.
+
+    ``shape`` includes a trailing channel axis for 4-D files (NIfTI as stored; other formats
+    as their channel count); ``affine`` is RAS+ mm in every format; ``handle`` is the nibabel
+    image for NIfTI (read lazily), None for the other formats.
+    """
+    if image_io.image_ext(path) not in NIFTI_EXTENSIONS:
+        if not os.path.exists(path):
+            problems.append(f"{path}: {role} file not found. Fix: check the path (or the datalist entry)")
+            return None
+        need = image_io.missing_library(path)
+        if need:
+            problems.append(f"{path}: {need}")
+            return None
+        try:
+            h = image_io.read_header(path)
+        except Exception as e:  # each library raises its own types for broken files
+            problems.append(f"{path}: unreadable or corrupt {role} ({type(e).__name__}: {e}). Fix: re-export or re-download the file")
+            return None
+        shape = tuple(h.shape) + ((h.channels,) if h.channels > 1 or h.ndim > len(h.shape) else ())
+        return None, shape, h.affine
     import nibabel as nib
 
     if not os.path.isfile(path):
@@ -733,79 +1043,179 @@ def _load_header(path: str, role: str, problems: list[str]):
     return img, shape, affine
 
 
-def _spatial_shape(shape: tuple[int, ...], path: str, role: str, problems: list[str]) -> tuple[int, int, int] | None:
-    if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
-        if min(shape[:3]) < 1:
+def _spatial_shape(shape: tuple[int, ...], path: str, role: str, problems: list[str], channels_ok: bool = False) -> tuple[int, int, int] | None:
+    """The 3-D spatial shape; a 4-D shape's last axis is channels (accepted with ``channels_ok``)."""
+    if len(shape) == 3 or (len(shape) == 4 and (shape[3] == 1 or channels_ok)):
+        if min(shape) < 1:
             problems.append(f"{path}: {role} has an empty dimension {shape}. Fix: re-export the volume")
             return None
         return shape[:3]
     if len(shape) == 4:
-        problems.append(f"{path}: {role} is 4-D with {shape[3]} channels/time points {shape}; only single-channel 3-D volumes are supported. Fix: save one channel as a 3-D volume")
+        problems.append(f"{path}: {role} is 4-D with {shape[3]} channels/time points {shape}; a {role} must be one 3-D volume. Fix: save one channel as a 3-D volume")
     else:
-        problems.append(f"{path}: {role} is {len(shape)}-D {shape}; expected a 3-D volume (or 4-D with one channel). Fix: save it as a 3-D NIfTI volume")
+        problems.append(f"{path}: {role} is {len(shape)}-D {shape}; expected a 3-D volume (or 4-D with channels last). Fix: save it as a 3-D volume")
     return None
 
 
-def _check_case(case: dict, num_classes: int, check_labels: bool) -> tuple[list[str], tuple | None]:
+def _label_values(data: np.ndarray) -> np.ndarray:
+    """Distinct values of an integer-valued label array (bincount: much faster than np.unique)."""
+    flat = np.asarray(data).ravel()
+    if flat.size and flat.dtype.kind in "uib" and flat.min() >= 0 and flat.max() < 65536:
+        return np.flatnonzero(np.bincount(flat.astype(np.int64, copy=False)))
+    return np.unique(flat)
+
+
+def _voxels(path: str, handle) -> np.ndarray:
+    if handle is not None:
+        return np.asanyarray(handle.dataobj)
+    data = image_io.read_array(path)
+    return data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
+
+
+def _same_grid(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.allclose(a[:3], b[:3], rtol=1e-5, atol=AFFINE_ATOL_MM))
+
+
+def _channels_text(names: Sequence[str] | None, n: int) -> str:
+    return f"{n} channel{'s' if n != 1 else ''}" + (f" ({', '.join(names)})" if names else "")
+
+
+def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_channels: int | None = None, channel_names: Sequence[str] | None = None) -> tuple[list[str], dict | None]:
+    """Problems of one case and, when its image is usable, ``{"shape", "spacing", "channels",
+    "label_values"}`` (label values None when not read). ``num_classes`` None: values not checked."""
     problems: list[str] = []
     info = None
-    image = _load_header(case["image"], "image", problems)
-    ishape = _spatial_shape(image[1], case["image"], "image", problems) if image else None
-    if image is not None:
-        zooms = np.sqrt((image[2][:3, :3] ** 2).sum(axis=0))
-        if not np.all(np.isfinite(image[2])) or np.any(zooms <= 0) or abs(np.linalg.det(image[2][:3, :3])) < 1e-12:
-            problems.append(f"{case['image']}: degenerate affine (voxel sizes {zooms.round(4).tolist()}). Fix: repair the header's qform/sform")
+    files = _image_paths(case["image"])
+    heads = [_load_header(f, "image", problems) for f in files]
+    spatial = [_spatial_shape(h[1], f, "image", problems, channels_ok=True) if h else None for f, h in zip(files, heads)]
+    ishape = spatial[0]
+    affine = heads[0][2] if heads[0] is not None else None
+    total = sum((h[1][3] if len(h[1]) == 4 else 1) for h in heads if h is not None)
+    for i, (f, h, shp) in enumerate(zip(files[1:], heads[1:], spatial[1:]), start=1):
+        if h is None or shp is None or ishape is None:
+            continue
+        name = f" ({channel_names[i]})" if channel_names and i < len(channel_names) else ""
+        if shp != ishape:
+            problems.append(f"{f}: channel {i}{name} has shape {shp}, channel 0 ({files[0]}) {ishape}. Fix: every channel of a case must be on the same voxel grid; resample it to channel 0")
+        elif not _same_grid(affine, h[2]):
+            diff = float(np.abs(affine[:3] - h[2][:3]).max())
+            problems.append(f"{f}: channel {i}{name} geometry (affine) differs from channel 0's ({files[0]}) by up to {diff:.4g} mm. Fix: resample it onto channel 0 (or re-save it with channel 0's header if the voxels do correspond)")
+    complete = all(h is not None for h in heads)
+    if complete and in_channels is not None and total != in_channels and all(s is not None for s in spatial):
+        want = _channels_text(channel_names, in_channels)
+        if len(files) == 1 and len(heads[0][1]) == 4:
+            problems.append(f"{files[0]}: image is 4-D with {total} channels {heads[0][1]} but the dataset takes {want}. Fix: pass images with those channels, or a --dataset / plan with {total}")
+        else:
+            lacking = f"; missing: {', '.join(channel_names[total:])}" if channel_names and total < len(channel_names) else ""
+            problems.append(f"{files[0]}: case {case_name(files, 'image')!r} has {total} channel{'s' if total != 1 else ''} ({len(files)} file{'s' if len(files) != 1 else ''}) but the dataset takes {want}{lacking}. Fix: give every case the same channels (nnU-Net naming case_0000, case_0001, ...)")
+    if affine is not None:
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        if not np.all(np.isfinite(affine)) or np.any(zooms <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            problems.append(f"{files[0]}: degenerate affine (voxel sizes {zooms.round(4).tolist()}). Fix: repair the header's qform/sform")
         elif ishape is not None:
-            info = (ishape, zooms)
+            info = {"shape": tuple(ishape), "spacing": tuple(float(z) for z in zooms), "channels": total, "label_values": None}
     if "label" not in case:
         return problems, info
     label = _load_header(case["label"], "label", problems)
     lshape = _spatial_shape(label[1], case["label"], "label", problems) if label else None
-    if image is not None and label is not None and ishape is not None and lshape is not None:
+    if heads[0] is not None and label is not None and ishape is not None and lshape is not None:
         if ishape != lshape:
-            problems.append(f"{case['label']}: label shape {lshape} differs from image shape {ishape} ({case['image']}). Fix: the label must be drawn on the image's voxel grid; resample it to the image")
-        elif not np.allclose(image[2][:3], label[2][:3], rtol=1e-5, atol=AFFINE_ATOL_MM):
-            diff = float(np.abs(image[2][:3] - label[2][:3]).max())
+            problems.append(f"{case['label']}: label shape {lshape} differs from image shape {ishape} ({files[0]}). Fix: the label must be drawn on the image's voxel grid; resample it to the image")
+        elif not _same_grid(affine, label[2]):
+            diff = float(np.abs(affine[:3] - label[2][:3]).max())
             problems.append(
-                f"{case['label']}: label affine differs from the image's ({case['image']}) by up to {diff:.4g} mm. "
+                f"{case['label']}: label affine differs from the image's ({files[0]}) by up to {diff:.4g} mm. "
                 "Fix: if the voxels do correspond, re-save the label with the image's header (nibabel.Nifti1Image(label_data, image.affine)); otherwise resample the label onto the image"
             )
     if check_labels and label is not None and lshape is not None:
+        top = f"0..{num_classes - 1}" if num_classes else "0, 1, 2, ..."
         try:
-            data = np.asanyarray(label[0].dataobj)
+            data = _voxels(case["label"], label[0])
         except Exception as e:
             problems.append(f"{case['label']}: corrupt label: the voxel data cannot be read ({type(e).__name__}: {e}). Fix: re-export the file")
             return problems, info
         if data.dtype.kind == "f":
             finite = np.isfinite(data)
             if not finite.all():
-                problems.append(f"{case['label']}: label has NaN/inf values. Fix: store integer class values 0..{num_classes - 1}")
+                problems.append(f"{case['label']}: label has NaN/inf values. Fix: store integer class values {top}")
                 return problems, info
             if not np.array_equal(data, np.round(data)):
-                problems.append(f"{case['label']}: label has non-integer values (an interpolated label?). Fix: store integer class values 0..{num_classes - 1}, resampling labels with nearest neighbour")
+                problems.append(f"{case['label']}: label has non-integer values (an interpolated label?). Fix: store integer class values {top}, resampling labels with nearest neighbour")
                 return problems, info
-        lo, hi = data.min(), data.max()
-        if lo < 0 or hi > num_classes - 1:
-            bad = np.unique(data[(data < 0) | (data > num_classes - 1)])
+        values = _label_values(data)
+        if info is not None:
+            info["label_values"] = [int(v) for v in values]
+        bad = values[(values < 0) | (values > num_classes - 1)] if num_classes else values[values < 0]
+        if bad.size:
             shown = ", ".join(str(int(v)) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
-            problems.append(
-                f"{case['label']}: label values {shown} are outside 0..{num_classes - 1} (num_classes={num_classes}). "
-                "Fix: pass the right --dataset / --num_classes, or remap the label values"
-            )
+            if num_classes:
+                problems.append(
+                    f"{case['label']}: label values {shown} are outside 0..{num_classes - 1} (num_classes={num_classes}). "
+                    "Fix: pass the right --dataset / --num_classes, or remap the label values"
+                )
+            else:
+                problems.append(f"{case['label']}: negative label values {shown}. Fix: store class values 0, 1, 2, ... (0 background)")
     return problems, info
 
 
-def check_cases(cases: list[dict], cfg: DatasetConfig, roi: Sequence[int] | None = None, check_labels: bool = True, num_workers: int = 2) -> None:
-    """Verify cases from their NIfTI headers (and label voxels) before anything is built.
-
-    Checks: files exist and are readable (headers, plus a cheap truncation test of the data);
-    images are 3-D or 4-D with one channel; image and label have the same shape and affine;
-    label values are integers in ``0..cfg.num_classes - 1`` (label voxels are read for this).
-    Volumes smaller than ``roi`` after resampling are only logged: the training chain pads them.
+def inspect_cases(
+    cases: list[dict],
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    channel_names: Sequence[str] | None = None,
+    check_labels: bool = True,
+    num_workers: int = 2,
+) -> tuple[list[str], list[dict | None]]:
+    """Read every case's headers (and label voxels): the problems, and per case its geometry.
 
     Args:
-        cases: ``[{"image": path, "label": path (optional)}, ...]``.
-        cfg: dataset config (class count, spacing).
+        cases: ``[{"image": path or [paths], "label": path (optional)}, ...]``.
+        num_classes: label values must lie in ``0..num_classes - 1``; None: only collected.
+        in_channels: channels each case must have (files x channels per file); None: any.
+        channel_names: names of the channels, for the messages.
+        check_labels: read label voxels (values; the slow part on large data).
+        num_workers: threads reading files in parallel.
+
+    Returns:
+        ``(problems, infos)``: one line per problem; per case ``{"shape", "spacing", "channels",
+        "label_values"}`` or None when its image is unusable.
+    """
+    def one(c: dict):
+        return _check_case(c, num_classes, check_labels, in_channels, channel_names)
+
+    workers = max(1, min(int(num_workers or 1), len(cases), 8))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as ex:
+            results = list(ex.map(one, cases))
+    else:
+        results = [one(c) for c in cases]
+    return [p for probs, _ in results for p in probs], [info for _, info in results]
+
+
+def _note_small_volumes(cases: list[dict], infos: list[dict | None], cfg: DatasetConfig, roi: Sequence[int]) -> None:
+    small = 0
+    for case, info in zip(cases, infos):
+        if info is not None:
+            resampled = [s * z / t for s, z, t in zip(info["shape"], info["spacing"], cfg.spacing)]
+            if any(r < c for r, c in zip(resampled, roi)):
+                small += 1
+                logger.info("%s: about %s voxels after resampling, smaller than the crop %s: it will be zero-padded", _image_paths(case["image"])[0], [round(r) for r in resampled], roi)
+    if small:
+        logger.warning("%d case(s) are smaller than the crop %s after resampling and will be padded", small, roi)
+
+
+def check_cases(cases: list[dict], cfg: DatasetConfig, roi: Sequence[int] | None = None, check_labels: bool = True, num_workers: int = 2) -> None:
+    """Verify cases from their headers (and label voxels) before anything is built.
+
+    Checks: files exist and are readable (headers, plus a cheap truncation test of NIfTI data);
+    each case has ``cfg.in_channels`` channels (files x channels of 4-D files), all on one voxel
+    grid; labels are 3-D with the image's shape and affine; label values are integers in
+    ``0..cfg.num_classes - 1`` (label voxels are read for this). Volumes smaller than ``roi``
+    after resampling are only logged: the training chain pads them.
+
+    Args:
+        cases: ``[{"image": path or [path per channel], "label": path (optional)}, ...]``.
+        cfg: dataset config (class count, channels, spacing).
         roi: training crop, for the "will be padded" note; defaults to ``cfg.roi``.
         check_labels: read label voxels to check their values (the slow part on large data).
         num_workers: threads reading files in parallel.
@@ -816,25 +1226,94 @@ def check_cases(cases: list[dict], cfg: DatasetConfig, roi: Sequence[int] | None
     roi = tuple(roi or cfg.roi)
     if not cases:
         raise DataError(["no cases to check. Fix: point --root / --datalist at a dataset with images"])
-    workers = max(1, min(int(num_workers or 1), len(cases), 8))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as ex:
-            results = list(ex.map(lambda c: _check_case(c, cfg.num_classes, check_labels), cases))
-    else:
-        results = [_check_case(c, cfg.num_classes, check_labels) for c in cases]
-    problems = [p for probs, _ in results for p in probs]
-    small = 0
-    for case, (_, info) in zip(cases, results):
-        if info is not None:
-            shape, zooms = info
-            resampled = [s * z / t for s, z, t in zip(shape, zooms, cfg.spacing)]
-            if any(r < c for r, c in zip(resampled, roi)):
-                small += 1
-                logger.info("%s: about %s voxels after resampling, smaller than the crop %s: it will be zero-padded", case["image"], [round(r) for r in resampled], roi)
-    if small:
-        logger.warning("%d case(s) are smaller than the crop %s after resampling and will be padded", small, roi)
+    problems, infos = inspect_cases(cases, cfg.num_classes, cfg.in_channels, cfg.channel_names, check_labels, num_workers)
+    _note_small_volumes(cases, infos, cfg, roi)
     if problems:
         raise DataError(problems)
+
+
+def check_input_channels(cases: list[dict] | list[str], cfg: DatasetConfig) -> list[str]:
+    """Problems of inference inputs whose channels are not those the model was trained with.
+
+    Each problem names the case's file and which channel (by name, and the file expected under
+    nnU-Net naming) is missing or extra. Headers only; no voxel is read.
+
+    Args:
+        cases: ``[{"image": path or [path per channel]}]`` (e.g. from :func:`list_images`) or paths.
+        cfg: the model's dataset config (``channel_names``).
+
+    Returns:
+        One line per problem; empty when every input fits.
+    """
+    problems: list[str] = []
+    names = list(cfg.channel_names)
+    for c in cases:
+        files = _image_paths(c["image"] if isinstance(c, dict) else c)
+        counts = []
+        for f in files:
+            h = _load_header(f, "image", problems)
+            counts.append(None if h is None else (h[1][3] if len(h[1]) == 4 else 1))
+        if None in counts:
+            continue
+        total = sum(counts)
+        if total == len(names):
+            continue
+        if total < len(names):
+            first = files[0]
+            stem = _strip_ext(os.path.basename(first)) or os.path.basename(first)
+            m = _CHANNEL_RE.match(stem)
+            lacking = []
+            for i in range(total, len(names)):
+                where = f" (expected {os.path.join(os.path.dirname(first), f'{m.group(1)}_{i:04d}{_ending(first)}')})" if m else ""
+                lacking.append(f"channel {i} '{names[i]}'{where}")
+            problems.append(f"{first}: has {_channels_text(None, total)} but the model was trained with {_channels_text(names, len(names))}; missing {', '.join(lacking)}. Fix: give every channel (nnU-Net naming: case_0000, case_0001, ...; or one 4-D file)")
+        else:
+            problems.append(f"{files[0]}: has {_channels_text(None, total)} ({len(files)} file(s)) but the model was trained with {_channels_text(names, len(names))}. Fix: pass only those channels, in that order")
+    return problems
+
+
+def _dataset_json_problems(root: str | None, cfg: DatasetConfig | None, infos: list[dict | None], n_train: int | None) -> list[str]:
+    """What a root's dataset.json says that the config or the files contradict: class count,
+    label values found in the label files but not declared, channel count, numTraining."""
+    if not root:
+        return []
+    path = os.path.join(root, "dataset.json")
+    data = _read_dataset_json(path)
+    if data is None:
+        return []
+    problems = []
+    pairs, problem = _dataset_json_classes(path)
+    if problem:
+        problems.append(problem)
+    if pairs is not None:
+        labels = [pairs[i] for i in range(len(pairs))]
+        if cfg is not None and len(labels) != cfg.num_classes:
+            problems.append(
+                f"{path}: lists {len(labels)} labels {labels} but --dataset {cfg.name} has {cfg.num_classes} classes. "
+                "Fix: pass the matching --dataset, or --num_classes / --class_names"
+            )
+        found: dict[int, int] = {}
+        for info in infos:
+            for v in (info or {}).get("label_values") or []:
+                found[v] = found.get(v, 0) + 1
+        extra = sorted(v for v in found if v not in pairs)
+        if extra:
+            declared = ", ".join(f"{v} {n}" for v, n in sorted(pairs.items()))
+            problems.append(
+                f"{path}: its labels ({declared}) disagree with the label files, which also hold "
+                + ", ".join(f"{v} (in {found[v]} file{'s' if found[v] != 1 else ''})" for v in extra)
+                + ". Fix: add those classes to dataset.json's 'labels', or correct the label files"
+            )
+        absent = [f"{v} {pairs[v]}" for v in sorted(pairs) if v and found and v not in found and all(i is not None for i in infos)]
+        if absent:
+            logger.warning("%s: labels %s appear in no label file", path, absent)
+    channels = dataset_json_channels(path)
+    if channels and cfg is not None and len(channels) != cfg.in_channels:
+        problems.append(f"{path}: names {_channels_text(channels, len(channels))} but --dataset {cfg.name} takes {_channels_text(cfg.channel_names, cfg.in_channels)}. Fix: plan from the data (no --dataset) or pass matching data")
+    num = data.get("numTraining")
+    if isinstance(num, int) and n_train is not None and "training" not in data and num != n_train:
+        problems.append(f"{path}: numTraining is {num} but {os.path.join(root, 'imagesTr')} holds {n_train} labelled cases. Fix: correct numTraining, or add the missing cases")
+    return problems
 
 
 def check_dataset(
@@ -849,33 +1328,40 @@ def check_dataset(
 ) -> dict[str, list[dict]]:
     """List and verify several splits, reporting every problem of all of them in one DataError.
 
-    Also checks that an MSD ``dataset.json``'s ``labels`` count matches ``cfg.num_classes``.
+    Also checks the root's ``dataset.json`` against the config and the files: its class count,
+    label values found in the label files that it does not declare, its channel count and
+    ``numTraining``.
 
     Returns:
         ``{split: cases}`` for each requested split.
     """
     problems: list[str] = []
     out: dict[str, list[dict]] = {}
+    pooled: dict = {}
     for split in splits:
-        cases, probs, source = _list_cases(root, split, datalist, fold)
+        info: dict = {}
+        cases, probs, source = _list_cases(root, split, datalist, fold, info)
+        pooled[split] = info.get("pooled")
         problems.extend(p for p in probs if p not in problems)
         if not cases and not probs:
             hint = "imagesVal/labelsVal" if split == "val" else ("imagesTs" if split == "test" else "imagesTr/labelsTr")
             problems.append(f"{source}: no {split} cases found. Fix: add cases ({hint}) or check --datalist / --fold")
         out[split] = cases
-    if root and datalist is None:
-        labels = _dataset_json_labels(os.path.join(root, "dataset.json"))
-        if labels is not None and len(labels) != cfg.num_classes:
-            problems.append(
-                f"{os.path.join(root, 'dataset.json')}: lists {len(labels)} labels {labels} but --dataset {cfg.name} has {cfg.num_classes} classes. "
-                "Fix: pass the matching --dataset, or --num_classes / --class_names"
-            )
     all_cases = [c for split in splits for c in out[split]]
+    infos: list[dict | None] = []
     if all_cases:
-        try:
-            check_cases(all_cases, cfg, roi=roi, check_labels=check_labels, num_workers=num_workers)
-        except DataError as e:
-            problems.extend(e.problems)
+        probs, infos = inspect_cases(all_cases, cfg.num_classes, cfg.in_channels, cfg.channel_names, check_labels, num_workers)
+        problems.extend(probs)
+        _note_small_volumes(all_cases, infos, cfg, tuple(roi or cfg.roi))
+    if root and datalist is None:
+        n_train = len(out["train"]) + len(out["val"]) if "train" in out and "val" in out and pooled.get("train") else None
+        start, labelled_infos = 0, []
+        for split in splits:
+            n = len(out[split])
+            if split != "test":
+                labelled_infos += infos[start : start + n] if infos else []
+            start += n
+        problems.extend(p for p in _dataset_json_problems(root, cfg, labelled_infos, n_train) if p not in problems)
     if problems:
         raise DataError(problems)
     return out
@@ -886,20 +1372,98 @@ def check_dataset(
 # --------------------------------------------------------------------------------------------
 
 
+class NormalizeChannelsd(MapTransform):
+    """Per-channel intensity normalisation, one scheme per channel (see ``DatasetConfig.normalization``).
+
+    ``window``: clip to ``[a_min, a_max]`` and map to [0, 1]; ``ct``: clip to ``[lower, upper]``
+    then ``(x - mean) / std`` with the dataset's foreground statistics (nnU-Net's CT scheme);
+    ``zscore``: this volume's mean/std over its non-zero voxels.
+
+    Args:
+        keys: keys of channel-first images.
+        norms: one dict per channel.
+    """
+
+    def __init__(self, keys, norms: Sequence[dict]) -> None:
+        super().__init__(keys)
+        self.norms = [dict(n) for n in norms]
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != len(self.norms):
+                raise ValueError(f"{key} has {img.shape[0]} channels but the normalisation {len(self.norms)}; the dataset config and the inputs disagree")
+            out = img.float().clone() if not img.is_floating_point() else img.clone()
+            for c, n in enumerate(self.norms):
+                x = out[c]
+                if n["scheme"] == "window":
+                    out[c] = (x.clamp(n["a_min"], n["a_max"]) - n["a_min"]) / (n["a_max"] - n["a_min"])
+                elif n["scheme"] == "ct":
+                    out[c] = (x.clamp(n["lower"], n["upper"]) - n["mean"]) / max(n["std"], 1e-8)
+                else:
+                    mask = x != 0
+                    if bool(mask.any()):
+                        v = x[mask]
+                        std = float(v.std()) if v.numel() > 1 else 0.0
+                        x[mask] = (v - v.mean()) / (std if std > 0 else 1.0)
+                        out[c] = x
+            d[key] = out
+        return d
+
+
+class _AboveThresholds:
+    """Foreground for the crop, per channel: raw value above that channel's threshold (picklable for loader workers)."""
+
+    def __init__(self, thresholds: Sequence[float]) -> None:
+        self.thresholds = [float(t) for t in thresholds]
+
+    def __call__(self, img):
+        t = torch.as_tensor(self.thresholds, dtype=img.dtype if torch.is_tensor(img) and img.is_floating_point() else torch.float32)
+        if not torch.is_tensor(img):
+            return np.asarray(img) > np.asarray(self.thresholds).reshape((-1,) + (1,) * (np.ndim(img) - 1))
+        return img > t.to(img.device).reshape((-1,) + (1,) * (img.ndim - 1))
+
+
+# Air is about -1000 HU, the body above about -200: the crop keeps the bounding box of what is
+# above this, unless the CT channel's own lower bound is lower (e.g. lung or airway targets).
+_CT_BODY_HU = -500.0
+
+
+def _crop_thresholds(cfg: DatasetConfig) -> list[float]:
+    out = []
+    for n in cfg.channel_norms():
+        if n["scheme"] == "window":
+            out.append(n["a_min"])
+        elif n["scheme"] == "ct":
+            out.append(min(n["lower"], _CT_BODY_HU))
+        else:
+            out.append(0.0)  # MRI-like: the background is 0
+    return out
+
+
 def _intensity(cfg: DatasetConfig) -> list:
+    if cfg.normalization is not None:
+        return [NormalizeChannelsd(keys="image", norms=cfg.normalization)]
     if cfg.intensity == "window":
         return [ScaleIntensityRanged(keys="image", a_min=cfg.a_min, a_max=cfg.a_max, b_min=0.0, b_max=1.0, clip=True)]
     return [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
 
 
 def _preprocess(cfg: DatasetConfig, keys: list[str], modes: list[str]) -> list:
-    """Load, channel first, resample, orient RAS, intensity, crop to the foreground."""
+    """Load (every format of :mod:`image_io`; a case's channel files are stacked, a 4-D file's
+    last axis is its channels), channel first, resample, orient RAS, intensity, crop to the foreground."""
     chain = [
-        LoadImaged(keys=keys, image_only=True),
+        image_io.load_image_transform(keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
         Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes),
         Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
+    if cfg.normalization is not None:
+        # Per-channel schemes: crop on the raw values first, each channel against its own
+        # threshold (a CT channel's z-scored air is not 0), then normalise.
+        crop = CropForegroundd(keys=keys, source_key="image", select_fn=_AboveThresholds(_crop_thresholds(cfg)), allow_smaller=True)
+        return chain + [crop] + _intensity(cfg)
     crop = CropForegroundd(keys=keys, source_key="image", allow_smaller=True)
     if cfg.intensity == "window":
         # After windowing, air is exactly 0, so "> 0" is the body.
@@ -989,7 +1553,7 @@ def get_test_transforms(cfg: DatasetConfig, keep_label: bool = False) -> Compose
     chain = _preprocess(cfg, ["image"], ["bilinear"])
     if keep_label:
         chain = [
-            LoadImaged(keys="label", image_only=True, allow_missing_keys=True),
+            image_io.load_image_transform("label", image_only=True, allow_missing_keys=True),
             EnsureChannelFirstd(keys="label", allow_missing_keys=True),
         ] + chain
     return Compose(chain)
