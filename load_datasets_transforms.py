@@ -92,6 +92,7 @@ __all__ = [
     "check_dataset",
     "inspect_cases",
     "check_input_channels",
+    "resolve_dataset",
     "describe_validation",
     "image_files",
     "dataset_json_channels",
@@ -447,6 +448,86 @@ def add_dataset_args(parser: argparse.ArgumentParser, training: bool = True) -> 
     _add(parser, "--crop_ratios", type=float, nargs="+", default=None, metavar="R", help="class-balanced crops for small structures: one ratio per class, background first (e.g. 1 1 4 for a rare class 2); default: the paper's 1:1 foreground/background crops")
 
 
+def resolve_dataset(
+    name: str | None,
+    root: str | None = None,
+    datalist: str | None = None,
+    config_file: str | None = None,
+    *,
+    fold: int = 0,
+    num_workers: int = 2,
+    roi_multiple: int = 16,
+    **overrides,
+):
+    """The :class:`DatasetConfig` selected by the data flags, and the plan it came from (or None).
+
+    * no ``name``, no ``root``, no ``datalist``: the ``demo`` preset;
+    * no ``name`` but ``root`` or ``datalist``: planned from the training cases
+      (:func:`planning.plan_dataset`; nnU-Net v2, MSD, folder layout or datalist), then
+      ``config_file`` and ``overrides`` applied on top (a window given with ``a_min``/``a_max``
+      replaces the planned normalisation of the CT channels, see :func:`get_dataset_config`);
+    * ``name``: the preset (or ``custom``) with ``config_file`` and ``overrides``; for ``custom``
+      without ``num_classes`` the classes of ``<root>/dataset.json`` and its channel names are used.
+
+    A ``root`` or ``datalist`` that does not exist is reported as such, together with anything
+    else wrong with the flags, in one :class:`DataError`.
+
+    Args:
+        name: ``--dataset``.
+        root: ``--root``.
+        datalist: ``--datalist``.
+        config_file: ``--dataset_config``.
+        fold: ``--fold`` (which cases are listed as validation; the plan uses them all).
+        num_workers: threads reading files while planning.
+        roi_multiple: every planned ROI side is a multiple of this (the network's factor).
+        **overrides: ``spacing, intensity, a_min, a_max, num_classes, class_names, roi`` (None = not given).
+
+    Returns:
+        ``(config, plan)``; ``plan`` is a :class:`planning.Plan` when planned, else None.
+
+    Raises:
+        DataError: a missing folder / file (with every other flag problem), or problems in the data
+            found while planning (every one listed).
+        ValueError: inconsistent flags, with a message naming the flag to fix.
+    """
+    missing = []
+    if root is not None and not os.path.isdir(root):
+        missing.append(f"{root}: dataset folder not found. Fix: pass an existing folder to --root")
+    if datalist is not None and not os.path.isfile(datalist):
+        missing.append(f"{datalist}: datalist file not found. Fix: pass the path of a MONAI datalist JSON to --datalist")
+    overrides = dict(overrides)
+    if name is None and root is None and datalist is None:
+        name = "demo"
+    if missing and name is None:
+        raise DataError(missing)
+    if missing:
+        # A named config does not need the data to be built (the listing reports a missing
+        # folder later); when it cannot be built, the missing folder is the first thing to fix.
+        try:
+            return get_dataset_config(name, config_file, **overrides), None
+        except ValueError as e:
+            raise DataError(missing + [str(e)]) from None
+    if name is None:
+        import planning  # planning imports this module
+
+        roi = overrides.get("roi")
+        plan = planning.plan_dataset(
+            root, datalist=datalist, fold=fold, roi=tuple(roi) if roi is not None else (96, 96, 96),
+            roi_multiple=roi_multiple, num_workers=num_workers,
+        )
+        return get_dataset_config("planned", config_file, base=plan.dataset_config(), **overrides), plan
+    if name == "custom" and root and config_file is None:
+        if overrides.get("num_classes") is None and overrides.get("class_names") is None:
+            labels = _dataset_json_labels(os.path.join(root, "dataset.json"))
+            if labels:
+                overrides["num_classes"] = len(labels)
+                overrides["class_names"] = labels
+        channels = dataset_json_channels(os.path.join(root, "dataset.json"))
+        if channels and overrides.get("channel_names") is None:
+            overrides["channel_names"] = channels
+    return get_dataset_config(name, config_file, **overrides), None
+
+
 def resolve_dataset_config(
     name: str | None,
     root: str | None = None,
@@ -454,33 +535,15 @@ def resolve_dataset_config(
     config_file: str | None = None,
     **overrides,
 ) -> DatasetConfig:
-    """The :class:`DatasetConfig` selected by the data flags (plain values, as :func:`add_dataset_args` defines them).
+    """The :class:`DatasetConfig` of :func:`resolve_dataset` (without the plan).
 
-    ``name`` defaults to ``"demo"`` when neither ``root`` nor ``datalist`` is given. For ``custom``
-    without ``num_classes``, the ``labels`` of ``<root>/dataset.json`` (MSD) are used if present.
-
-    Args:
-        name: ``--dataset``.
-        root: ``--root``.
-        datalist: ``--datalist``.
-        config_file: ``--dataset_config``.
-        **overrides: ``spacing, intensity, a_min, a_max, num_classes, class_names, roi`` (None = not given).
+    ``name`` defaults to ``"demo"`` when neither ``root`` nor ``datalist`` is given, and to a
+    plan made from the data when one of them is.
 
     Raises:
-        ValueError: with a message naming the flag to fix.
+        DataError / ValueError: as :func:`resolve_dataset`.
     """
-    if name is None:
-        if root is None and datalist is None:
-            name = "demo"
-        else:
-            raise ValueError(f"--dataset is required with --root: pass one of {sorted(PRESETS)} or 'custom'")
-    overrides = dict(overrides)
-    if name == "custom" and overrides.get("num_classes") is None and overrides.get("class_names") is None and root and config_file is None:
-        labels = _dataset_json_labels(os.path.join(root, "dataset.json"))
-        if labels:
-            overrides["num_classes"] = len(labels)
-            overrides["class_names"] = labels
-    return get_dataset_config(name, config_file, **overrides)
+    return resolve_dataset(name, root, datalist, config_file, **overrides)[0]
 
 
 def config_from_args(args) -> DatasetConfig:  # TEMPORARY shim while test_seg.py moves to resolve_dataset_config

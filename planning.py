@@ -1,0 +1,429 @@
+"""Plan the pre-processing of a dataset from its fingerprint, as nnU-Net does, for ``--root`` alone.
+
+The fingerprint of the labelled training cases is read from their headers (shape, spacing,
+channels) and a bounded sample of voxels (the label values of every case; at most
+``samples_per_case`` foreground intensities per CT channel from at most ``max_intensity_cases``
+cases). The plan derived from it:
+
+* **target spacing**: the median spacing per axis; when the data are strongly anisotropic (the
+  coarsest axis' median spacing more than 3x the next one's, and that axis more than 3x shorter
+  in voxels), the coarse axis takes the 10th percentile of its spacings instead (nnU-Net's
+  rule: resampling every case to the median slice thickness would interpolate most of them).
+* **normalisation per channel**: CT channels are clipped to the 0.5 / 99.5 percentiles of the
+  foreground (label > 0) intensities pooled over the cases, then z-scored with the foreground
+  mean / std; every other channel is z-scored per volume. A channel is CT when dataset.json
+  names it so (``channel_names`` / ``modality``); without a dataset.json, when its lowest
+  intensities look like air in Hounsfield units (0.5th percentile at or below -500).
+* **classes**: from dataset.json's ``labels`` (MSD value -> name, nnU-Net v2 name -> value), else
+  ``0..max`` of the values found in the label files, named ``background, class_1, ...``.
+* **ROI**: 96^3 by default, reduced on an axis where the median resampled shape is smaller, to
+  that shape rounded up to a multiple of ``roi_multiple`` (the network's down-sampling factor).
+
+The plan is written as ``plan.json`` (:meth:`Plan.save`) and gives the
+:class:`~load_datasets_transforms.DatasetConfig` to train with (:meth:`Plan.dataset_config`).
+Example::
+
+    plan = plan_dataset("Dataset004_Hippocampus")
+    print(plan.describe())
+    cfg = plan.dataset_config()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+import image_io
+import load_datasets_transforms as ldt
+
+__all__ = ["Plan", "plan_dataset", "load_plan", "ANISOTROPY_RATIO", "CT_PERCENTILES"]
+
+PLAN_VERSION = 1
+#: Coarse-axis spacing over the next coarsest above which the data count as anisotropic.
+ANISOTROPY_RATIO = 3.0
+#: Foreground intensity percentiles a CT channel is clipped to.
+CT_PERCENTILES = (0.5, 99.5)
+# A channel whose 0.5th percentile is at or below this looks like CT (air is about -1000 HU);
+# MRI, PET and most other intensities are non-negative.
+_AIR_HU = -500.0
+
+
+@dataclass
+class Plan:
+    """A dataset's plan: what training and inference do with its images, and why.
+
+    Attributes:
+        source: the dataset folder (or datalist) it was planned from.
+        layout: ``"nnunet_v2"``, ``"msd"`` (dataset.json with a training list), ``"folder"`` or ``"datalist"``.
+        n_cases: labelled cases the fingerprint was read from.
+        channel_names: one name per input channel.
+        modalities: per channel, ``"CT"`` or the name dataset.json gives (``"MRI"`` when guessed non-CT).
+        modality_source: ``"dataset.json"``, ``"guessed from intensities"`` or ``"given"``.
+        normalization: per channel, as ``DatasetConfig.normalization``.
+        intensity_stats: per channel, the foreground statistics (CT channels) or None.
+        spacing: target spacing (mm), per voxel axis.
+        spacing_rule: how it was chosen, in words.
+        median_spacing: median spacing of the cases.
+        median_shape: median shape in voxels of the cases.
+        median_resampled_shape: median shape after resampling to ``spacing``.
+        roi: training crop / sliding window.
+        roi_multiple: what every ROI side is a multiple of.
+        num_classes: classes including background.
+        class_names: one name per class.
+        label_values: values found in the label files.
+        notes: anything worth a look (classes absent from the labels, ...).
+    """
+
+    source: str
+    layout: str
+    n_cases: int
+    channel_names: list[str]
+    modalities: list[str]
+    modality_source: str
+    normalization: list[dict]
+    intensity_stats: list[dict | None]
+    spacing: list[float]
+    spacing_rule: str
+    median_spacing: list[float]
+    median_shape: list[float]
+    median_resampled_shape: list[float]
+    roi: list[int]
+    roi_multiple: int
+    num_classes: int
+    class_names: list[str]
+    label_values: list[int]
+    notes: list[str] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (the content of ``plan.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str) -> str:
+        """Write the plan as JSON (``plan.json`` in a run's output folder); returns ``path``."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    def dataset_config(self, name: str = "planned", cache_rate: float = 0.1) -> ldt.DatasetConfig:
+        """The :class:`~load_datasets_transforms.DatasetConfig` this plan describes."""
+        return ldt.DatasetConfig(
+            name=name,
+            spacing=tuple(self.spacing),
+            intensity="zscore",  # derived from normalization by DatasetConfig
+            a_min=None,
+            a_max=None,
+            num_classes=self.num_classes,
+            class_names=list(self.class_names),
+            roi=tuple(self.roi),
+            cache_rate=cache_rate,
+            channel_names=list(self.channel_names),
+            normalization=[dict(n) for n in self.normalization],
+        )
+
+    def describe(self) -> str:
+        """The plan in a few lines, for the start of a run."""
+        lines = [f"plan of {self.source} ({self.layout}, {self.n_cases} labelled cases):"]
+        for name, mod, norm in zip(self.channel_names, self.modalities, self.normalization):
+            if norm["scheme"] == "ct":
+                how = f"CT: clip [{norm['lower']:.4g}, {norm['upper']:.4g}] (foreground p{CT_PERCENTILES[0]}/p{CT_PERCENTILES[1]}), z-score with mean {norm['mean']:.4g}, std {norm['std']:.4g}"
+            elif norm["scheme"] == "window":
+                how = f"window [{norm['a_min']:.4g}, {norm['a_max']:.4g}] -> [0, 1]"
+            else:
+                how = "z-score per volume"
+            lines.append(f"  channel {name!r} ({mod}, {self.modality_source}): {how}")
+        lines.append(f"  spacing {_fmt(self.spacing)} mm ({self.spacing_rule}); median shape {_fmt(self.median_shape, 0)} -> {_fmt(self.median_resampled_shape, 0)} resampled")
+        lines.append(f"  roi {'x'.join(str(r) for r in self.roi)} (multiples of {self.roi_multiple})")
+        lines.append(f"  {self.num_classes} classes: {', '.join(f'{i} {n}' for i, n in enumerate(self.class_names))}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
+    return "x".join(f"{v:.{digits}f}".rstrip("0").rstrip(".") if digits else str(int(round(v))) for v in values)
+
+
+def load_plan(path: str) -> Plan:
+    """Read a ``plan.json`` written by :meth:`Plan.save`.
+
+    Raises:
+        ValueError: when the file is missing or not a plan.
+    """
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return Plan.from_dict(d)
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable plan.json ({type(e).__name__}: {e}). Fix: pass the plan.json of a training run, or plan again") from None
+
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray, ratio: float = ANISOTROPY_RATIO) -> tuple[list[float], str]:
+    """Median spacing, with the low-resolution axis at the 10th percentile of its spacings when
+    the data are anisotropic in both spacing and voxel count (see the module docstring).
+
+    Args:
+        spacings: ``(n_cases, 3)`` spacings in mm.
+        shapes: ``(n_cases, 3)`` shapes in voxels.
+        ratio: anisotropy threshold.
+
+    Returns:
+        The spacing and the rule that gave it, in words.
+    """
+    target = np.percentile(spacings, 50, axis=0)
+    size = np.percentile(shapes, 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(3) if i != worst]
+    coarse_spacing = target[worst] > ratio * max(target[i] for i in others)
+    few_voxels = size[worst] * ratio < min(size[i] for i in others)
+    if not (coarse_spacing and few_voxels):
+        return [float(t) for t in target], "median spacing"
+    low = float(np.percentile(spacings[:, worst], 10))
+    finest_other = float(max(target[i] for i in others))
+    if low < finest_other:  # never finer than the other axes: the coarse axis stays the coarse one
+        low = finest_other + 1e-5
+    target[worst] = low
+    return [float(t) for t in target], f"median spacing, axis {worst} anisotropic (> {ratio:g}x): its 10th percentile {low:.4g} mm"
+
+
+def plan_roi(median_resampled_shape: Sequence[float], roi: Sequence[int] = (96, 96, 96), roi_multiple: int = 16) -> list[int]:
+    """``roi``, reduced on an axis where the median resampled shape is smaller, to that shape
+    rounded up to a multiple of ``roi_multiple`` (one window then covers the volume)."""
+    if roi_multiple < 1:
+        raise ValueError(f"roi_multiple must be a positive integer, got {roi_multiple}")
+    out = []
+    for m, r in zip(median_resampled_shape, roi):
+        fit = max(roi_multiple, int(math.ceil(float(m) / roi_multiple)) * roi_multiple)
+        out.append(int(min(int(r), fit)))
+    return out
+
+
+def _case_samples(case: dict, n_channels: int, samples_per_case: int, seed: int, whole_image: bool) -> tuple[list[np.ndarray], list[np.ndarray], str | None]:
+    """Per channel: foreground voxels (label > 0) and, with ``whole_image``, voxels anywhere
+    (random subsets of at most ``samples_per_case``); or a problem."""
+    try:
+        arrays = []
+        for f in ldt._image_paths(case["image"]):
+            a = np.asarray(image_io.read_array(f), dtype=np.float32)
+            arrays += [a[..., c] for c in range(a.shape[3])] if a.ndim == 4 else [a]
+        label = np.asarray(image_io.read_array(case["label"]))
+        if label.ndim == 4:
+            label = label[..., 0]
+    except Exception as e:  # the checks name broken files; planning only skips them
+        return [], [], f"{case['label']}: could not be read for planning ({type(e).__name__}: {e})"
+    rng = np.random.default_rng(seed)
+    fg_idx = np.flatnonzero(label.ravel() > 0)
+    if fg_idx.size > samples_per_case:
+        fg_idx = rng.choice(fg_idx, samples_per_case, replace=False)
+    all_idx = rng.integers(0, label.size, size=min(samples_per_case, label.size)) if whole_image else None
+    fg, anywhere = [], []
+    for a in arrays[:n_channels]:
+        flat = a.ravel()
+        fg.append(flat[fg_idx] if flat.size == label.size else np.empty(0, np.float32))
+        anywhere.append(flat[all_idx] if all_idx is not None and flat.size == label.size else np.empty(0, np.float32))
+    return fg, anywhere, None
+
+
+def _layout(root: str | None, datalist: str | None) -> str:
+    if datalist is not None:
+        return "datalist"
+    data = ldt._read_dataset_json(os.path.join(root, "dataset.json")) if root else None
+    if data is None:
+        return "folder"
+    return "msd" if "training" in data else ("nnunet_v2" if "channel_names" in data or "file_ending" in data else "folder")
+
+
+def plan_dataset(
+    root: str | None,
+    cases: list[dict] | None = None,
+    *,
+    datalist: str | None = None,
+    fold: int = 0,
+    roi: Sequence[int] = (96, 96, 96),
+    roi_multiple: int = 16,
+    modalities: Sequence[str] | None = None,
+    max_intensity_cases: int = 50,
+    samples_per_case: int = 10000,
+    num_workers: int = 2,
+    seed: int = 0,
+) -> Plan:
+    """Fingerprint a dataset's labelled training cases and plan its pre-processing.
+
+    Every problem found on the way (listing, unreadable files, channels missing or on another
+    grid, label files that disagree with dataset.json) is reported in one DataError.
+
+    Args:
+        root: dataset folder (nnU-Net v2 raw dataset, MSD task folder or MONAI folder layout);
+            may be None with ``datalist``.
+        cases: the cases to plan from; default: every labelled training case (the validation
+            fold included when validation is a fold of the training list, so the plan does
+            not depend on ``fold``).
+        datalist: MONAI datalist JSON, as for :func:`load_datasets_transforms.list_cases`.
+        fold: passed to the listing (only which cases are listed as train/val).
+        roi: the largest ROI (the paper's 96^3).
+        roi_multiple: every ROI side is a multiple of this (16 for REP3D and 3D UX-Net).
+        modalities: per channel, ``"CT"`` or anything else (z-score); overrides dataset.json and the guess.
+        max_intensity_cases: at most this many cases (evenly spread) are read for intensities.
+        samples_per_case: foreground voxels sampled per case and channel.
+        num_workers: threads reading files.
+        seed: seed of the voxel sampling (the plan is deterministic for a given seed).
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        DataError: listing every problem found.
+    """
+    for path, what in ((root, "dataset folder"), (datalist, "datalist file")):
+        if path is not None and not os.path.exists(path):
+            flag = "--root" if what.startswith("dataset") else "--datalist"
+            raise ldt.DataError([f"{path}: {what} not found. Fix: pass an existing {'folder' if flag == '--root' else 'file'} to {flag}"])
+    problems: list[str] = []
+    if cases is None:
+        cases, listing = ldt._training_pool(root, datalist, fold)
+        problems += listing
+    json_path = os.path.join(root, "dataset.json") if root else None
+    declared_channels = ldt.dataset_json_channels(json_path) if json_path else None
+    pairs, class_problem = ldt._dataset_json_classes(json_path) if json_path else (None, None)
+    if class_problem:
+        problems.append(class_problem)
+    if not cases:
+        if not problems:
+            problems.append(f"{root or datalist}: no labelled training cases found. Fix: put images in imagesTr and labels in labelsTr (or list them in dataset.json / --datalist)")
+        raise ldt.DataError(problems)
+    n_declared = len(declared_channels) if declared_channels else None
+    case_problems, infos = ldt.inspect_cases(cases, None, n_declared, declared_channels, True, num_workers)
+    problems += case_problems
+    counts = Counter(i["channels"] for i in infos if i is not None)
+    n_channels = n_declared or (counts.most_common(1)[0][0] if counts else 1)
+    if n_declared is None:
+        for case, info in zip(cases, infos):
+            if info is not None and info["channels"] != n_channels:
+                problems.append(f"{ldt._image_paths(case['image'])[0]}: {info['channels']} channel(s) while most cases have {n_channels}. Fix: give every case the same channels")
+    good = [(c, i) for c, i in zip(cases, infos) if i is not None and i["channels"] == n_channels]
+    # numTraining is compared only when nothing else is wrong: a case left out for a missing
+    # channel would be counted twice.
+    n_train = len(cases) if _layout(root, datalist) == "nnunet_v2" and not problems else None
+    problems += [p for p in ldt._dataset_json_problems(root, None, infos, n_train) if p not in problems]
+    if problems or not good:
+        raise ldt.DataError(problems or [f"{root or datalist}: no usable case to plan from"])
+
+    spacings = np.array([i["spacing"] for _, i in good], dtype=np.float64)
+    shapes = np.array([i["shape"] for _, i in good], dtype=np.float64)
+    spacing, rule = target_spacing(spacings, shapes)
+    resampled = np.median(shapes * spacings / np.asarray(spacing), axis=0)
+    roi_planned = plan_roi(resampled, roi, roi_multiple)
+
+    notes: list[str] = []
+    found = sorted({v for _, i in good for v in (i["label_values"] or [])})
+    if pairs is not None:
+        num_classes, class_names = len(pairs), [pairs[k] for k in range(len(pairs))]
+        absent = [f"{k} {pairs[k]}" for k in range(1, num_classes) if k not in found]
+        if absent:
+            notes.append(f"classes {', '.join(absent)} of dataset.json appear in no label file")
+    else:
+        num_classes = max(2, (max(found) + 1) if found else 2)
+        class_names = ["background"] + [f"class_{k}" for k in range(1, num_classes)]
+        gaps = [k for k in range(1, num_classes) if k not in found]
+        if gaps:
+            notes.append(f"label values {gaps} appear in no label file; they still get a network output each")
+
+    # Intensities: every CT channel needs foreground samples; without declared modalities every
+    # channel needs whole-image samples too, for the guess.
+    names = declared_channels or (["image"] if n_channels == 1 else [f"channel_{k}" for k in range(n_channels)])
+    if modalities is not None:
+        if len(modalities) != n_channels:
+            raise ldt.DataError([f"modalities {list(modalities)} name {len(modalities)} channels but the cases have {n_channels}"])
+        mods, mod_source = [str(m) for m in modalities], "given"
+    elif declared_channels:
+        mods, mod_source = list(declared_channels), "dataset.json"
+    else:
+        mods, mod_source = [None] * n_channels, "guessed from intensities"
+    need_samples = mod_source == "guessed from intensities" or any(str(m).strip().upper() == "CT" for m in mods)
+    fg_pool: list[list[np.ndarray]] = [[] for _ in range(n_channels)]
+    any_pool: list[list[np.ndarray]] = [[] for _ in range(n_channels)]
+    n_read = 0
+    if need_samples:
+        pick = np.unique(np.linspace(0, len(good) - 1, num=min(len(good), max_intensity_cases)).round().astype(int))
+        whole = mod_source == "guessed from intensities"
+
+        def one(k: int):
+            return _case_samples(good[k][0], n_channels, samples_per_case, seed + int(k), whole)
+
+        workers = max(1, min(int(num_workers or 1), len(pick), 8))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as ex:
+                results = list(ex.map(one, pick))
+        else:
+            results = [one(k) for k in pick]
+        for fg, anywhere, problem in results:
+            if problem:
+                notes.append(problem)
+                continue
+            n_read += 1
+            for c in range(min(n_channels, len(fg))):
+                fg_pool[c].append(fg[c])
+                any_pool[c].append(anywhere[c])
+    if mod_source == "guessed from intensities":
+        for c in range(n_channels):
+            sample = np.concatenate(any_pool[c]) if any_pool[c] else np.empty(0)
+            mods[c] = "CT" if sample.size and float(np.percentile(sample, 0.5)) <= _AIR_HU else "MRI"
+    norms: list[dict] = []
+    stats: list[dict | None] = []
+    for c in range(n_channels):
+        if str(mods[c]).strip().upper() != "CT":
+            norms.append({"scheme": "zscore"})
+            stats.append(None)
+            continue
+        fg = np.concatenate(fg_pool[c]) if fg_pool[c] else np.empty(0)
+        if fg.size < 2:
+            fg = np.concatenate(any_pool[c]) if any_pool[c] and sum(a.size for a in any_pool[c]) > 1 else fg
+            notes.append(f"channel {names[c]!r}: no foreground voxels to sample; CT statistics from the whole image")
+        if fg.size < 2:
+            norms.append({"scheme": "zscore"})
+            stats.append(None)
+            notes.append(f"channel {names[c]!r}: no voxels sampled; z-scored per volume instead")
+            continue
+        lo, hi = (float(v) for v in np.percentile(fg, CT_PERCENTILES))
+        mean, std = float(fg.mean()), float(fg.std())
+        if not hi > lo:
+            hi = lo + 1.0
+        norms.append({"scheme": "ct", "lower": lo, "upper": hi, "mean": mean, "std": std if std > 0 else 1.0})
+        stats.append({"percentile_00_5": lo, "percentile_99_5": hi, "mean": mean, "std": std, "median": float(np.median(fg)),
+                      "min": float(fg.min()), "max": float(fg.max()), "n_samples": int(fg.size), "n_cases": n_read})
+    return Plan(
+        source=str(root or datalist),
+        layout=_layout(root, datalist),
+        n_cases=len(good),
+        channel_names=list(names),
+        modalities=[str(m) for m in mods],
+        modality_source=mod_source,
+        normalization=norms,
+        intensity_stats=stats,
+        spacing=[round(float(s), 6) for s in spacing],
+        spacing_rule=rule,
+        median_spacing=[float(s) for s in np.median(spacings, axis=0)],
+        median_shape=[float(s) for s in np.median(shapes, axis=0)],
+        median_resampled_shape=[float(s) for s in resampled],
+        roi=roi_planned,
+        roi_multiple=int(roi_multiple),
+        num_classes=int(num_classes),
+        class_names=class_names,
+        label_values=[int(v) for v in found],
+        notes=notes,
+    )

@@ -1,0 +1,421 @@
+"""Own datasets as people have them: nnU-Net v2 / MSD / MONAI folders, several channels, other
+formats, settings planned from the data (planning.py, image_io.py, load_datasets_transforms.py).
+
+Every dataset is synthetic, 16-32 voxels a side, written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import image_io  # noqa: E402
+import load_datasets_transforms as ldt  # noqa: E402
+import planning  # noqa: E402
+from load_datasets_transforms import DataError  # noqa: E402
+
+needs_itk = pytest.mark.skipif(importlib.util.find_spec("itk") is None, reason=f"itk not installed ({image_io.EXTRA_HINT})")
+
+
+def affine(spacing=(1.5, 1.5, 2.0), origin=(10.0, -20.0, 5.0)) -> np.ndarray:
+    a = np.diag([*spacing, 1.0])
+    a[:3, 3] = origin
+    return a
+
+
+def save(path, array, aff=None, dtype=None) -> str:
+    path = str(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    array = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
+    nib.save(nib.Nifti1Image(array, affine() if aff is None else aff), path)
+    return path
+
+
+def phantom(shape=(20, 18, 12), seed=0, ct=True, num_classes=3):
+    """``(image, label)``: a body (CT: soft tissue in air; MRI: positive in zero background) with
+    one slab per foreground class."""
+    rng = np.random.default_rng(seed)
+    image = np.full(shape, -1000.0 if ct else 0.0, dtype=np.float32)
+    inner = tuple(slice(2, s - 2) for s in shape)
+    image[inner] = (40.0 if ct else 300.0) + rng.normal(0, 10, size=image[inner].shape)
+    label = np.zeros(shape, np.uint8)
+    for c, idx in enumerate(np.array_split(np.arange(3, shape[0] - 3), num_classes - 1), start=1):
+        label[idx[0] : idx[-1] + 1, 4:-4, 3:-3] = c
+        slab = (slice(idx[0], idx[-1] + 1), slice(4, -4), slice(3, -3))
+        image[slab] = (100.0 if ct else 600.0) * c + rng.normal(0, 5, size=image[slab].shape)
+    return image, label
+
+
+def nnunet_v2(root, n=5, channels=("CT", "PET"), labels=None, shape=(20, 18, 12), test_cases=1) -> str:
+    labels = labels or {"background": 0, "liver": 1, "tumour": 2}
+    for i in range(n):
+        image, label = phantom(shape, seed=i)
+        for c in range(len(channels)):
+            save(os.path.join(root, "imagesTr", f"case_{i:03d}_{c:04d}.nii.gz"), image if c == 0 else np.abs(image) * 0.01 + c, dtype=np.int16 if c == 0 else np.float32)
+        save(os.path.join(root, "labelsTr", f"case_{i:03d}.nii.gz"), label, dtype=np.uint8)
+    for i in range(test_cases):
+        image, _ = phantom(shape, seed=100 + i)
+        for c in range(len(channels)):
+            save(os.path.join(root, "imagesTs", f"new_{i:03d}_{c:04d}.nii.gz"), image, dtype=np.int16)
+    meta = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": labels, "numTraining": n, "file_ending": ".nii.gz"}
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    return str(root)
+
+
+# --------------------------------------------------------------------------------------------
+# nnU-Net v2, MSD and MONAI folder layouts, planned from --root alone
+# --------------------------------------------------------------------------------------------
+
+
+def test_nnunet_v2_two_channels_listed_planned_loaded(tmp_path):
+    root = nnunet_v2(tmp_path / "Dataset001_Two")
+    train, val = ldt.list_cases(root, "train"), ldt.list_cases(root, "val")
+    assert len(train) == 4 and len(val) == 1
+    assert all(isinstance(c["image"], list) and len(c["image"]) == 2 for c in train + val)
+    assert [os.path.basename(p) for p in val[0]["image"]] == ["case_000_0000.nii.gz", "case_000_0001.nii.gz"]
+    assert val[0]["label"].endswith("labelsTr/case_000.nii.gz")
+    test = ldt.list_cases(root, "test")
+    assert len(test) == 1 and len(test[0]["image"]) == 2 and "label" not in test[0]
+    assert "fold 0 of 5 by sorted case name" in ldt.describe_validation(root) and "1 of 5" in ldt.describe_validation(root)
+
+    cfg, plan = ldt.resolve_dataset(None, root)
+    assert plan is not None and plan.layout == "nnunet_v2" and plan.n_cases == 5  # the validation fold too
+    assert (cfg.name, cfg.in_channels, cfg.channel_names) == ("planned", 2, ["CT", "PET"])
+    assert (cfg.num_classes, cfg.class_names) == (3, ["background", "liver", "tumour"])
+    assert cfg.spacing == (1.5, 1.5, 2.0) and cfg.intensity == "mixed"
+    ct, pet = cfg.channel_norms()
+    assert ct["scheme"] == "ct" and pet == {"scheme": "zscore"}
+    # the foreground of the phantom holds 100 and 200 HU: the percentiles bracket them
+    assert 80 < ct["lower"] < 100 and 200 < ct["upper"] < 220 and 100 < ct["mean"] < 200 and ct["std"] > 0
+    assert cfg.roi == (32, 32, 16)  # the median shape 20x18x12 (already at the target spacing), in multiples of 16
+
+    out = ldt.get_val_transforms(cfg)(val[0])
+    assert out["image"].shape[0] == 2 and out["label"].shape[0] == 1 and out["image"].shape[1:] == out["label"].shape[1:]
+    assert float(out["image"][0].min()) >= (ct["lower"] - ct["mean"]) / ct["std"] - 1e-4  # clipped, then z-scored
+    assert float(out["image"][0].max()) <= (ct["upper"] - ct["mean"]) / ct["std"] + 1e-4
+    nz = out["image"][1][out["image"][1] != 0]
+    assert abs(float(nz.mean())) < 1e-3 and abs(float(nz.std()) - 1) < 1e-2
+    assert set(torch.unique(out["label"]).tolist()) == {0, 1, 2}
+    ldt.check_dataset(cfg, root)  # all consistent: no DataError
+
+    # the plan travels as JSON, and the config as its dict (checkpoints, configs.DataConfig)
+    path = plan.save(str(tmp_path / "run" / "plan.json"))
+    assert planning.load_plan(path) == plan
+    assert planning.load_plan(path).dataset_config() == cfg
+    assert ldt.DatasetConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert "channel 'CT' (CT, dataset.json): CT: clip" in plan.describe()
+
+
+def test_planned_settings_overridden_by_flags_and_presets(tmp_path):
+    root = nnunet_v2(tmp_path / "d", n=3)
+    cfg, plan = ldt.resolve_dataset(None, root, a_min=-100.0, a_max=300.0, roi=(48, 48, 48), spacing=(2, 2, 2))
+    assert plan is not None
+    # a window replaces the CT channel's planned normalisation; PET keeps its own
+    assert cfg.channel_norms() == [{"scheme": "window", "a_min": -100.0, "a_max": 300.0}, {"scheme": "zscore"}]
+    assert (cfg.roi, cfg.spacing) == ((48, 48, 48), (2.0, 2.0, 2.0))
+    cfg, plan = ldt.resolve_dataset(None, root, intensity="zscore")
+    assert cfg.intensity == "zscore" and cfg.in_channels == 2
+    # a preset is a preset (and says what the data contradict: its one channel, its classes)
+    cfg, plan = ldt.resolve_dataset("kits", root)
+    assert plan is None and cfg.in_channels == 1 and cfg.num_classes == 4
+    with pytest.raises(DataError) as e:
+        ldt.check_dataset(cfg, root)
+    assert "lists 3 labels" in str(e.value) and "but --dataset kits takes 1 channel" in str(e.value)
+
+
+def test_msd_task_with_4d_two_channel_images(tmp_path):
+    root = tmp_path / "Task01_BrainTumour"
+    training = []
+    for i in range(4):
+        image, label = phantom((18, 16, 12), seed=i, ct=False)
+        save(root / "imagesTr" / f"BRATS_{i:03d}.nii.gz", np.stack([image, image * 0.5 + 10 * (image > 0)], axis=-1), dtype=np.float32)
+        save(root / "labelsTr" / f"BRATS_{i:03d}.nii.gz", label, dtype=np.uint8)
+        training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "edema", "2": "tumour"},
+        "numTraining": 4, "training": training, "test": [],
+    }))
+    cfg, plan = ldt.resolve_dataset(None, str(root))
+    assert plan.layout == "msd" and plan.modality_source == "dataset.json"
+    assert (cfg.in_channels, cfg.channel_names, cfg.intensity) == (2, ["FLAIR", "T1w"], "zscore")
+    assert cfg.class_names == ["background", "edema", "tumour"]
+    case = ldt.list_cases(str(root), "val")[0]
+    assert isinstance(case["image"], str)  # one 4-D file holds both channels
+    out = ldt.get_val_transforms(cfg)(case)
+    assert out["image"].shape[0] == 2 and out["image"].shape[1:] == out["label"].shape[1:]
+    test = ldt.get_test_transforms(cfg)({"image": case["image"]})
+    assert torch.equal(test["image"].as_tensor(), out["image"].as_tensor())
+    ldt.check_dataset(cfg, str(root))
+    # a 3-D image among the 4-D ones is one channel short
+    save(root / "imagesTr" / "BRATS_001.nii.gz", phantom((18, 16, 12), ct=False)[0])
+    with pytest.raises(DataError, match=r"BRATS_001.nii.gz: case 'BRATS_001' has 1 channel .* takes 2 channels \(FLAIR, T1w\)"):
+        ldt.check_dataset(cfg, str(root))
+
+
+def test_monai_folder_classes_from_label_values_and_guessed_ct(tmp_path):
+    root = tmp_path / "folder"
+    for i in range(3):
+        image, label = phantom((20, 18, 12), seed=i, num_classes=3)
+        label[label == 2] = 3  # values 0, 1, 3: class 2 is never drawn
+        save(root / "imagesTr" / f"c{i}.nii.gz", image, dtype=np.int16)
+        save(root / "labelsTr" / f"c{i}.nii.gz", label, dtype=np.uint8)
+    cfg, plan = ldt.resolve_dataset(None, str(root))
+    assert plan.layout == "folder" and plan.modalities == ["CT"] and plan.modality_source == "guessed from intensities"
+    assert (cfg.num_classes, cfg.class_names, cfg.channel_names) == (4, ["background", "class_1", "class_2", "class_3"], ["image"])
+    assert plan.label_values == [0, 1, 3] and any("[2]" in n for n in plan.notes)
+    out = ldt.get_val_transforms(cfg)(ldt.list_cases(str(root), "val")[0])
+    assert out["image"].shape[0] == 1
+    # non-negative intensities (MRI-like) are z-scored per volume
+    mri = tmp_path / "mri"
+    for i in range(2):
+        image, label = phantom((16, 16, 16), seed=i, ct=False)
+        save(mri / "imagesTr" / f"m{i}.nii.gz", image)
+        save(mri / "labelsTr" / f"m{i}.nii.gz", label, dtype=np.uint8)
+    cfg, plan = ldt.resolve_dataset(None, str(mri))
+    assert plan.modalities == ["MRI"] and cfg.intensity == "zscore" and cfg.channel_norms() == [{"scheme": "zscore"}]
+
+
+# --------------------------------------------------------------------------------------------
+# the plan's rules
+# --------------------------------------------------------------------------------------------
+
+
+def test_anisotropic_plan_takes_the_10th_percentile_on_the_coarse_axis(tmp_path):
+    root = tmp_path / "aniso"
+    z_spacings = [5.0, 5.0, 5.0, 4.0, 2.5, 5.0, 5.0, 5.0, 5.0, 5.0]
+    for i, dz in enumerate(z_spacings):
+        image, label = phantom((32, 32, 8), seed=i, ct=False)
+        save(root / "imagesTr" / f"a{i}.nii.gz", image, affine((0.8, 0.8, dz)))
+        save(root / "labelsTr" / f"a{i}.nii.gz", label, affine((0.8, 0.8, dz)), np.uint8)
+    plan = planning.plan_dataset(str(root))
+    expected_z = float(np.percentile(z_spacings, 10))  # 3.85, not the median 5
+    assert plan.spacing[:2] == [0.8, 0.8] and plan.spacing[2] == pytest.approx(expected_z)
+    assert "anisotropic" in plan.spacing_rule and plan.median_spacing[2] == 5.0
+    # the ROI follows the median resampled shape (32 x 32 x ~10), in multiples of 16
+    assert plan.roi == [32, 32, 16] and planning.plan_roi(plan.median_resampled_shape, roi_multiple=8) == [32, 32, 16]
+    assert planning.plan_roi([200, 150, 40], (96, 96, 96), 16) == [96, 96, 48]
+
+    # the rule itself: median when the coarse axis is not 3x coarser, or not 3x shorter in voxels
+    sp = np.array([[0.8, 0.8, 5.0]] * 9 + [[0.8, 0.8, 2.0]])
+    assert planning.target_spacing(sp, np.array([[32, 32, 8]] * 10))[0] == pytest.approx([0.8, 0.8, 2.0 + 0.9 * 3.0])  # 10th percentile, linear
+    assert planning.target_spacing(sp, np.array([[32, 32, 30]] * 10)) == ([0.8, 0.8, 5.0], "median spacing")
+    assert planning.target_spacing(np.array([[1.0, 1.0, 2.5]] * 4), np.array([[64, 64, 8]] * 4))[1] == "median spacing"
+    # the 10th percentile is never finer than the other axes
+    sp = np.array([[0.8, 0.8, 5.0]] * 8 + [[0.8, 0.8, 0.5]] * 2)
+    assert planning.target_spacing(sp, np.array([[32, 32, 8]] * 10))[0][2] == pytest.approx(0.8, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# other formats: .nrrd / .nhdr / .mha read, label maps written back with the exact geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _oblique_lps():
+    """An LPS voxel-to-world matrix with permuted, slightly rotated axes and a fractional origin."""
+    th = 0.1
+    rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+    directions = rot @ np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1.0]]) * np.array([0.9, 1.1, 2.5])  # columns: axes
+    return directions, np.array([-12.3, 40.125, 7.75])
+
+
+def _fake_prediction_written_back(cfg, path, out_path):
+    """Pre-process ``path`` as inference does, draw a prediction, invert it and write it back."""
+    from monai.data import decollate_batch, list_data_collate
+
+    test_tf = ldt.get_test_transforms(cfg)
+    batch = list_data_collate([test_tf({"image": path})])
+    x = batch["image"][:, :1]
+    bright = (x > x.mean()).float()
+    batch["pred"] = torch.cat([1 - bright, bright], dim=1)
+    post = ldt.get_post_transforms(test_tf, cfg, output_dir=None)
+    [result] = [post(d) for d in decollate_batch(batch)]
+    return image_io.write_like(result["pred"], path, out_path)
+
+
+def test_nrrd_inputs_planned_loaded_and_written_back(tmp_path):
+    import nrrd
+
+    root = tmp_path / "nrrd"
+    directions, origin = _oblique_lps()
+    hdr = {"space": "left-posterior-superior", "space directions": directions.T, "space origin": origin, "kinds": ["domain"] * 3}
+    for i in range(3):
+        image, label = phantom((20, 16, 10), seed=i, num_classes=2)
+        os.makedirs(root / "imagesTr", exist_ok=True)
+        os.makedirs(root / "labelsTr", exist_ok=True)
+        nrrd.write(str(root / "imagesTr" / f"n{i}.nrrd"), image.astype(np.int16), hdr, index_order="F")
+        nrrd.write(str(root / "labelsTr" / f"n{i}.nrrd"), label, hdr, index_order="F")
+    nrrd.write(str(root / "n_detached.nhdr"), phantom((20, 16, 10), seed=9)[0].astype(np.int16), hdr, index_order="F", detached_header=True)
+    cfg, plan = ldt.resolve_dataset(None, str(root))
+    assert plan.modalities == ["CT"] and cfg.num_classes == 2
+    assert plan.spacing == pytest.approx([0.9, 1.1, 2.5])
+    out = ldt.get_val_transforms(cfg)(ldt.list_cases(str(root), "val")[0])
+    assert out["image"].shape[0] == 1 and out["image"].shape == out["label"].shape
+
+    for src in (str(root / "imagesTr" / "n0.nrrd"), str(root / "n_detached.nhdr")):
+        written = _fake_prediction_written_back(cfg, src, image_io.output_path_like(src, str(tmp_path / "pred")))
+        assert written.endswith("_seg.nrrd") or written.endswith("_seg.nhdr")
+        a, b = nrrd.read_header(src), nrrd.read_header(written)
+        assert list(a["sizes"]) == list(b["sizes"]) and a["space"] == b["space"]
+        assert np.array_equal(a["space directions"], b["space directions"]) and np.array_equal(a["space origin"], b["space origin"])
+        seg = image_io.read_array(written)
+        assert set(np.unique(seg)) == {0, 1}  # the bright slab came back on the native grid
+
+
+@needs_itk
+def test_mha_inputs_planned_loaded_and_written_back(tmp_path):
+    import itk
+
+    root = tmp_path / "mha"
+    directions, origin = _oblique_lps()
+    spacing = np.sqrt((directions**2).sum(axis=0))
+
+    def write_mha(path, array):
+        img = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0)))
+        img.SetSpacing(spacing.tolist())
+        img.SetOrigin(origin.tolist())
+        img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(directions / spacing)))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        itk.imwrite(img, path, compression=True)
+        return path
+
+    for i in range(3):
+        image, label = phantom((20, 16, 10), seed=i, num_classes=2)
+        write_mha(str(root / "imagesTr" / f"m{i}.mha"), image.astype(np.int16))
+        write_mha(str(root / "labelsTr" / f"m{i}.mha"), label)
+    cfg, plan = ldt.resolve_dataset(None, str(root))
+    assert plan.spacing == pytest.approx(spacing.tolist()) and cfg.num_classes == 2
+    case = ldt.list_cases(str(root), "val")[0]
+    out = ldt.get_val_transforms(cfg)(case)
+    assert out["image"].shape[0] == 1 and out["image"].shape == out["label"].shape
+
+    src = case["image"]
+    written = _fake_prediction_written_back(cfg, src, image_io.output_path_like(src, str(tmp_path / "pred")))
+    assert written.endswith("_seg.mha")
+
+    def geometry(path):
+        io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+        io.SetFileName(path)
+        io.ReadImageInformation()
+        return ([io.GetDimensions(i) for i in range(3)], [io.GetOrigin(i) for i in range(3)], [io.GetSpacing(i) for i in range(3)], [io.GetDirection(i) for i in range(3)])
+
+    assert geometry(written) == geometry(src)
+    h = image_io.read_header(written)
+    assert np.array_equal(h.affine, image_io.read_header(src).affine) and h.shape == (20, 16, 10)
+    assert set(np.unique(image_io.read_array(written))) == {0, 1}
+
+
+def test_write_like_nifti_keeps_header_geometry_and_refuses_wrong_shapes(tmp_path):
+    aff = np.array([[0, -0.8, 0, 10.5], [0.9, 0, 0.05, -3], [0, 0, 5, 2], [0, 0, 0, 1.0]])
+    img = nib.Nifti1Image(np.zeros((12, 10, 6), np.int16), aff)
+    img.header.set_slope_inter(2.0, -1024.0)  # a CT rescale that must not reach the labels
+    img.set_qform(aff, code=1)
+    ref = str(tmp_path / "ct_0000.nii.gz")
+    nib.save(img, ref)
+    labels = np.zeros((12, 10, 6), np.uint8)
+    labels[2:5, 3:7, 1:4] = 2
+    out = image_io.write_like(torch.as_tensor(labels)[None], ref, image_io.output_path_like(ref, str(tmp_path), name="ct"))
+    assert out.endswith("ct_seg.nii.gz")
+    back = nib.load(out)
+    assert np.array_equal(back.affine, nib.load(ref).affine) and back.header.get_qform(coded=True)[1] == 1
+    assert np.array_equal(np.asarray(back.dataobj), labels) and back.get_data_dtype() == np.uint8
+    with pytest.raises(ValueError, match="differs from"):
+        image_io.write_like(labels[:, :, :5], ref, str(tmp_path / "x.nii.gz"))
+
+
+# --------------------------------------------------------------------------------------------
+# one message for everything wrong
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_problem_named_in_one_message(tmp_path):
+    root = nnunet_v2(tmp_path / "Dataset002_Bad", n=6, channels=("T2", "ADC"), labels={"background": 0, "zone": 1})
+    img = os.path.join(root, "imagesTr")
+    lab = os.path.join(root, "labelsTr")
+    image, _ = phantom((20, 18, 12), seed=1)
+    os.remove(os.path.join(img, "case_001_0001.nii.gz"))  # a case missing one channel
+    save(os.path.join(img, "case_002_0001.nii.gz"), image[:, :, :10])  # channels of different shapes
+    save(os.path.join(img, "case_003_0001.nii.gz"), image, affine(origin=(12.0, -20.0, 5.0)))  # ... or geometry
+    save(os.path.join(lab, "orphan.nii.gz"), np.zeros((20, 18, 12)), dtype=np.uint8)  # a label without image
+    # dataset.json declares 2 classes, the label files hold 0, 1 and 2
+
+    with pytest.raises(DataError) as e:
+        ldt.resolve_dataset(None, root)
+    text = str(e.value)
+    expected = [
+        (os.path.join(img, "case_001_0001.nii.gz"), "lacks channel 0001 (ADC)"),
+        (os.path.join(img, "case_002_0001.nii.gz"), "has shape (20, 18, 10), channel 0"),
+        (os.path.join(img, "case_003_0001.nii.gz"), "geometry (affine) differs from channel 0's"),
+        (os.path.join(lab, "orphan.nii.gz"), "label without an image"),
+        (os.path.join(root, "dataset.json"), "disagree with the label files, which also hold 2 (in "),
+    ]
+    for path, needle in expected:
+        assert any(p.startswith(path) and needle in p and "Fix:" in p for p in e.value.problems), f"no '{needle}' for {path} in:\n{text}"
+    assert len(e.value.problems) == len(expected)
+    assert "case_001.nii.gz" not in text  # the label of the incomplete case is not called an orphan
+
+    # the same data with a preset: the same problems from the checks, in one message too
+    with pytest.raises(DataError) as e2:
+        ldt.check_dataset(ldt.get_dataset_config("pancreas"), root)
+    assert sum("lacks channel" in p for p in e2.value.problems) == 1
+
+
+def test_missing_folder_reported_as_such_whatever_else_is_missing(tmp_path):
+    typo = str(tmp_path / "Datset001")
+    with pytest.raises(DataError) as e:
+        ldt.resolve_dataset(None, typo)
+    assert e.value.problems == [f"{typo}: dataset folder not found. Fix: pass an existing folder to --root"]
+    with pytest.raises(DataError) as e:
+        ldt.resolve_dataset("custom", typo)  # and the flags it lacks, in the same message
+    assert e.value.problems[0].startswith(f"{typo}: dataset folder not found") and "--spacing" in e.value.problems[1]
+    with pytest.raises(DataError, match="datalist file not found"):
+        planning.plan_dataset(None, datalist=str(tmp_path / "none.json"))
+
+
+def test_inference_inputs_checked_for_the_trained_channels(tmp_path):
+    cfg = ldt.get_dataset_config("custom", spacing=(1, 1, 1), intensity="zscore", num_classes=2, channel_names=["T2", "ADC"])
+    assert cfg.in_channels == 2
+    folder = tmp_path / "in"
+    image, _ = phantom((16, 16, 16), ct=False)
+    for c in (0, 1):
+        save(folder / f"p1_{c:04d}.nii.gz", image)
+    save(folder / "p2_0000.nii.gz", image)
+    with pytest.raises(DataError, match=r"p2_0001.nii.gz: case 'p2' lacks channel 0001"):
+        ldt.list_images(str(folder), channels=2)
+    # a single channel file brings its siblings along
+    assert ldt.list_images(str(folder / "p1_0000.nii.gz")) == [{"image": [str(folder / "p1_0000.nii.gz"), str(folder / "p1_0001.nii.gz")]}]
+    assert ldt.check_input_channels(ldt.list_images(str(folder / "p1_0000.nii.gz")), cfg) == []
+    [problem] = ldt.check_input_channels([{"image": str(folder / "p2_0000.nii.gz")}], cfg)
+    assert problem.startswith(str(folder / "p2_0000.nii.gz")) and "missing channel 1 'ADC' (expected " + str(folder / "p2_0001.nii.gz") in problem
+    four_d = save(tmp_path / "three.nii.gz", np.stack([image] * 3, axis=-1))
+    assert "has 3 channels" in ldt.check_input_channels([four_d], cfg)[0]
+    with pytest.raises(DataError, match="takes 2 channels"):
+        ldt.check_cases([{"image": str(folder / "p2_0000.nii.gz")}], cfg)
+
+
+def test_dataset_config_channels_and_old_format(tmp_path):
+    old = {"name": "custom", "spacing": [2, 2, 2], "intensity": "window", "a_min": -100, "a_max": 300, "num_classes": 3,
+           "class_names": ["background", "a", "b"], "roi": [32, 32, 32], "cache_rate": 0.1}
+    cfg = ldt.DatasetConfig(**old)  # a checkpoint / --dataset_config of before
+    assert cfg.in_channels == 1 and cfg.normalization is None and cfg == ldt.get_dataset_config("amos", **{k: v for k, v in old.items() if k != "name"}).__class__(**old)
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({**{k: v for k, v in old.items() if k != "name"}, "channel_names": ["CT", "PET"],
+                             "normalization": [{"scheme": "ct", "lower": -50, "upper": 250, "mean": 80, "std": 60}, {"scheme": "zscore"}]}))
+    cfg = ldt.get_dataset_config("custom", str(f))
+    assert cfg.in_channels == 2 and cfg.intensity == "mixed" and cfg.a_min is None
+    with pytest.raises(ValueError, match="normalization has 1 entries but there are 2 channels"):
+        ldt.get_dataset_config("custom", str(f), normalization=[{"scheme": "zscore"}])
+    with pytest.raises(ValueError, match=r"needs numbers for \['std'\]"):
+        ldt.get_dataset_config("custom", str(f), normalization=[{"scheme": "ct", "lower": 0, "upper": 1, "mean": 0}, {"scheme": "zscore"}])
+    for name in ("amos", "kits", "demo"):
+        preset = ldt.get_dataset_config(name)
+        assert preset.in_channels == 1 and preset.channel_norms() == [{"scheme": "window", "a_min": preset.a_min, "a_max": preset.a_max}]
