@@ -23,6 +23,8 @@ import load_datasets_transforms as ldt  # noqa: E402
 import planning  # noqa: E402
 from load_datasets_transforms import DataError  # noqa: E402
 
+# itk's SWIG bindings warn on import under Python 3.11+; nothing of ours.
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 needs_itk = pytest.mark.skipif(importlib.util.find_spec("itk") is None, reason=f"itk not installed ({image_io.EXTRA_HINT})")
 
 
@@ -419,3 +421,38 @@ def test_dataset_config_channels_and_old_format(tmp_path):
     for name in ("amos", "kits", "demo"):
         preset = ldt.get_dataset_config(name)
         assert preset.in_channels == 1 and preset.channel_norms() == [{"scheme": "window", "a_min": preset.a_min, "a_max": preset.a_max}]
+
+
+@needs_itk
+def test_dicom_series_folders_listed_planned_and_labels_written_as_nifti(tmp_path):
+    import itk
+
+    def write_series(folder, zyx, spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 5.0), uid="1.2.826.0.1.3680043.2.1125"):
+        os.makedirs(folder)
+        for k in range(zyx.shape[0]):  # one file per slice, one series UID, positions along z
+            sl = itk.image_from_array(np.ascontiguousarray(zyx[k : k + 1]))
+            sl.SetSpacing(list(spacing))
+            sl.SetOrigin([origin[0], origin[1], origin[2] + spacing[2] * k])
+            d = sl.GetMetaDataDictionary()
+            for tag, val in {"0008|0060": "CT", "0020|000d": f"{uid}.1", "0020|000e": f"{uid}.2", "0008|0018": f"{uid}.3.{k + 1}", "0020|0013": str(k + 1)}.items():
+                d[tag] = val
+            io = itk.GDCMImageIO.New()
+            io.KeepOriginalUIDOn()
+            itk.imwrite(sl, os.path.join(folder, f"IM{k:04d}.dcm"), imageio=io)
+
+    root = tmp_path / "dicom"
+    for i in range(3):
+        image, label = phantom((16, 14, 8), seed=i, num_classes=2)
+        series = str(root / "imagesTr" / f"patient{i}")
+        write_series(series, image.astype(np.int16).transpose(2, 1, 0))
+        assert image_io.is_dicom_dir(series)
+        # labels drawn on the series' grid, written as NIfTI with the affine MONAI reads from it
+        image_io.write_like(label, series, str(root / "labelsTr" / f"patient{i}.nii.gz"))
+    assert image_io.output_path_like(series, "/out") == "/out/patient2_seg.nii.gz"
+    cases = ldt.list_cases(str(root), "train") + ldt.list_cases(str(root), "val")
+    assert sorted(ldt.case_name(c["image"]) for c in cases) == ["patient0", "patient1", "patient2"]
+    cfg, plan = ldt.resolve_dataset(None, str(root))
+    assert plan.spacing == pytest.approx([0.8, 0.9, 2.5]) and plan.modalities == ["CT"] and cfg.num_classes == 2
+    out = ldt.get_val_transforms(cfg)(cases[0])
+    assert out["image"].shape[0] == 1 and out["image"].shape == out["label"].shape
+    assert set(torch.unique(out["label"]).tolist()) == {0, 1}
