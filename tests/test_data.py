@@ -207,7 +207,8 @@ def test_cli_flags():
     assert ldt.resolve_dataset_config(args.dataset, args.root, args.datalist).name == "demo"
     cfg = ldt.resolve_dataset_config("custom", "/x", spacing=[1, 1, 2], intensity="zscore", num_classes=3, class_names="bg,a,b", roi=[32, 32, 16])
     assert (cfg.spacing, cfg.intensity, cfg.class_names, cfg.roi) == ((1.0, 1.0, 2.0), "zscore", ["bg", "a", "b"], (32, 32, 16))
-    with pytest.raises(ValueError, match="--dataset is required"):
+    # --root without --dataset plans from the data: a missing folder is said to be missing
+    with pytest.raises(ValueError, match="/x: dataset folder not found"):
         ldt.resolve_dataset_config(None, "/x")
     # inference has no use for the training-only flags
     infer = argparse.ArgumentParser()
