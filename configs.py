@@ -120,6 +120,8 @@ class DataConfig:
             the GPU), ``"workers"`` (CPU worker processes).
         crop_ratios: per-class share of crop centres (``RandCropByLabelClassesd``), one per class
             with background first; ``None``: the paper's 1:1 foreground/background crops.
+        plan: the plan ``dataset`` was derived from (``planning.Plan.to_dict()``) when no preset was
+            given, kept for the record (``plan.json``); ``None`` for presets.
     """
 
     dataset: DatasetConfig
@@ -132,6 +134,7 @@ class DataConfig:
     num_workers: int | None = None
     loader: str = "auto"
     crop_ratios: tuple[float, ...] | None = None
+    plan: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "crop_ratios", _tuple(self.crop_ratios))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import engine
 import networks
 from configs import OPTIMIZERS, ConfigError, DataConfig, NetworkConfig, RunConfig, SlidingWindowConfig, TrainConfig, default_warmup
-from load_datasets_transforms import DataError, add_dataset_args, resolve_dataset_config
+from load_datasets_transforms import DataError, add_dataset_args, resolve_dataset
 from trainer import LAST_CKPT, OOM_ADVICE, Trainer, TrainingError, lr_factor, sync_buffers_from_rank0
 
 __all__ = [
@@ -193,12 +193,17 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
 
 
 def _dataset_from_args(args: argparse.Namespace):
+    """``(DatasetConfig, plan or None)``: a preset or ``custom`` with flags, or (``--root`` alone) planned from the data."""
+    from load_datasets_transforms import default_num_workers
+
     values = {k: getattr(args, k) for k in ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi")}
-    return resolve_dataset_config(args.dataset, args.root, args.datalist, args.dataset_config, **values)
+    workers = default_num_workers() if args.num_workers in (None, 0) else args.num_workers
+    return resolve_dataset(args.dataset, args.root, args.datalist, args.dataset_config, fold=args.fold, num_workers=workers, **values)
 
 
 def _network_from_args(args: argparse.Namespace, dataset) -> NetworkConfig:
-    return NetworkConfig(args.network, 1, dataset.num_classes, engine.network_overrides(args.network, vars(args), roi=dataset.roi))
+    options = engine.network_overrides(args.network, vars(args), roi=dataset.roi)
+    return NetworkConfig(args.network, dataset.in_channels, dataset.num_classes, options)
 
 
 def _section_values(args: argparse.Namespace, section: str, only: set[str] | None = None) -> dict:
@@ -215,7 +220,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     problems = _flag_problems(args)
     if problems:
         raise ConfigError(problems)
-    dataset = _dataset_from_args(args)
+    dataset, plan = _dataset_from_args(args)
     training = _section_values(args, "training")
     training["output"] = args.output or f"runs/{dataset.name}_{args.network}"
     data = _section_values(args, "data")
@@ -223,7 +228,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         data["loader"] = "gpu"
     config = RunConfig(
         network=_network_from_args(args, dataset),
-        data=DataConfig(dataset=dataset, **data),
+        data=DataConfig(dataset=dataset, plan=plan.to_dict() if plan is not None else None, **data),
         training=TrainConfig(**training),
         sliding_window=SlidingWindowConfig(**_section_values(args, "sliding_window")),
     )
@@ -277,7 +282,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict | None, str |
         if key != "dwconv" and key != "img_size" and engine.jsonable(value) != engine.jsonable(saved.network.options.get(key)):
             conflicts.append(f"--{key} {value} (checkpoint: {saved.network.options.get(key, 'the network default')})")
     if given & set(_DATASET_FLAGS):
-        dataset = _dataset_from_args(args)
+        dataset, _ = _dataset_from_args(args)
         for key in ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi"):
             if engine.jsonable(getattr(dataset, key)) != engine.jsonable(getattr(saved.data.dataset, key)):
                 conflicts.append(f"{key} {getattr(dataset, key)} (checkpoint: {getattr(saved.data.dataset, key)})")

@@ -514,6 +514,7 @@ class Trainer:
             engine.write_json(self.config.to_dict(), self.path("config.json"))
             if self.command_line is not None:
                 engine.write_json(self.command_line, self.path("args.json"))
+            self.write_plan_and_splits()
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops the events a killed run logged after its last checkpoint.
@@ -522,6 +523,27 @@ class Trainer:
         self.dynamics = self.kernel_dynamics() if self.dist.main else None
         self.timer = LoopTimer(self.device)
         self.log(self.describe())
+
+    def write_plan_and_splits(self) -> None:
+        """``plan.json`` (when the dataset was planned from its data) and ``splits.json`` (which cases
+        train and which validate, and how they were chosen), and both said at start."""
+        from load_datasets_transforms import describe_validation, list_cases
+
+        d = self.config.data
+        if d.plan is not None:
+            from planning import Plan
+
+            plan = Plan.from_dict(d.plan)
+            plan.save(self.path("plan.json"))
+            if self.resume_from is None:
+                self.log(plan.describe())
+        root = self._root()
+        how = describe_validation(root, d.datalist, d.fold)
+        splits = {"validation": how, "fold": d.fold}
+        for split, key in (("train", "training"), ("val", "validation_cases")):
+            splits[key] = [c["image"] for c in list_cases(root, split, d.datalist, d.fold)]
+        engine.write_json(splits, self.path("splits.json"))
+        self.log(f"validation cases: {how} (listed in {self.path('splits.json')})")
 
     def describe(self) -> str:
         """The start line: network, device, data, loader path, optimisation, output."""
