@@ -38,33 +38,43 @@ Every problem found on disk is reported at once in one :class:`DataError` before
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import queue
 import re
 import struct
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import CacheDataset, DataLoader, Dataset, ThreadDataLoader, partition_dataset
+from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from monai.transforms import (
     AsDiscreted,
+    ClassesToIndicesd,
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
     EnsureTyped,
+    FgBgToIndicesd,
     Invertd,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
-    RandAffined,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
-    RandShiftIntensityd,
+    Randomizable,
     SaveImaged,
     ScaleIntensityRanged,
     Spacingd,
@@ -104,6 +114,12 @@ __all__ = [
     "get_loaders",
     "get_test_loader",
     "case_name",
+    "BatchAugment",
+    "TrainLoader",
+    "LoaderChoice",
+    "choose_loader",
+    "estimate_cache_bytes",
+    "GPU_CACHE_SHARE",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -1535,58 +1551,235 @@ def _preprocess(cfg: DatasetConfig, keys: list[str], modes: list[str]) -> list:
     return chain + [crop] + _intensity(cfg)
 
 
-def get_train_transforms(cfg: DatasetConfig, roi: Sequence[int] | None = None, crop_sample: int = 2, device: str | torch.device | None = None) -> Compose:
-    """Training chain: pre-processing, pad to ``roi``, random pos/neg crops and augmentations.
+# The paper's augmentation of training crops (3D UX-Net / Rep3D release): rotation about the third
+# axis up to pi/30, scaling by up to 10% per axis, intensity shift up to 0.1 with probability 0.5.
+ROTATE_RANGE = (0.0, 0.0, np.pi / 30)
+SCALE_RANGE = (0.1, 0.1, 0.1)
+SHIFT_OFFSET = 0.1
+SHIFT_PROB = 0.5
 
-    Pre-processing as :func:`get_val_transforms`, then ``SpatialPadd`` to ``roi`` (volumes
-    smaller than the crop are zero-padded), ``RandCropByPosNegLabeld(roi, pos=1, neg=1,
-    num_samples=crop_sample)``, ``RandShiftIntensityd(0.10, p=0.5)`` and ``RandAffined``
-    (rotation up to pi/30 about the third axis and scaling 0.1, p=1.0, as in the 3D UX-Net /
-    Rep3D release). The chain yields a list of ``crop_sample`` dicts per case; MONAI's
-    ``list_data_collate`` (the DataLoader default) stacks them into the batch.
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    """(n, 3, 3) rotations composed as MONAI's ``create_rotate`` does: about axis 0, then 1, then 2."""
+    n = angles.shape[0]
+    out = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+    for axis, (i, j, sign) in enumerate(((1, 2, 1.0), (0, 2, -1.0), (0, 1, 1.0))):
+        a = angles[:, axis]
+        if not np.any(a):
+            continue
+        r = np.broadcast_to(np.eye(3), (n, 3, 3)).copy()
+        c, s = np.cos(a), np.sin(a)
+        r[:, i, i], r[:, j, j] = c, c
+        r[:, i, j], r[:, j, i] = -sign * s, sign * s
+        out = out @ r
+    return out
+
+
+class BatchAugment(Randomizable):
+    """The training crops' augmentation, for a whole batch in one call, random per crop.
+
+    Per crop, independently: a rotation (uniform in ``+-rotate_range[i]`` about axis ``i``) and a
+    scaling (``1 + uniform(+-scale_range[i])`` along axis ``i``) about the crop's centre, resampled
+    onto the same grid with reflection padding (image bilinear, label nearest), and with probability
+    ``shift_prob`` an intensity shift ``uniform(+-shift)``. This is the distribution of MONAI's
+    ``RandShiftIntensityd(shift, prob=shift_prob)`` followed by ``RandAffined(prob=1,
+    rotate_range, scale_range)`` applied crop by crop (the defaults are the paper's), with the same
+    geometry as MONAI's ``Affine`` (checked in the tests), but one ``affine_grid`` and one
+    ``grid_sample`` per key for all crops: a few kernels on a GPU instead of MONAI's per-crop Python.
+    The shift commutes with the resampling (bilinear weights sum to 1 under reflection padding).
+
+    Args:
+        rotate_range: maximum rotation in radians about each of the three axes.
+        scale_range: maximum relative scaling along each axis.
+        shift: maximum intensity offset.
+        shift_prob: probability that a crop is shifted.
+
+    Example::
+
+        aug = BatchAugment().set_random_state(seed=0)
+        image, label = aug(image, label)  # (N, C, D, H, W), (N, 1, D, H, W), any device
+    """
+
+    def __init__(
+        self,
+        rotate_range: Sequence[float] = ROTATE_RANGE,
+        scale_range: Sequence[float] = SCALE_RANGE,
+        shift: float = SHIFT_OFFSET,
+        shift_prob: float = SHIFT_PROB,
+    ) -> None:
+        if len(rotate_range) != 3 or len(scale_range) != 3:
+            raise ValueError(f"rotate_range and scale_range take 3 values (one per axis), got {rotate_range} and {scale_range}")
+        if not 0.0 <= shift_prob <= 1.0:
+            raise ValueError(f"shift_prob is a probability in [0, 1], got {shift_prob}")
+        self.rotate_range = tuple(float(abs(r)) for r in rotate_range)
+        self.scale_range = tuple(float(abs(s)) for s in scale_range)
+        self.shift = float(abs(shift))
+        self.shift_prob = float(shift_prob)
+
+    def randomize(self, n: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        """Parameters of ``n`` crops: ``angles`` (n, 3), ``scales`` (n, 3), ``offsets`` (n,), 0 where not shifted."""
+        angles = np.stack([self.R.uniform(-r, r, n) for r in self.rotate_range], axis=1)
+        scales = 1.0 + np.stack([self.R.uniform(-s, s, n) for s in self.scale_range], axis=1)
+        shifted = self.R.random_sample(n) < self.shift_prob
+        offsets = np.where(shifted, self.R.uniform(-self.shift, self.shift, n), 0.0)
+        return {"angles": angles, "scales": scales, "offsets": offsets}
+
+    @staticmethod
+    def theta(params: dict[str, np.ndarray], in_size: Sequence[int], out_size: Sequence[int]) -> np.ndarray:
+        """(n, 3, 4) ``F.affine_grid`` matrices (align_corners=False) of the parameters.
+
+        MONAI maps an output voxel's offset ``p`` from the grid centre (in voxels) to the input offset
+        ``R S p`` and samples there; in ``grid_sample``'s normalised coordinates, whose axes run
+        last-to-first, that is ``diag(2 / in) R S diag(out / 2)`` with rows and columns reversed.
+        """
+        a = _rotation(np.asarray(params["angles"], dtype=np.float64)) * np.asarray(params["scales"], dtype=np.float64)[:, None, :]
+        m = (2.0 / np.asarray(in_size, dtype=np.float64))[None, :, None] * a * (np.asarray(out_size, dtype=np.float64) / 2.0)[None, None, :]
+        out = np.zeros((a.shape[0], 3, 4))
+        out[:, :, :3] = m[:, ::-1, ::-1]
+        return out
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None, params: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+        """Augment a batch of crops; ``params`` (from :meth:`randomize`) fixes the draw.
+
+        Returns:
+            ``(image, label)``: float32 image, label in its own dtype (nearest: values unchanged).
+        """
+        if image.ndim != 5:
+            raise ValueError(f"BatchAugment takes a batch of 3-D crops (N, C, D, H, W), got shape {tuple(image.shape)}")
+        n, size = image.shape[0], tuple(image.shape[2:])
+        p = self.randomize(n) if params is None else params
+        theta = torch.as_tensor(self.theta(p, size, size), dtype=torch.float32).to(image.device, non_blocking=True)
+        grid = F.affine_grid(theta, [n, 1, *size], align_corners=False)
+        out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if np.any(p["offsets"]):
+            out = out + torch.as_tensor(p["offsets"], dtype=torch.float32).to(image.device, non_blocking=True).view(n, 1, 1, 1, 1)
+        lab = None
+        if label is not None:
+            lab = F.grid_sample(label.float(), grid, mode="nearest", padding_mode="reflection", align_corners=False).to(label.dtype)
+        return out, lab
+
+
+class RandCropAugmentd(Randomizable, MapTransform):
+    """Dictionary wrapper of :class:`BatchAugment` for one crop (``image`` bilinear, ``label`` nearest).
+
+    The per-case form of the augmentation, for :func:`get_train_transforms` with ``augment=True``;
+    the loaders augment whole batches instead.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image", "label"), augment: BatchAugment | None = None) -> None:
+        MapTransform.__init__(self, keys)
+        self.augment = augment or BatchAugment()
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandCropAugmentd:
+        super().set_random_state(seed, state)
+        self.augment.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        image_key, label_key = self.keys[0], (self.keys[1] if len(self.keys) > 1 else None)
+        image = torch.as_tensor(d[image_key])
+        label = torch.as_tensor(d[label_key]) if label_key in d else None
+        out, lab = self.augment(image[None], None if label is None else label[None])
+        d[image_key] = out[0]
+        if lab is not None:
+            d[label_key] = lab[0]
+        return d
+
+
+class _IndicesToInt32d(MapTransform):
+    """Crop-centre indices (``FgBgToIndicesd`` / ``ClassesToIndicesd``) as int32: half the memory of
+    int64, for cached volumes below 2**31 voxels (larger ones keep int64)."""
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            v = d[key]
+            if isinstance(v, (list, tuple)):
+                d[key] = [self._small(x) for x in v]
+            else:
+                d[key] = self._small(v)
+        return d
+
+    @staticmethod
+    def _small(x):
+        x = torch.as_tensor(x)
+        return x.to(torch.int32) if x.numel() == 0 or int(x.max()) < 2**31 - 1 else x
+
+
+_INDEX_KEYS = {"fg": "label_fg_indices", "bg": "label_bg_indices", "classes": "label_cls_indices"}
+
+
+def get_train_transforms(
+    cfg: DatasetConfig,
+    roi: Sequence[int] | None = None,
+    crop_sample: int = 2,
+    device: str | torch.device | None = None,
+    crop_ratios: Sequence[float] | None = None,
+    augment: bool = True,
+) -> Compose:
+    """Training chain: pre-processing and crop-centre indices (cached), then random crops and augmentation.
+
+    Deterministic part (what ``CacheDataset`` caches): pre-processing as :func:`get_val_transforms`,
+    ``SpatialPadd`` to ``roi`` (volumes smaller than the crop are zero-padded), plain tensors, and the
+    voxel indices crops may be centred on: foreground and background (``FgBgToIndicesd``), or each
+    class's with ``crop_ratios`` (``ClassesToIndicesd``), kept on the CPU as int32. Computing them once
+    per case replaces the scan of the whole label that ``RandCropByPosNegLabeld`` made at every call.
+    With ``device`` the image and label then move there (``ToDeviced``).
+
+    Random part: ``crop_sample`` crops of ``roi`` per case, centred on foreground and background voxels
+    1:1 (``RandCropByPosNegLabeld(pos=1, neg=1)``) or on classes at ``crop_ratios``
+    (``RandCropByLabelClassesd``); with ``augment`` each crop is then augmented by
+    :class:`RandCropAugmentd` (the paper's rotation +-pi/30 about the third axis, scaling 0.1, shift 0.1
+    with p=0.5). The chain yields a list of ``crop_sample`` dicts per case. :func:`get_loaders` builds it
+    with ``augment=False`` and augments whole batches with :class:`BatchAugment` instead.
 
     Args:
         cfg: dataset config.
         roi: crop size in voxels; defaults to ``cfg.roi``.
         crop_sample: crops per case.
-        device: when given (e.g. ``"cuda"``), the deterministic part (cached by CacheDataset) ends
-            with ``ToDeviced`` so the cache lives on that device and the random transforms run there.
+        device: when given (e.g. ``"cuda"``), the cached image and label live on that device and the
+            crops are cut there.
+        crop_ratios: one share per class (background first) for class-balanced crop centres;
+            ``None``: the paper's 1:1 foreground/background crops.
+        augment: end with the per-crop augmentation (``False``: the crops as cut).
     """
     roi = tuple(int(r) for r in (roi or cfg.roi))
     if crop_sample < 1:
         raise ValueError(f"crop_sample must be >= 1 (crops per case), got {crop_sample}")
+    if crop_ratios is not None and len(crop_ratios) != cfg.num_classes:
+        raise ValueError(f"crop_ratios needs one value per class ({cfg.num_classes}, background first), got {list(crop_ratios)}")
     keys = ["image", "label"]
     chain = _preprocess(cfg, keys, ["bilinear", "nearest"])
-    chain.append(SpatialPadd(keys=keys, spatial_size=roi, mode="constant"))
+    chain += [SpatialPadd(keys=keys, spatial_size=roi, mode="constant"), EnsureTyped(keys=keys, track_meta=False)]
+    # Windowed CT: background crops are centred inside the body (> a_min, i.e. > 0 after windowing),
+    # not in air. z-scored MRI is negative in half the body, so there any background voxel may serve.
+    image_key = "image" if cfg.intensity == "window" else None
+    if crop_ratios is None:
+        chain.append(FgBgToIndicesd(keys="label", image_key=image_key, image_threshold=0))
+        index_keys = [_INDEX_KEYS["fg"], _INDEX_KEYS["bg"]]
+        crop = RandCropByPosNegLabeld(
+            keys=keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=crop_sample,
+            fg_indices_key=_INDEX_KEYS["fg"], bg_indices_key=_INDEX_KEYS["bg"],
+        )  # fmt: skip
+    else:
+        chain.append(ClassesToIndicesd(keys="label", num_classes=cfg.num_classes, image_key=image_key, image_threshold=0))
+        index_keys = [_INDEX_KEYS["classes"]]
+        crop = RandCropByLabelClassesd(
+            keys=keys, label_key="label", spatial_size=roi, ratios=list(crop_ratios), num_classes=cfg.num_classes,
+            num_samples=crop_sample, indices_key=_INDEX_KEYS["classes"],
+        )  # fmt: skip
+    chain.append(_IndicesToInt32d(keys=index_keys))
     if device is not None:
-        chain += [EnsureTyped(keys=keys, track_meta=False), ToDeviced(keys=keys, device=device)]
-    chain += [
-        RandCropByPosNegLabeld(
-            keys=keys,
-            label_key="label",
-            spatial_size=roi,
-            pos=1,
-            neg=1,
-            num_samples=crop_sample,
-            # Windowed CT: background crops are centred inside the body (> a_min), not in air.
-            # z-scored MRI is negative in half the body, so there any background voxel may serve.
-            image_key="image" if cfg.intensity == "window" else None,
-            image_threshold=0,
-        ),
-        RandShiftIntensityd(keys="image", offsets=0.10, prob=0.5),
-        RandAffined(
-            keys=keys,
-            mode=("bilinear", "nearest"),
-            prob=1.0,
-            spatial_size=roi,
-            rotate_range=(0.0, 0.0, np.pi / 30),
-            scale_range=(0.1, 0.1, 0.1),
-            cache_grid=True,
-            device=torch.device(device) if device is not None else None,
-        ),
-    ]
-    if device is None:
-        chain.append(EnsureTyped(keys=keys, track_meta=False))
+        chain.append(ToDeviced(keys=keys, device=device))
+    # The crop pops the index keys; its outputs are views of the cached volume turned into
+    # MetaTensors by MONAI's global meta tracking: back to plain tensors (no copy).
+    chain += [crop, EnsureTyped(keys=keys, track_meta=False)]
+    if augment:
+        chain.append(RandCropAugmentd(keys))
     return Compose(chain)
 
 
@@ -1682,10 +1875,222 @@ def _rank_world(distributed: bool) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _dataset(cases: list[dict], transform: Compose, cache_rate: float, num_workers: int):
+def _dataset(cases: list[dict], transform: Compose, cache_rate: float, num_workers: int, copy_cache: bool = True):
+    # copy_cache=False: the random part only reads the cached case (the crops are sliced views,
+    # then stacked into a new batch), so the deep copy of a whole volume per draw is not needed.
     if cache_rate > 0:
-        return CacheDataset(cases, transform=transform, cache_rate=cache_rate, num_workers=max(1, num_workers), progress=False)
+        return CacheDataset(cases, transform=transform, cache_rate=cache_rate, num_workers=max(1, num_workers), progress=False, copy_cache=copy_cache)
     return Dataset(cases, transform=transform)
+
+
+class _Endless(torch.utils.data.Sampler):
+    """Shuffled epoch after shuffled epoch, without end: the DataLoader never restarts, so its
+    workers keep preparing batches across epoch boundaries. (With 8 cases an epoch is 8 batches,
+    and a restart cost one whole batch latency every 8 iterations: benchmarks/RESULTS.md, run 10.)"""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n = n
+        self.generator = generator
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            yield from torch.randperm(self.n, generator=self.generator).tolist()
+
+
+def _collate_crops(items: list) -> dict:
+    """Stack the crops of the cases of a batch (each case gives a list of crop dicts) into one batch."""
+    crops = [c for item in items for c in (item if isinstance(item, list) else [item])]
+    return {key: torch.stack([torch.as_tensor(c[key]) for c in crops]) for key in ("image", "label")}
+
+
+class _AugmentingCollate:
+    """Collation plus :class:`BatchAugment` on the CPU, in the worker (when no GPU augments)."""
+
+    def __init__(self, augment: BatchAugment) -> None:
+        self.augment = augment
+        self._seed: int | None = None
+
+    def __call__(self, items: list) -> dict:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._seed != info.seed:
+            # Each worker draws its own parameters (the copies made at fork would repeat them).
+            self._seed = info.seed
+            self.augment.set_random_state(seed=info.seed % (2**32))
+        batch = _collate_crops(items)
+        batch["image"], batch["label"] = self.augment(batch["image"], batch["label"])
+        return batch
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader worker start: MONAI's per-worker seeding of the random crops, one compute thread
+    (workers run side by side; intra-op threads would only compete for the same cores)."""
+    monai_worker_init_fn(worker_id)
+    torch.set_num_threads(1)
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(inner, augment: BatchAugment | None, device: torch.device, q: queue.Queue, stop: threading.Event) -> None:
+    """Prefetch thread: next crop batch, to ``device``, augmented; on CUDA all on a side stream."""
+    try:
+        cuda = device.type == "cuda"
+        stream = None
+        if cuda:
+            torch.cuda.set_device(device)
+            stream = torch.cuda.Stream(device)
+            # The cache was written on the default stream: order this stream after it once.
+            stream.wait_stream(torch.cuda.default_stream(device))
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            for batch in inner:
+                if stop.is_set():
+                    return
+                image = batch["image"].to(device, non_blocking=True)
+                label = batch["label"].to(device, non_blocking=True)
+                if augment is not None:
+                    image, label = augment(image, label)
+                done = None
+                if cuda:
+                    done = torch.cuda.Event()
+                    done.record(stream)
+                if not _put(q, (image, label, done), stop):
+                    return
+    except BaseException as err:  # noqa: BLE001 - handed to the training loop, which raises it
+        _put(q, _Failure(err), stop)
+
+
+_LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for loader in list(_LIVE_LOADERS):
+        loader.close()
+
+
+class TrainLoader:
+    """The training loader: epochs of ``len(self)`` batches cut from one endless stream of crops.
+
+    ``inner`` is a DataLoader over an endless sampler (it is never restarted). Without ``device``,
+    its batches are yielded as they come (augmented already, or by the caller). With ``device``, a
+    thread takes each batch, copies it there (from pinned memory) and augments it with ``augment``,
+    ``prefetch`` batches ahead of the training step; on a CUDA device on its own stream, and the batch
+    handed out is ordered after that work on the current stream.
+
+    Attributes:
+        dataset: the training dataset (``len(loader.dataset)`` cases).
+        path: ``"gpu"`` (cache and crops on the GPU), ``"workers"`` (CPU workers cut the crops).
+        augment_device: where :class:`BatchAugment` runs.
+    """
+
+    def __init__(self, inner, n_batches: int, path: str, augment: BatchAugment | None = None, device: torch.device | None = None, prefetch: int = 2) -> None:
+        self.inner = inner
+        self.dataset = inner.dataset
+        self.batch_size = inner.batch_size
+        self.path = path
+        self.n_batches = n_batches
+        self.augment = augment
+        self.device = device
+        self.augment_device = str(device) if device is not None else "cpu (in the loader)"
+        self.prefetch = max(1, int(prefetch))
+        self._it: Iterator | None = None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        _LIVE_LOADERS.add(self)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def _start(self) -> None:
+        if self.device is None:
+            if self._it is None:
+                self._it = iter(self.inner)
+            return
+        if self._thread is not None:
+            return
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        # The thread holds what it needs, not the loader, so that a dropped loader stops it.
+        self._thread = threading.Thread(
+            target=_produce, args=(self.inner, self.augment, self.device, self._queue, self._stop), daemon=True, name="rep3d-train-prefetch"
+        )  # fmt: skip
+        self._thread.start()
+
+    def _next_prefetched(self) -> dict:
+        assert self._queue is not None and self._thread is not None
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the training data thread stopped without an error; this is a bug") from None
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.error
+        image, label, done = item
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            # Allocated on the side stream, used on this one: keep the memory until this stream is done.
+            image.record_stream(current)
+            label.record_stream(current)
+        return {"image": image, "label": label}
+
+    def __iter__(self) -> Iterator[dict]:
+        self._start()
+        for _ in range(self.n_batches):
+            if self.device is None:
+                assert self._it is not None
+                yield next(self._it)
+            else:
+                yield self._next_prefetched()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (and with it the worker processes); the loader cannot be used after."""
+        self._stop.set()
+        if self._queue is not None:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._it = None
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _resolve_augment_device(augment_device: str | torch.device | None, cache_device: str | torch.device | None) -> torch.device:
+    if isinstance(augment_device, str) and augment_device == "auto":
+        if cache_device is not None:
+            augment_device = cache_device
+        elif torch.cuda.is_available():
+            augment_device = "cuda"
+        else:
+            augment_device = "cpu"
+    dev = torch.device(augment_device if augment_device is not None else "cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("augment_device is a CUDA device but none is visible; pass augment_device='cpu'")
+        if dev.index is None:
+            # Threads start on device 0: name the caller's current device (its DDP rank's GPU).
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def get_loaders(
@@ -1702,13 +2107,26 @@ def get_loaders(
     distributed: bool = False,
     seed: int = 0,
     check: bool = True,
-) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    *,
+    crop_ratios: Sequence[float] | None = None,
+    augment_device: str | torch.device | None = "auto",
+    prefetch: int = 2,
+) -> tuple[TrainLoader, torch.utils.data.DataLoader]:
     """Training and validation loaders, after checking every case (one DataError for all problems).
 
-    Training batches hold ``batch_size * crop_sample`` crops of ``roi``; validation batches one
-    whole pre-processed volume (batch size 1). With ``device`` set (e.g. ``"cuda"``), cached volumes
-    are kept on that device, the random transforms run there and ``ThreadDataLoader`` (no worker
-    processes) feeds the model: MONAI's fast-training recipe (use ``cache_rate=1.0`` if memory allows).
+    Training batches hold ``batch_size * crop_sample`` crops of ``roi`` (``{"image", "label"}``, float32,
+    shape ``(batch_size * crop_sample, C, *roi)``); validation batches one whole pre-processed volume.
+    Crop centres come from indices computed once per case in the cached part; whole batches are
+    augmented at once (:class:`BatchAugment`); the training stream never restarts between epochs.
+
+    Two paths (:func:`choose_loader` picks one when the user does not):
+
+    * GPU (``device`` set, e.g. ``"cuda"``): cached volumes live on that GPU. A thread of this process
+      cuts the crops there, stacks and augments them on a side CUDA stream, ``prefetch`` batches ahead.
+      Use ``cache_rate=1.0``: an uncached case would be loaded and resampled in that thread.
+    * CPU workers (``device=None``): ``num_workers`` processes (one thread each) cut the crops from the
+      cache in RAM and stack them into pinned memory; a thread copies each batch to the GPU and
+      augments it there (``augment_device``), or, without CUDA, the workers augment on the CPU.
 
     Args:
         cfg: dataset config.
@@ -1717,15 +2135,23 @@ def get_loaders(
         crop_sample: crops per case per iteration.
         batch_size: cases per training batch.
         cache_rate: fraction of each split cached after the deterministic transforms.
-        num_workers: loader worker processes (also threads for caching and checking).
+        num_workers: loader worker processes (also threads for caching and checking); the GPU path
+            uses none.
         datalist: optional MONAI datalist JSON.
         fold: validation fold (see :func:`list_cases`).
-        device: device for the cache and random transforms, or None (CPU workers).
+        device: the GPU that holds the cache (GPU path), or None (CPU workers).
         distributed: give each rank its own shard of both splits (``partition_dataset``: training
             shards even, validation shards disjoint, so each case is scored once; the metric
             reduction across ranks is the caller's).
         seed: seed of the shuffling and of the random transforms.
         check: run :func:`check_dataset` first (leave True; tests may skip it).
+        crop_ratios: class-balanced crop centres, one share per class (background first); ``None``:
+            the paper's 1:1 foreground/background crops.
+        augment_device: where the batch augmentation runs: ``"auto"`` (the cache's GPU, else the
+            current CUDA device, else the CPU workers), a device, or ``"cpu"`` (in the workers; the
+            batches then stay on the CPU, pinned when CUDA is available). Training batches come out on
+            this device.
+        prefetch: batches the GPU thread prepares ahead of the step.
 
     Raises:
         DataError: listing every problem in the data.
@@ -1744,24 +2170,199 @@ def get_loaders(
         # Strided shards: disjoint, and a rank may get none when there are fewer cases than ranks
         # (validation reduces per-class sums and counts across ranks, so an empty shard is fine).
         val_cases = val_cases[rank::world]
-    train_tf = get_train_transforms(cfg, roi, crop_sample, device=device)
+    aug_dev = _resolve_augment_device(augment_device, device)
+    if device is not None and aug_dev.type != "cuda":
+        raise ValueError(f"the GPU cache (device={device}) augments on its GPU; augment_device={augment_device!r} does not fit it")
+    train_tf = get_train_transforms(cfg, roi, crop_sample, device=device, crop_ratios=crop_ratios, augment=False)
     train_tf.set_random_state(seed=seed + rank)
     val_tf = get_val_transforms(cfg, device=device)
-    train_ds = _dataset(train_cases, train_tf, cache_rate, num_workers)
+    train_ds = _dataset(train_cases, train_tf, cache_rate, num_workers, copy_cache=False)
     val_ds = _dataset(val_cases, val_tf, cache_rate, num_workers)
     generator = torch.Generator().manual_seed(seed + rank)
+    augment = BatchAugment().set_random_state(seed=seed + rank + 1)
+    sampler = _Endless(len(train_ds), generator)
+    n_batches = max(1, math.ceil(len(train_ds) / batch_size)) if len(train_ds) else 0
     if device is not None:
-        # CUDA tensors cannot cross process boundaries: threads only.
-        train_loader = ThreadDataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=0, generator=generator)
+        # CUDA tensors cannot cross process boundaries: the crops are cut in the prefetch thread.
+        inner = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=0, collate_fn=_collate_crops, generator=generator)
+        train_loader = TrainLoader(inner, n_batches, "gpu", augment, aug_dev, prefetch)
         val_loader = ThreadDataLoader(val_ds, batch_size=1, num_workers=0)
-    else:
-        pin = torch.cuda.is_available()
-        train_loader = DataLoader(
-            train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, pin_memory=pin,
-            generator=generator, persistent_workers=num_workers > 0,
-        )
-        val_loader = DataLoader(val_ds, batch_size=1, num_workers=num_workers, pin_memory=pin)
+        return train_loader, val_loader
+    on_gpu = aug_dev.type == "cuda"
+    pin = torch.cuda.is_available()
+    workers = dict(num_workers=num_workers, worker_init_fn=_worker_init, prefetch_factor=4) if num_workers > 0 else {}
+    inner = DataLoader(
+        train_ds, batch_size=batch_size, sampler=sampler, pin_memory=pin, generator=generator,
+        collate_fn=_collate_crops if on_gpu else _AugmentingCollate(augment), **workers,
+    )  # fmt: skip
+    train_loader = TrainLoader(inner, n_batches, "workers", augment if on_gpu else None, aug_dev if on_gpu else None, prefetch)
+    val_loader = DataLoader(val_ds, batch_size=1, num_workers=num_workers, pin_memory=pin)
     return train_loader, val_loader
+
+
+# choose_loader: the GPU cache may take this share of the GPU memory free when the choice is made;
+# the rest is left to the network (REP3D training 2 x 96^3 peaks at 5.4 GiB, SwinUNETR at 9.1 GiB),
+# sliding-window validation of whole volumes and the allocator's slack.
+GPU_CACHE_SHARE = 0.4
+# ... and the CPU workers' cache this share of the available RAM (the workers share it, forked).
+RAM_CACHE_SHARE = 0.5
+_GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class LoaderChoice:
+    """The loader path :func:`choose_loader` picked, with what :func:`get_loaders` needs for it.
+
+    Attributes:
+        path: ``"gpu"`` (cache and crops on the GPU) or ``"workers"`` (CPU worker processes).
+        device: ``get_loaders(device=...)``: the GPU holding the cache, ``None`` for workers.
+        cache_rate: ``get_loaders(cache_rate=...)``.
+        num_workers: ``get_loaders(num_workers=...)`` (the GPU path starts no workers).
+        reason: one line for the start of the run, e.g. ``"GPU cache: 10 cases ~1.5 GiB fit in 40%
+            of the 78.6 GiB free on cuda:0"``.
+        cache_bytes: estimated bytes of the cached volumes (``None`` when not estimated).
+    """
+
+    path: str
+    device: str | None
+    cache_rate: float
+    num_workers: int
+    reason: str
+    cache_bytes: int | None = None
+
+
+def _header_voxels(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
+    """(spatial shape, voxel sizes in mm, channels) from a NIfTI header; the voxels are not read."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    shape = tuple(int(s) for s in img.shape)
+    zooms = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    channels = shape[3] if len(shape) == 4 else 1
+    return shape[:3], zooms, channels
+
+
+def estimate_cache_bytes(cfg: DatasetConfig, cases: Sequence[dict], roi: Sequence[int] | None = None) -> int:
+    """Bytes the cached training / validation volumes take: float32 image channels + float32 label
+    per voxel of the volume resampled to ``cfg.spacing`` and padded to ``roi``.
+
+    Read from the NIfTI headers alone (shape and voxel size), so it is an upper bound: the crop to
+    the foreground, done on the voxels, makes the real cache smaller (on the brain set of
+    benchmarks/RESULTS.md, 63% of the estimate). Cases whose header cannot be read count as the
+    largest of the others. The crop-centre indices stay on the CPU and are not counted.
+    """
+    roi = tuple(int(r) for r in (roi or cfg.roi))
+    sizes, unread = [], 0
+    for case in cases:
+        try:
+            images = case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]
+            channels, shape, zooms = 0, None, None
+            for p in images:
+                shape, zooms, c = _header_voxels(str(p))
+                channels += c
+            resampled = [max(int(math.ceil(n * z / t)), r) for n, z, t, r in zip(shape, zooms, cfg.spacing, roi)]
+            sizes.append(int(np.prod(resampled)) * 4 * (channels + (1 if "label" in case else 0)))
+        except Exception:  # noqa: BLE001 - unreadable files are check_dataset's to report
+            unread += 1
+    return int(sum(sizes) + unread * (max(sizes) if sizes else 0))
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def choose_loader(
+    cfg: DatasetConfig,
+    root: str | None = None,
+    datalist: str | None = None,
+    fold: int = 0,
+    device: str | torch.device | None = None,
+    cache_rate: float | None = None,
+    requested: str = "auto",
+    num_workers: int | None = None,
+    cases: Sequence[dict] | None = None,
+    gpu_share: float = GPU_CACHE_SHARE,
+) -> LoaderChoice:
+    """Pick the loader path for a run whose user passed no loader flag (or passed ``requested``).
+
+    ``"auto"``: the GPU cache when training runs on CUDA, every case is to be cached, and the
+    estimated cached dataset (:func:`estimate_cache_bytes`: the training and validation volumes
+    after resampling, float32 image + label, from the NIfTI headers only) fits in ``gpu_share``
+    (default 40%, :data:`GPU_CACHE_SHARE`) of the GPU memory free now; else CPU workers, caching
+    every case when the estimate fits in half the available RAM (:data:`RAM_CACHE_SHARE`).
+    ``"gpu"`` / ``"workers"`` take that path (the reason says it was asked for).
+
+    Args:
+        cfg: dataset config (spacing, ROI).
+        root, datalist, fold: where the cases are (see :func:`list_cases`); ignored with ``cases``.
+        device: the training device (``None``: CUDA if available).
+        cache_rate: the user's ``--cache_rate``, or ``None`` when not given (then the chosen path
+            caches all it can: 1.0 on the GPU; on the CPU 1.0 if it fits in RAM, else ``cfg.cache_rate``).
+            Below 1 the GPU path is not chosen: it would load the uncached cases in the training process.
+        requested: ``"auto"``, ``"gpu"`` or ``"workers"``.
+        num_workers: worker processes for the CPU path (``None``: :func:`default_num_workers`).
+        cases: the training + validation cases, when the caller has listed them already.
+        gpu_share: share of the free GPU memory the cache may take.
+
+    Returns:
+        A :class:`LoaderChoice`; its ``reason`` is one line for the run's start.
+
+    Raises:
+        ValueError: ``requested`` unknown, or ``"gpu"`` without CUDA.
+    """
+    if requested not in ("auto", "gpu", "workers"):
+        raise ValueError(f"requested must be 'auto', 'gpu' or 'workers', got {requested!r}")
+    if cache_rate is not None and not 0.0 <= float(cache_rate) <= 1.0:
+        raise ValueError(f"cache_rate must be in [0, 1], got {cache_rate}")
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.type == "cuda" and torch.cuda.is_available()
+    if requested == "gpu" and not cuda:
+        raise ValueError("--loader gpu caches the data on a CUDA GPU, and this run has none: drop it (CPU workers), or run on a GPU")
+    listing_error = None
+    if cases is None:
+        try:
+            cases = list_cases(root, "train", datalist, fold) + list_cases(root, "val", datalist, fold)
+        except DataError as err:
+            listing_error = err.problems[0] if err.problems else str(err)
+    nbytes = estimate_cache_bytes(cfg, cases) if cases is not None else None
+    size = f"{len(cases)} cases ~{nbytes / _GIB:.1f} GiB" if cases is not None and nbytes is not None else "size unknown"
+
+    def on_workers(why: str) -> LoaderChoice:
+        rate = cache_rate
+        if rate is None:
+            ram = _available_ram()
+            rate = 1.0 if nbytes is not None and ram is not None and nbytes <= RAM_CACHE_SHARE * ram else cfg.cache_rate
+        cached = f" ({size} in RAM)" if rate >= 1.0 and nbytes is not None else ""
+        return LoaderChoice("workers", None, float(rate), workers, f"CPU workers ({workers}), cache_rate {rate:g}{cached}: {why}", nbytes)
+
+    if not cuda:
+        return on_workers("no CUDA device" if not torch.cuda.is_available() else f"the run is on {dev}")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if requested == "workers":
+        return on_workers("asked for (--loader workers)")
+    free = int(torch.cuda.mem_get_info(dev)[0])
+    if requested == "gpu":
+        rate = 1.0 if cache_rate is None else float(cache_rate)
+        return LoaderChoice("gpu", str(dev), rate, 0, f"GPU cache, cache_rate {rate:g}: asked for (--loader gpu); {size}, {free / _GIB:.1f} GiB free on {dev}", nbytes)
+    if nbytes is None:
+        return on_workers(f"the cases could not be listed to size the cache ({listing_error})")
+    if cache_rate is not None and float(cache_rate) < 1.0:
+        return on_workers(f"--cache_rate {cache_rate:g} leaves cases uncached, and the GPU path needs them all cached")
+    if nbytes <= gpu_share * free:
+        return LoaderChoice("gpu", str(dev), 1.0, 0, f"GPU cache: {size} fit in {100 * gpu_share:.0f}% of the {free / _GIB:.1f} GiB free on {dev}", nbytes)
+    return on_workers(f"{size} exceed {100 * gpu_share:.0f}% of the {free / _GIB:.1f} GiB free on {dev}")
 
 
 def get_test_loader(cfg: DatasetConfig, inputs: list[dict] | list[str], num_workers: int = 2, keep_label: bool = False, check: bool = True) -> tuple[torch.utils.data.DataLoader, Compose]:

@@ -520,3 +520,251 @@ def test_demo_loaders(tmp_path, monkeypatch):
         assert len(tr.dataset) == 2
         seen += [d["image"] for d in va.dataset.data]
     assert sorted(seen) == sorted(c["image"] for c in ldt.list_cases(root, "val"))
+
+
+# --------------------------------------------------------------------------------------------
+# training data path (issue 12): indices in the cache, batched augmentation, loader choice
+# --------------------------------------------------------------------------------------------
+
+
+def _monai_affine(image, label, params, i):
+    """Reference: MONAI's Affine (the geometry of the previous RandAffined) with crop i's parameters."""
+    from monai.transforms import Affine
+
+    kw = dict(
+        rotate_params=[float(a) for a in params["angles"][i]], scale_params=[float(s) for s in params["scales"][i]],
+        spatial_size=tuple(image.shape[2:]), padding_mode="reflection", image_only=True,
+    )  # fmt: skip
+    img = Affine(mode="bilinear", **kw)(image[i]).as_tensor() + float(params["offsets"][i])
+    return img, Affine(mode="nearest", **kw)(label[i]).as_tensor()
+
+
+@pytest.mark.parametrize("size", [(16, 16, 16), (20, 16, 12)])
+def test_batch_augment_is_monai_affine_per_crop(size):
+    torch.manual_seed(0)
+    image = torch.rand(4, 2, *size)
+    label = torch.randint(0, 4, (4, 1, *size)).float()
+    aug = ldt.BatchAugment().set_random_state(seed=3)
+    params = aug.randomize(4)
+    # also rotations about the other two axes and no shift, so every part of the geometry is checked
+    params["angles"][:, :2] = [[0.2, 0.1], [-0.1, 0.3], [0.05, -0.2], [0.0, 0.0]]
+    params["offsets"][3] = 0.0
+    out, lab = aug(image, label, params)
+    assert out.shape == image.shape and lab.shape == label.shape and lab.dtype == label.dtype
+    for i in range(4):
+        ref_img, ref_lab = _monai_affine(image, label, params, i)
+        assert float((out[i] - ref_img).abs().max()) < 1e-4
+        assert float((lab[i] != ref_lab).float().mean()) < 1e-3  # nearest: the same voxels (ties may round apart)
+    # each crop got its own draw
+    fresh = aug.randomize(4)
+    assert len({round(float(a), 9) for a in fresh["angles"][:, 2]}) == 4
+
+
+def test_batch_augment_distribution_is_the_papers():
+    aug = ldt.BatchAugment().set_random_state(seed=0)
+    n = 20000
+    p = aug.randomize(n)
+    a, s, o = p["angles"], p["scales"], p["offsets"]
+    rot = np.pi / 30
+    assert np.all(a[:, :2] == 0) and np.all(np.abs(a[:, 2]) <= rot)
+    # uniform(-r, r): mean 0, variance r^2 / 3 (tolerances: 5 standard errors)
+    assert abs(a[:, 2].mean()) < 5 * rot / np.sqrt(3 * n)
+    assert abs(a[:, 2].var() - rot**2 / 3) < 5 * rot**2 * np.sqrt(4 / 45 / n)
+    assert np.all(np.abs(s - 1) <= 0.1) and np.all(np.abs(s.mean(0) - 1) < 5 * 0.1 / np.sqrt(3 * n))
+    assert np.all(np.abs(s.var(0) - 0.01 / 3) < 5 * 0.01 * np.sqrt(4 / 45 / n))
+    assert abs(np.corrcoef(s[:, 0], s[:, 1])[0, 1]) < 5 / np.sqrt(n)  # independent per axis
+    shifted = o != 0
+    assert abs(shifted.mean() - 0.5) < 5 * 0.5 / np.sqrt(n)  # p = 0.5
+    assert np.all(np.abs(o) <= 0.1) and abs(o[shifted].var() - 0.01 / 3) < 5 * 0.01 * np.sqrt(4 / 45 / shifted.sum())
+    with pytest.raises(ValueError, match="3 values"):
+        ldt.BatchAugment(rotate_range=(0.1,))
+    with pytest.raises(ValueError, match=r"\(N, C, D, H, W\)"):
+        aug(torch.zeros(1, 8, 8, 8))
+
+
+def _cube_case(tmp_path, size=32, lo=10, hi=22, seed=0):
+    """A positive (MRI-like) volume with a smooth gradient, a bright labelled cube [lo, hi)^3 inside,
+    at 1 mm: z-scored and not cropped by the pipeline (every voxel is above 0)."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(size, dtype=np.float32)
+    image = 100 + 3 * x[:, None, None] + 2 * x[None, :, None] + rng.normal(0, 5, (size,) * 3).astype(np.float32)
+    label = np.zeros((size,) * 3, dtype=np.uint8)
+    label[lo:hi, lo:hi, lo:hi] = 1
+    image[label > 0] += 150
+    aff = np.eye(4)
+    return {"image": write(tmp_path / "img.nii.gz", image, aff, np.float32), "label": write(tmp_path / "lab.nii.gz", label, aff, np.uint8)}
+
+
+def _cube_config(roi=(16, 16, 16)):
+    return ldt.get_dataset_config("custom", spacing=(1, 1, 1), intensity="zscore", num_classes=2, roi=roi)
+
+
+def test_crops_hold_foreground_one_to_one(tmp_path):
+    # The cube [10, 22)^3 lies inside the valid centres [8, 24] of 16^3 crops in 32^3, and a
+    # background centre moved into that range stays in the background: so the centre voxel of a
+    # crop (index 8) is foreground exactly when a foreground centre was drawn, with p = 0.5.
+    # The augmentation moves that voxel by at most 0.1 voxel, so it keeps its label.
+    case = _cube_case(tmp_path)
+    cfg = _cube_config()
+    tf = ldt.get_train_transforms(cfg, crop_sample=4, augment=False)
+    tf.set_random_state(seed=0)
+    from monai.data import CacheDataset
+
+    ds = CacheDataset([case], transform=tf, cache_rate=1.0, progress=False, copy_cache=False)
+    cached = ds._cache[0]
+    assert "label_fg_indices" in cached and cached["label_fg_indices"].dtype == torch.int32
+    assert len(cached["label_fg_indices"]) == 12**3 and len(cached["label_bg_indices"]) == 32**3 - 12**3
+    centres = [float(c["label"][0, 8, 8, 8]) for _ in range(100) for c in ds[0]]
+    n = len(centres)
+    assert abs(np.mean(centres) - 0.5) < 4 * 0.5 / np.sqrt(n), np.mean(centres)
+    assert torch.equal(ds._cache[0]["image"], cached["image"])  # the cache is read, not modified
+    # the same through the training loader (batched augmentation on the CPU here)
+    train, _ = ldt.get_loaders(cfg, None, crop_sample=2, batch_size=1, cache_rate=1.0, num_workers=0, datalist=_datalist(tmp_path, case), check=False, augment_device="cpu")
+    labels = torch.cat([b["label"] for _, b in zip(range(100), _forever(train))])
+    assert labels.shape == (200, 1, 16, 16, 16)
+    assert abs(float(labels[:, 0, 8, 8, 8].mean()) - 0.5) < 4 * 0.5 / np.sqrt(200)
+
+
+def _datalist(tmp_path, case) -> str:
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": [case], "validation": [case]}))
+    return str(path)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _previous_chain(cfg, roi, crop_sample):
+    """The random part as it was before issue 12 (full-label scan, shift, per-crop RandAffined)."""
+    from monai.transforms import Compose, RandAffined, RandCropByPosNegLabeld, RandShiftIntensityd
+
+    keys = ["image", "label"]
+    return Compose([
+        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=crop_sample),
+        RandShiftIntensityd(keys="image", offsets=0.10, prob=0.5),
+        RandAffined(keys=keys, mode=("bilinear", "nearest"), prob=1.0, spatial_size=roi, rotate_range=(0.0, 0.0, np.pi / 30), scale_range=(0.1, 0.1, 0.1)),
+    ])  # fmt: skip
+
+
+def test_augmented_batches_have_the_previous_statistics(tmp_path):
+    case = _cube_case(tmp_path)
+    cfg = _cube_config()
+    roi = cfg.roi
+    train, _ = ldt.get_loaders(cfg, None, crop_sample=2, batch_size=2, cache_rate=1.0, num_workers=0, datalist=_datalist(tmp_path, case), check=False, augment_device="cpu")
+    assert len(train) == 1 and len(train.dataset) == 1
+    new = []
+    for _, b in zip(range(150), _forever(train)):
+        assert tuple(b["image"].shape) == (4, 1, *roi) == tuple(b["label"].shape)
+        new += [(float(im.mean()), float(im.std()), float(lb.mean())) for im, lb in zip(b["image"], b["label"])]
+    cached = {k: v for k, v in train.dataset._cache[0].items() if k in ("image", "label")}
+    old_tf = _previous_chain(cfg, roi, 4)
+    old_tf.set_random_state(seed=1)
+    old = [(float(c["image"].mean()), float(c["image"].std()), float(c["label"].mean())) for _ in range(150) for c in old_tf(dict(cached))]
+    new, old = np.asarray(new), np.asarray(old)
+    for j, what in enumerate(("mean intensity", "intensity std", "foreground share")):
+        se = np.sqrt(new[:, j].var() / len(new) + old[:, j].var() / len(old))
+        assert abs(new[:, j].mean() - old[:, j].mean()) < 4 * se, (what, new[:, j].mean(), old[:, j].mean(), se)
+        # the spread over crops too (the shift and the crop positions make it)
+        assert abs(new[:, j].std() / old[:, j].std() - 1) < 0.15, (what, new[:, j].std(), old[:, j].std())
+
+
+def test_train_loader_prefetch_thread_and_errors():
+    from monai.data import DataLoader
+
+    class Crops(torch.utils.data.Dataset):
+        def __init__(self, fail_at=None):
+            self.fail_at, self.calls = fail_at, 0
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            self.calls += 1
+            if self.fail_at is not None and self.calls >= self.fail_at:
+                raise RuntimeError("broken case 7")
+            return [{"image": torch.full((1, 8, 8, 8), float(i)), "label": torch.zeros(1, 8, 8, 8)}] * 2
+
+    gen = torch.Generator().manual_seed(0)
+    inner = DataLoader(Crops(), batch_size=2, sampler=ldt._Endless(3, gen), num_workers=0, collate_fn=ldt._collate_crops)
+    loader = ldt.TrainLoader(inner, n_batches=2, path="workers", augment=None, device=torch.device("cpu"), prefetch=2)
+    epochs = [[b["image"][:, 0, 0, 0, 0].tolist() for b in loader] for _ in range(3)]
+    assert all(len(e) == 2 for e in epochs)
+    drawn = [v for e in epochs for b in e for v in b][::2]  # one value per case (2 crops each)
+    assert sorted(drawn[:3]) == [0.0, 1.0, 2.0] and sorted(drawn[3:6]) == [0.0, 1.0, 2.0]  # shuffled epochs, no repeats
+    loader.close()
+    inner = DataLoader(Crops(fail_at=4), batch_size=1, sampler=ldt._Endless(3, gen), num_workers=0, collate_fn=ldt._collate_crops)
+    broken = ldt.TrainLoader(inner, n_batches=3, path="workers", device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="broken case 7"):
+        for _ in range(3):
+            list(broken)
+
+
+def test_choose_loader_on_cpu(tmp_path, monkeypatch):
+    root = make_folder_dataset(tmp_path, n_train=3, n_val=1, shape=(20, 18, 12))  # 1.5 x 1.5 x 2 mm
+    cfg = ldt.get_dataset_config("custom", spacing=(1.0, 1.0, 1.0), intensity="zscore", num_classes=3, roi=(16, 16, 16))
+    # header-only estimate: resampled to 1 mm (30 x 27 x 24), float32 image + label, 4 cases
+    assert ldt.estimate_cache_bytes(cfg, ldt.list_cases(root, "train") + ldt.list_cases(root, "val")) == 4 * 30 * 27 * 24 * 8
+    choice = ldt.choose_loader(cfg, root=root, device="cpu", num_workers=3)
+    assert (choice.path, choice.device, choice.num_workers, choice.cache_rate) == ("workers", None, 3, 1.0)
+    assert choice.reason.startswith("CPU workers (3)") and ("no CUDA" in choice.reason or "on cpu" in choice.reason)
+    assert ldt.choose_loader(cfg, root=root, device="cpu", cache_rate=0.3).cache_rate == 0.3
+    assert "asked for" in ldt.choose_loader(cfg, root=root, device="cpu", requested="workers").reason or not torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        assert "no CUDA" in ldt.choose_loader(cfg, root=root).reason
+        with pytest.raises(ValueError, match="--loader gpu"):
+            ldt.choose_loader(cfg, root=root, requested="gpu")
+    with pytest.raises(ValueError, match="'auto', 'gpu' or 'workers'"):
+        ldt.choose_loader(cfg, root=root, requested="fast")
+    # the GPU branch's decision, with a pretend GPU of 1 GiB (or 1 MiB) free
+    free = {"bytes": 1024**3}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 1024**3))
+    choice = ldt.choose_loader(cfg, root=root, device="cuda")
+    assert (choice.path, choice.device, choice.cache_rate, choice.num_workers) == ("gpu", "cuda:0", 1.0, 0)
+    assert choice.reason.startswith("GPU cache: 4 cases") and "40% of the 1.0 GiB free on cuda:0" in choice.reason
+    assert ldt.choose_loader(cfg, root=root, device="cuda", cache_rate=0.5).path == "workers"
+    free["bytes"] = 1024**2  # 40% of 1 MiB < the 0.6 MiB of the estimate
+    choice = ldt.choose_loader(cfg, root=root, device="cuda", num_workers=2)
+    assert choice.path == "workers" and "exceed 40%" in choice.reason and choice.cache_rate == 1.0
+    assert ldt.choose_loader(cfg, root=str(tmp_path / "missing"), device="cuda").path == "workers"
+
+
+def test_augmentation_statistics_match_previous_chain():
+    # One fixed crop with a unit intensity gradient along the first axis, augmented many times by the
+    # previous per-crop chain (RandShiftIntensityd + RandAffined) and by BatchAugment. Per output:
+    # its mean (moved by the shift), its gradient along axes 0 / 1 / 2 in the centre (axis 0: the
+    # scale, about 1 +- 0.1; axis 1: the rotation about the third axis, about sin(+-pi/30); axis 2:
+    # untouched). Means and spreads must agree within sampling noise.
+    from monai.transforms import Compose, RandAffined, RandShiftIntensityd
+
+    size, n = 16, 400
+    crop = torch.arange(size, dtype=torch.float32).view(size, 1, 1).expand(size, size, size)[None].contiguous() / size
+    label = torch.zeros(1, size, size, size)
+    old_tf = Compose([
+        RandShiftIntensityd(keys="image", offsets=0.10, prob=0.5),
+        RandAffined(keys=["image", "label"], mode=("bilinear", "nearest"), prob=1.0, spatial_size=(size,) * 3, rotate_range=(0.0, 0.0, np.pi / 30), scale_range=(0.1, 0.1, 0.1)),
+    ])  # fmt: skip
+    old_tf.set_random_state(seed=0)
+    old = torch.stack([torch.as_tensor(old_tf({"image": crop.clone(), "label": label.clone()})["image"]) for _ in range(n)])
+    new, _ = ldt.BatchAugment().set_random_state(seed=1)(crop[None].expand(n, -1, -1, -1, -1), label[None].expand(n, -1, -1, -1, -1))
+
+    def stats(x):
+        c = x[:, 0, 4:12, 4:12, 4:12]
+        return np.stack([
+            x.mean(dim=(1, 2, 3, 4)).numpy(),
+            size * (c[:, 1:] - c[:, :-1]).mean(dim=(1, 2, 3)).numpy(),
+            size * (c[:, :, 1:] - c[:, :, :-1]).mean(dim=(1, 2, 3)).numpy(),
+            size * (c[:, :, :, 1:] - c[:, :, :, :-1]).mean(dim=(1, 2, 3)).numpy(),
+        ], axis=1)  # fmt: skip
+
+    s_new, s_old = stats(new), stats(old)
+    names = ("mean (shift)", "gradient axis 0 (scale)", "gradient axis 1 (rotation)", "gradient axis 2")
+    for j, what in enumerate(names):
+        se = np.sqrt(s_new[:, j].var() / n + s_old[:, j].var() / n) + 1e-6
+        assert abs(s_new[:, j].mean() - s_old[:, j].mean()) < 4 * se + 1e-4, (what, s_new[:, j].mean(), s_old[:, j].mean())
+        if j < 3:  # the axis-2 gradient is 0 for both
+            assert abs(s_new[:, j].std() / s_old[:, j].std() - 1) < 0.2, (what, s_new[:, j].std(), s_old[:, j].std())
+    assert s_new[:, 1].std() > 0.03 and s_new[:, 2].std() > 0.03 and s_new[:, 0].std() > 0.02  # each effect is there
