@@ -293,3 +293,42 @@ def test_out_of_memory_names_the_flags(tmp_path, training_ckpt, monkeypatch, cap
     code = test_seg.main(["--trained_weights", training_ckpt, "--input", src, "--output", str(tmp_path / "o")] + FAST)
     err = capsys.readouterr().err
     assert code == 2 and "--sw_batch_size" in err and "--stitch_on_cpu" in err and "Traceback" not in err
+
+
+def test_each_case_takes_its_paths_from_its_own_batch(tmp_path, training_ckpt, monkeypatch):
+    """The loader yields the cases in another order than listed: every prediction still lands in the
+    file of its own input, with that input's shape and affine, and is scored against its own label."""
+    a = write_case(tmp_path / "img", "a", "ras", tmp_path / "lab")
+    b = write_case(tmp_path / "img", "b", "aniso", tmp_path / "lab")
+    for path in (b, str(tmp_path / "lab" / "b.nii.gz")):  # b gets another shape than a
+        img = nib.load(path)
+        nib.save(type(img)(np.asarray(img.dataobj)[:20, :18, :12], img.affine, header=img.header), path)
+    listed = test_seg.get_test_loader
+
+    def reversed_loader(cfg, cases, **kwargs):
+        return listed(cfg, list(reversed(cases)), **kwargs)
+
+    monkeypatch.setattr(test_seg, "get_test_loader", reversed_loader)
+    monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
+    res = run(["--trained_weights", training_ckpt, "--input", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "--output", str(tmp_path / "o"), "--no_hd95"])
+    assert [os.path.basename(p) for p in res["predictions"]] == ["b_seg.nii.gz", "a_seg.nii.gz"]  # the loader's order
+    for src in (a, b):
+        ref, pred = nib.load(src), nib.load(tmp_path / "o" / (os.path.basename(src)[: -len(".nii.gz")] + "_seg.nii.gz"))
+        assert pred.shape == ref.shape and np.array_equal(pred.affine, ref.affine)
+    assert {r["case"] for r in res["rows"]} == {"a", "b"} and res["summary"]["classes"][0]["dice"] > 0.85
+
+
+def test_help_is_grouped_and_lists_no_training_flags(capsys):
+    with pytest.raises(SystemExit):
+        test_seg.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for group in ("inputs and outputs:", "post-processing:", "sliding window:", "runtime:", "network:", "data:"):
+        assert group in text
+    for flag in ("--cache_rate", "--cache_on_gpu", "--loader", "--crop_ratios", "--max_iter", "--lr"):
+        assert flag + " " not in text and flag + "\n" not in text, flag
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("\nruntime:") == 1
+    # an old command line with a training flag still runs (the flag is ignored with a warning)
+    with pytest.warns(UserWarning, match="--cache_rate is a training option"):
+        args = test_seg.parse_args(["--trained_weights", "x.pth", "--cache_rate", "0.2", "--threads", "2"])
+    assert args.trained_weights == ["x.pth"] and args.threads == 2

@@ -1,0 +1,234 @@
+"""export_model.py and the deployment side of test_seg.py: ONNX / TorchScript exports equal PyTorch,
+unsupported requests refused, fold ensembles average probabilities, largest-component post-processing
+(fixed and decided per class), the Predictor entry point. Tiny REP3D (kernel 5, widths 8-64, depths
+1 1 1 1), 32^3 windows, CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import configs
+import export_model
+import networks
+import test_seg
+from load_datasets_transforms import DatasetConfig
+from test_inference import BOX, FAST, SHAPE, PerVoxel, write_case
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+TINY = dict(kernel_size=5, depths=[1, 1, 1, 1], feature_size=[8, 16, 32, 64], hidden_size=64)
+NAMES = ["background", "organ", "lesion"]
+
+
+def tiny_checkpoint(path, seed: int = 0, num_classes: int = 3, spacing=(2.0, 2.0, 2.0)) -> str:
+    """A format-2 checkpoint (what the Trainer writes) of a tiny REP3D whose weights are far from init."""
+    torch.manual_seed(seed)
+    net = networks.build_network("REP3D", 1, num_classes, modulation="lrbm", dwconv="native", **TINY)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    names = (NAMES + [f"c{i}" for i in range(3, num_classes)])[:num_classes]
+    ds = DatasetConfig("custom", spacing, "window", -100.0, 300.0, num_classes, names, roi=(32, 32, 32), cache_rate=0.0)
+    run = configs.RunConfig(configs.NetworkConfig("REP3D", 1, num_classes, {"modulation": "lrbm", **TINY}), configs.DataConfig(dataset=ds), configs.TrainConfig())
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    torch.save({"state_dict": net.state_dict(), "format_version": configs.FORMAT_VERSION, "config": run.to_dict(), "step": 1}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    return [tiny_checkpoint(root / f"fold_{i}" / "best_metric_model.pth", seed=i) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def exported(ckpts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    sidecar = export_model.export_checkpoint(ckpts[0], str(out), formats=["onnx", "torchscript"])
+    return out, sidecar
+
+
+def deploy_reference(ckpt: str) -> torch.nn.Module:
+    resolved = test_seg.resolve_checkpoint(ckpt)
+    return networks.build_deploy_network("REP3D", 1, 3, checkpoint=resolved["checkpoint"], **{**resolved["network_kwargs"], "dwconv": "native"})
+
+
+def test_onnx_and_torchscript_outputs_equal_pytorch(exported, ckpts, tmp_path):
+    """The files, loaded as a user outside the repo would, give PyTorch's logits (1e-4 relative): the
+    default ONNX export (FFT depthwise path: batch dynamic, spatial fixed to the ROI), TorchScript and a
+    native-path ONNX export (batch and spatial dynamic) also at another size; the sidecar describes them."""
+    import onnxruntime as ort
+
+    out, sidecar = exported
+    ref_model = deploy_reference(ckpts[0])
+    native = export_model.export_checkpoint(ckpts[0], str(tmp_path / "native"), formats=["onnx"], dwconv="native")
+    sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for name, path in
+                (("fft", out / "model.onnx"), ("native", tmp_path / "native" / "model.onnx"))}  # fmt: skip
+    script = torch.jit.load(str(out / "model.ts"))
+    g = torch.Generator().manual_seed(1)
+    for shape in [(1, 1, 32, 32, 32), (2, 1, 32, 32, 32), (2, 1, 48, 16, 32)]:
+        x = torch.randn(shape, generator=g)
+        with torch.no_grad():
+            ref = ref_model(x).numpy()
+            outputs = {"torchscript": script(x).numpy()}
+        for name, session in sessions.items():
+            if name == "native" or shape[2:] == (32, 32, 32):
+                outputs[f"onnx-{name}"] = session.run(["logits"], {"image": x.numpy()})[0]
+        scale = np.abs(ref).max()
+        assert scale > 0.1
+        for name, value in outputs.items():
+            assert np.abs(value - ref).max() / scale < 1e-4, (name, shape)
+    # a different model's output would not pass: the comparison can fail
+    other = deploy_reference(ckpts[1])
+    with torch.no_grad():
+        assert np.abs(other(x).numpy() - ref).max() / scale > 1e-2
+    files = sidecar["files"]
+    assert files["onnx"]["dwconv"] == "fft" and files["onnx"]["dynamic_axes"] == {"0": "batch (any)"}
+    assert files["torchscript"]["dwconv"] == "native" and set(files["torchscript"]["dynamic_axes"]) == {"0", "2", "3", "4"}
+    assert native["files"]["onnx"]["dwconv"] == "native" and set(native["files"]["onnx"]["dynamic_axes"]) == {"0", "2", "3", "4"}
+    assert sidecar["output"]["class_names"] == NAMES and sidecar["input"]["spacing_mm"] == [2.0, 2.0, 2.0]
+    assert sidecar["input"]["normalisation"]["a_min"] == -100.0 and sidecar["input"]["orientation"] == "RAS"
+    assert sidecar["sliding_window"]["roi"] == [32, 32, 32] and sidecar["network"]["deploy"] is True
+    assert all(files[f]["check"]["passed"] for f in ("onnx", "torchscript"))
+    assert files["onnx"]["sha256"] == export_model._sha256(str(out / "model.onnx"))
+    assert json.load(open(out / "model.json")) == json.loads(json.dumps(sidecar))
+
+
+@pytest.mark.parametrize(
+    "flags, expect",
+    [(["--format", "tflite"], "--format tflite: not supported; choose from onnx, torchscript"),
+     (["--opset", "11"], "--opset 11: not supported; this exporter writes and checks opsets 18, 19, 20"),
+     (["--format", "onnx", "torchscript", "coreml", "--opset", "21"], "coreml"),
+     (["--format", "torchscript", "--dwconv", "fft"], "the TorchScript tracer cannot record the FFT path")],
+)  # fmt: skip
+def test_export_with_another_opset_or_format_is_refused(tmp_path, ckpts, capsys, flags, expect):
+    out = tmp_path / "out"
+    code = export_model.main(["--trained_weights", ckpts[0], "--output", str(out)] + flags)
+    err = capsys.readouterr().err
+    assert code == 2 and expect in err and "Traceback" not in err
+    assert not out.exists()  # refused before anything was built or written
+    with pytest.raises(export_model.ExportError, match="not supported"):
+        export_model.check_request(["onnx"], 17)
+
+
+def _probs(res) -> np.ndarray:
+    return nib.load(res["probabilities"][0]).get_fdata()
+
+
+def test_ensemble_is_the_mean_of_the_probabilities(tmp_path, ckpts):
+    """--trained_weights A B, and the run folder holding fold_0/ and fold_1/, both give the mean of A's and
+    B's probabilities; checkpoints of another class count are refused with one message."""
+    src = write_case(tmp_path / "in", "case", "lps")
+    common = ["--input", src, "--save_probabilities", "--resample_probabilities"] + FAST
+
+    def run(weights, name):
+        return test_seg.run_inference(test_seg.parse_args(["--trained_weights", *weights, "--output", str(tmp_path / name)] + common))
+
+    a, b = _probs(run([ckpts[0]], "a")), _probs(run([ckpts[1]], "b"))
+    both = run(ckpts, "ab")
+    folds = run([os.path.dirname(os.path.dirname(ckpts[0]))], "folds")
+    assert np.abs(a - b).max() > 0.05  # the two models disagree: the mean is not either of them
+    assert np.allclose(_probs(both), (a + b) / 2, atol=1e-4)
+    assert np.allclose(_probs(folds), (a + b) / 2, atol=1e-4)
+    seg = np.asarray(nib.load(both["predictions"][0]).dataobj)
+    assert (seg == _probs(both).argmax(-1)).mean() > 0.99
+    # ensemble_probabilities itself: the mean of predict_volume over the models
+    models = [deploy_reference(c) for c in ckpts]
+    image = torch.rand(1, 1, 40, 36, 30)
+    kw = dict(sw_batch_size=2, overlap=0.25)
+    mean = (test_seg.predict_volume(models[0], image, (32,) * 3, torch.device("cpu"), **kw) + test_seg.predict_volume(models[1], image, (32,) * 3, torch.device("cpu"), **kw)) / 2
+    assert torch.allclose(test_seg.ensemble_probabilities(models, image, [(32,) * 3] * 2, torch.device("cpu"), **kw), mean, atol=1e-6)
+
+    other = tiny_checkpoint(tmp_path / "four" / "best_metric_model.pth", num_classes=4, spacing=(1.5, 1.5, 2.0))
+    code = test_seg.main(["--trained_weights", ckpts[0], other, "--input", src, "--output", str(tmp_path / "bad")] + FAST)
+    assert code == 2
+    with pytest.raises(test_seg.InferenceError, match=r"cannot be ensembled(.|\n)*classes 3 vs 4; class names .* spacing \[2.0, 2.0, 2.0\] vs \[1.5, 1.5, 2.0\]"):
+        test_seg.Predictor([ckpts[0], other])
+
+
+def write_with_island(folder, name: str, label_folder=None) -> str:
+    """write_case's box (the organ) plus a small bright island the label does not have."""
+    path = write_case(folder, name, "ras", label_folder)
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    data[18:21, 14:17, 9:12] = 200
+    nib.save(nib.Nifti1Image(data, img.affine, header=img.header), path)
+    return path
+
+
+def test_largest_component_removes_an_island_and_keeps_one_component():
+    seg = np.zeros((20, 20, 12), np.uint8)
+    seg[2:10, 2:10, 2:8] = 1
+    one = seg.copy()
+    seg[15:17, 15:17, 9:11] = 1  # island of class 1
+    seg[15:18, 2:5, 2:5] = 2  # one component of class 2
+    out = test_seg.keep_largest_component(seg, [1, 2])
+    assert out[15:17, 15:17, 9:11].max() == 0  # island gone
+    assert np.array_equal(out[:, :, :], np.where(seg[..., :] == 2, 2, one))  # everything else unchanged
+    assert np.array_equal(test_seg.keep_largest_component(one, [1, 2]), one)  # one component: unchanged
+    assert np.array_equal(test_seg.keep_largest_component(seg, []), seg)
+
+
+def test_postprocess_cli_fixed_and_auto(tmp_path, ckpts, monkeypatch):
+    """--postprocess largest_component drops the planted island; --postprocess auto decides on labelled
+    cases (class 1: the island costs Dice, so apply; class 2: never present, so not), stores the decision
+    beside the checkpoint, and a later run without labels reuses it."""
+    monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
+    labelled = write_with_island(tmp_path / "val", "v", tmp_path / "val_labels")
+    unlabelled = write_with_island(tmp_path / "test", "t")
+    island = (slice(18, 21), slice(14, 17), slice(9, 12))
+
+    def run(weights, src, out, *extra):
+        res = test_seg.run_inference(test_seg.parse_args(["--trained_weights", weights, "--input", src, "--output", str(tmp_path / out), *extra] + FAST))
+        return res, np.asarray(nib.load(res["predictions"][0]).dataobj).reshape(SHAPE)
+
+    _, raw = run(ckpts[0], unlabelled, "raw")
+    assert raw[island].min() == 1 and raw[BOX].mean() > 0.9  # the model does segment the island
+    _, fixed = run(ckpts[0], unlabelled, "lcc", "--postprocess", "largest_component")
+    assert fixed[island].max() == 0 and np.array_equal(fixed[BOX], raw[BOX])
+
+    stored = os.path.join(os.path.dirname(ckpts[0]), test_seg.POSTPROCESS_FILE)
+    assert not os.path.exists(stored)
+    with pytest.raises(test_seg.InferenceError, match="no decision stored"):
+        run(ckpts[0], unlabelled, "auto0", "--postprocess", "auto")
+    res, decided = run(ckpts[0], labelled, "auto1", "--postprocess", "auto", "--labels", str(tmp_path / "val_labels"), "--no_hd95")
+    decision = json.load(open(stored))
+    assert decision["largest_component"] == [1]
+    rows = {r["class"]: r for r in decision["classes"]}
+    assert rows[1]["dice_after"] > rows[1]["dice_before"] and rows[2]["apply"] is False and rows[2]["cases"] == 0
+    assert decided[island].max() == 0  # the decision was applied to this run's prediction too
+    assert res["summary"]["classes"][0]["dice"] == pytest.approx(rows[1]["dice_after"], abs=1e-6)  # and scored after it
+    _, reused = run(ckpts[0], unlabelled, "auto2", "--postprocess", "auto")
+    assert np.array_equal(reused, fixed)
+
+
+def test_predictor_checkpoint_array_and_export(tmp_path, ckpts, exported):
+    """Predictor: a file and the same volume as array + affine give the CLI's labels; the ONNX export
+    gives the checkpoint's labels."""
+    src = write_case(tmp_path / "in", "case", "aniso")
+    cli = test_seg.run_inference(test_seg.parse_args(["--trained_weights", ckpts[0], "--input", src, "--output", str(tmp_path / "cli")] + FAST))
+    expected = np.asarray(nib.load(cli["predictions"][0]).dataobj)
+    threads = torch.get_num_threads()
+    try:
+        predictor = test_seg.Predictor(ckpts[0], threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert predictor.class_names == NAMES
+    labels = predictor.predict(src)
+    assert labels.shape == SHAPE and labels.dtype == np.uint8 and len(np.unique(labels)) > 1
+    assert np.array_equal(labels, expected)
+    img = nib.load(src)
+    from_array, probs = predictor.predict(np.asarray(img.dataobj), affine=img.affine, return_probabilities=True)
+    assert np.array_equal(from_array, expected) and probs.shape == (3,) + SHAPE
+    out, _ = exported
+    assert np.array_equal(test_seg.Predictor(str(out / "model.json")).predict(src), expected)
+    with pytest.raises(test_seg.InferenceError, match="affine"):
+        predictor.predict(np.zeros(SHAPE, np.float32))
