@@ -1943,7 +1943,7 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _produce(inner, augment: BatchAugment | None, device: torch.device, q: queue.Queue, stop: threading.Event) -> None:
+def _produce(batches: Iterator[dict], augment: BatchAugment | None, device: torch.device, q: queue.Queue, stop: threading.Event) -> None:
     """Prefetch thread: next crop batch, to ``device``, augmented; on CUDA all on a side stream."""
     try:
         cuda = device.type == "cuda"
@@ -1954,7 +1954,7 @@ def _produce(inner, augment: BatchAugment | None, device: torch.device, q: queue
             # The cache was written on the default stream: order this stream after it once.
             stream.wait_stream(torch.cuda.default_stream(device))
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            for batch in inner:
+            for batch in batches:
                 if stop.is_set():
                     return
                 image = batch["image"].to(device, non_blocking=True)
@@ -2022,9 +2022,11 @@ class TrainLoader:
         if self._thread is not None:
             return
         self._queue = queue.Queue(maxsize=self.prefetch)
+        # Worker processes are forked here, from the calling thread, not from the prefetch thread.
+        batches = iter(self.inner)
         # The thread holds what it needs, not the loader, so that a dropped loader stops it.
         self._thread = threading.Thread(
-            target=_produce, args=(self.inner, self.augment, self.device, self._queue, self._stop), daemon=True, name="rep3d-train-prefetch"
+            target=_produce, args=(batches, self.augment, self.device, self._queue, self._stop), daemon=True, name="rep3d-train-prefetch"
         )  # fmt: skip
         self._thread.start()
 
@@ -2209,6 +2211,10 @@ RAM_CACHE_SHARE = 0.5
 _GIB = 1024**3
 
 
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / _GIB:.1f} GiB" if nbytes >= 0.1 * _GIB else f"{nbytes / 1024**2:.0f} MiB"
+
+
 @dataclass(frozen=True)
 class LoaderChoice:
     """The loader path :func:`choose_loader` picked, with what :func:`get_loaders` needs for it.
@@ -2336,7 +2342,7 @@ def choose_loader(
         except DataError as err:
             listing_error = err.problems[0] if err.problems else str(err)
     nbytes = estimate_cache_bytes(cfg, cases) if cases is not None else None
-    size = f"{len(cases)} cases ~{nbytes / _GIB:.1f} GiB" if cases is not None and nbytes is not None else "size unknown"
+    size = f"{len(cases)} cases ~{_gib(nbytes)}" if cases is not None and nbytes is not None else "size unknown"
 
     def on_workers(why: str) -> LoaderChoice:
         rate = cache_rate
@@ -2355,14 +2361,14 @@ def choose_loader(
     free = int(torch.cuda.mem_get_info(dev)[0])
     if requested == "gpu":
         rate = 1.0 if cache_rate is None else float(cache_rate)
-        return LoaderChoice("gpu", str(dev), rate, 0, f"GPU cache, cache_rate {rate:g}: asked for (--loader gpu); {size}, {free / _GIB:.1f} GiB free on {dev}", nbytes)
+        return LoaderChoice("gpu", str(dev), rate, 0, f"GPU cache, cache_rate {rate:g}: asked for (--loader gpu); {size}, {_gib(free)} free on {dev}", nbytes)
     if nbytes is None:
         return on_workers(f"the cases could not be listed to size the cache ({listing_error})")
     if cache_rate is not None and float(cache_rate) < 1.0:
         return on_workers(f"--cache_rate {cache_rate:g} leaves cases uncached, and the GPU path needs them all cached")
     if nbytes <= gpu_share * free:
-        return LoaderChoice("gpu", str(dev), 1.0, 0, f"GPU cache: {size} fit in {100 * gpu_share:.0f}% of the {free / _GIB:.1f} GiB free on {dev}", nbytes)
-    return on_workers(f"{size} exceed {100 * gpu_share:.0f}% of the {free / _GIB:.1f} GiB free on {dev}")
+        return LoaderChoice("gpu", str(dev), 1.0, 0, f"GPU cache: {size} fit in {100 * gpu_share:.0f}% of the {_gib(free)} free on {dev}", nbytes)
+    return on_workers(f"{size} exceed {100 * gpu_share:.0f}% of the {_gib(free)} free on {dev}")
 
 
 def get_test_loader(cfg: DatasetConfig, inputs: list[dict] | list[str], num_workers: int = 2, keep_label: bool = False, check: bool = True) -> tuple[torch.utils.data.DataLoader, Compose]:
