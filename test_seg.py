@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt = p.add_argument_group("runtime")
     # A bare --amp means "auto" (AMP on CUDA); add_runtime_args keeps this definition.
     rt.add_argument("--amp", nargs="?", const="auto", default="auto", choices=engine.AMP_CHOICES, help="mixed precision: auto (bf16/fp16 on CUDA, off on the CPU), bf16, fp16, off")
-    rt.add_argument("--threads", type=int, default=None, help="CPU threads for the network (torch.set_num_threads) and the loader's transforms. Default: PyTorch's (one per core)")
+    rt.add_argument("--threads", type=int, default=None, help="CPU threads of PyTorch (torch.set_num_threads: the network on the CPU) and of ONNX Runtime for an export's model.json. Default: PyTorch's (one per core)")
     rt.add_argument("--compile", action="store_true", help="run the windows through torch.compile (one static shape): on an H100 REP3D predicts a 256x256x160 volume in about 0.72 s instead of 0.91 s, after a one-off compilation of about 30 s: pays for itself after about 150 volumes in one run")
     engine.add_runtime_args(p)
     _merge_groups(p, "runtime")
