@@ -394,23 +394,24 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.max_iter, t.warmup, t.lr_schedule))
         return opt, sched
 
-    def loader_device(self) -> tuple[str | None, str]:
-        """Where the training data is cached and augmented (``None``: CPU workers), and why."""
+    def choose_loader(self):
+        """Where the training batches are made (``load_datasets_transforms.LoaderChoice``): the GPU cache
+        when the run is on CUDA and the cached volumes fit, else CPU workers; ``--loader`` forces one.
+        Its ``reason`` goes into the start line."""
+        from load_datasets_transforms import choose_loader
+
         d = self.config.data
-        if d.loader == "gpu":
-            if self.device.type != "cuda":
-                raise ConfigError("--loader gpu (--cache_on_gpu) caches on a CUDA GPU but the run is on the CPU: drop it, or run on a GPU")
-            return str(self.device), "GPU cache and augmentation (--loader gpu)"
-        if d.loader == "workers" or self.device.type != "cuda":
-            return None, "CPU workers" + (" (--loader workers)" if d.loader == "workers" else " (no GPU)")
-        chooser = getattr(__import__("load_datasets_transforms"), "choose_loader", None)
-        if chooser is None or self.dist.enabled:
-            return None, "CPU workers"
-        choice = chooser(
-            d.dataset, root=self._root(), datalist=d.datalist, fold=d.fold, device=self.device,
-            cache_rate=self._cache_rate(), requested=d.loader,
-        )  # fmt: skip
-        return choice.device, choice.reason
+        if d.loader == "gpu" and self.device.type != "cuda":
+            raise ConfigError("--loader gpu (--cache_on_gpu) caches on a CUDA GPU but the run is on the CPU: drop it, or run on a GPU")
+        # DDP ranks would each estimate against a GPU their neighbours are filling: workers unless asked.
+        requested = "workers" if self.dist.enabled and d.loader == "auto" else d.loader
+        try:
+            return choose_loader(
+                d.dataset, root=self._root(), datalist=d.datalist, fold=d.fold, device=self.device,
+                cache_rate=d.cache_rate, requested=requested, num_workers=d.num_workers,
+            )  # fmt: skip
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def _root(self) -> str | None:
         import demo_data
@@ -418,25 +419,17 @@ class Trainer:
         d = self.config.data
         return demo_data.DEMO_ROOT_DEFAULT if d.is_demo else d.root
 
-    def _cache_rate(self) -> float:
-        d = self.config.data
-        return d.dataset.cache_rate if d.cache_rate is None else float(d.cache_rate)
-
     def build_data(self) -> tuple[Any, Any]:
         """Training and validation loaders (every case checked first; one DataError lists all problems).
 
         A resumed run reseeds the crops with the step, so that it does not replay the first ones."""
-        from load_datasets_transforms import default_num_workers
-
         d = self.config.data
-        device, self.loader_reason = self.loader_device()
-        kwargs: dict = {}
-        if d.crop_ratios is not None:
-            kwargs["crop_ratios"] = d.crop_ratios
+        choice = self.choose_loader()
+        self.loader_reason = choice.reason
         return get_loaders(
-            d.dataset, self._root(), roi=d.roi, crop_sample=d.crop_sample, batch_size=d.batch_size, cache_rate=self._cache_rate(),
-            num_workers=default_num_workers() if d.num_workers is None else d.num_workers, datalist=d.datalist, fold=d.fold,
-            device=device, distributed=self.dist.enabled, seed=self.config.training.seed + self.step, **kwargs,
+            d.dataset, self._root(), roi=d.roi, crop_sample=d.crop_sample, batch_size=d.batch_size, cache_rate=choice.cache_rate,
+            num_workers=choice.num_workers, datalist=d.datalist, fold=d.fold, device=choice.device, distributed=self.dist.enabled,
+            seed=self.config.training.seed + self.step, crop_ratios=d.crop_ratios,
         )  # fmt: skip
 
     def encoder_parameters(self) -> list[nn.Parameter]:

@@ -175,3 +175,36 @@ def test_the_papers_other_baselines_train_through_main_train(demo_root, tmp_path
     ckpt = torch.load(os.path.join(out, "best_metric_model.pth"), map_location="cpu", weights_only=True)
     net = RunConfig.from_checkpoint(ckpt).network.build()
     net.load_state_dict(ckpt["state_dict"])  # the checkpoint rebuilds its network
+
+
+def test_class_ratio_crops_hit_the_rare_class_at_its_ratio(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    import load_datasets_transforms as ldt
+
+    image = np.full((48, 48, 48), -1000.0, np.float32)
+    image[6:42, 6:42, 6:42] = 40.0  # the body: background crop centres lie inside it
+    label = np.zeros(image.shape, np.uint8)
+    label[12:36, 12:24, 12:36] = 1  # a large structure
+    label[28:31, 28:31, 28:31] = 2  # a rare one: 27 voxels
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image, aff), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(label, aff), str(tmp_path / "lab.nii.gz"))
+    cfg = ldt.get_dataset_config("custom", spacing=[2, 2, 2], a_min=-125, a_max=275, num_classes=3, roi=[16, 16, 16])
+    tf = ldt.get_train_transforms(cfg, roi=(16, 16, 16), crop_sample=100, crop_ratios=[1, 1, 4], augment=False)
+    tf.set_random_state(seed=0)
+    centres = []
+    for _ in range(3):
+        for crop in tf({"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}):
+            assert tuple(crop["image"].shape[1:]) == (16, 16, 16)
+            centres.append(int(torch.as_tensor(crop["label"])[0, 8, 8, 8]))
+    share = np.bincount(centres, minlength=3) / len(centres)
+    expected = np.array([1, 1, 4]) / 6
+    tolerance = 4 * np.sqrt(expected * (1 - expected) / len(centres))  # 4 binomial standard deviations
+    assert np.all(np.abs(share - expected) < tolerance), share
+    # without ratios the rare class is centred far less often (1:1 foreground/background by volume)
+    tf = ldt.get_train_transforms(cfg, roi=(16, 16, 16), crop_sample=300, augment=False)
+    tf.set_random_state(seed=0)
+    rare = np.mean([int(torch.as_tensor(c["label"])[0, 8, 8, 8]) == 2 for c in tf({"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")})])
+    assert rare < 0.2
