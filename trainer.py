@@ -206,75 +206,70 @@ def plot_curves(history: dict, class_names: list[str] | tuple[str, ...], path: s
 
 
 class LoopTimer:
-    """Time per iteration of the whole loop and of the training step alone.
+    """Time per iteration of the whole loop and of the training step alone, paired per iteration.
 
     The step (forward, loss, backward, optimizer) is timed with CUDA events on a GPU, read back
     lazily once the GPU has finished them (no extra synchronisation), and with the wall clock on the
     CPU. The loop time of an iteration is the wall time between the ends of two consecutive
-    iterations; iterations that include a validation, and the first ``warmup`` ones of the session,
-    are not counted. ``outside_step_fraction`` is the share of the loop the device spent outside the
-    step: waiting for data, augmenting on the same GPU, logging.
+    iterations. Iterations that include a validation (and the one after it), and the first ``warmup``
+    ones of the session, are left out of both. ``outside_step_fraction`` is the share of the loop the
+    device spent outside the step: waiting for data, augmenting on the same GPU, logging.
     """
 
     def __init__(self, device: torch.device, warmup: int = 20) -> None:
         self.cuda = device.type == "cuda"
         self.warmup = warmup
         self.loop_s: list[float] = []
-        self.step_s: list[float] = []
-        self._pending: list[tuple[Any, Any]] = []
+        self._steps: list[Any] = []  # seconds, or (start, end) CUDA events not read yet
+        self._current: Any = None
         self._t_last: float | None = None
         self._t0 = 0.0
         self._seen = 0
 
     def start_step(self) -> None:
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._pending.append((ev, None))
+            self._current = torch.cuda.Event(enable_timing=True)
+            self._current.record()
         else:
             self._t0 = time.perf_counter()
 
     def end_step(self) -> None:
-        self._seen += 1
-        counted = self._seen > self.warmup
         if self.cuda:
-            start, _ = self._pending.pop()
-            if counted:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record()
-                self._pending.append((start, end))
-            self._collect(wait=False)
-        elif counted:
-            self.step_s.append(time.perf_counter() - self._t0)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._current = (self._current, end)
+        else:
+            self._current = time.perf_counter() - self._t0
 
     def end_iteration(self, count: bool = True) -> None:
         """Mark the end of an iteration; ``count=False`` for one that included a validation."""
         now = time.perf_counter()
-        if count and self._t_last is not None and self._seen > self.warmup:
+        self._seen += 1
+        if count and self._t_last is not None and self._seen > self.warmup and self._current is not None:
             self.loop_s.append(now - self._t_last)
+            self._steps.append(self._current)
+            if self.cuda and len(self._steps) % 64 == 0:  # read back the finished ones now and then
+                self._steps[-64:] = [s[0].elapsed_time(s[1]) / 1000.0 if isinstance(s, tuple) and s[1].query() else s for s in self._steps[-64:]]
+        self._current = None
         self._t_last = now if count else None
 
-    def _collect(self, wait: bool) -> None:
-        keep = []
-        for start, end in self._pending:
-            if end is None:
-                continue
-            if wait:
-                end.synchronize()
-            if end.query():
-                self.step_s.append(start.elapsed_time(end) / 1000.0)
-            else:
-                keep.append((start, end))
-        self._pending = keep
+    def step_seconds(self) -> list[float]:
+        """The step time of each counted iteration (waits for the GPU to finish the last ones)."""
+        out = []
+        for s in self._steps:
+            if isinstance(s, tuple):
+                s[1].synchronize()
+                s = s[0].elapsed_time(s[1]) / 1000.0
+            out.append(s)
+        self._steps = list(out)
+        return out
 
     def summary(self) -> dict:
         """Loop and step time per iteration (mean and median, ms) and the share outside the step."""
-        if self.cuda:
-            self._collect(wait=True)
-        n = min(len(self.loop_s), len(self.step_s))
+        step, loop = self.step_seconds(), self.loop_s
+        n = len(loop)
         if n == 0:
             return {"timed_iterations": 0}
-        loop, step = self.loop_s[-n:], self.step_s[-n:]
         return {
             "timed_iterations": n,
             "loop_ms_per_iter": round(1000 * sum(loop) / n, 2),
@@ -514,7 +509,7 @@ class Trainer:
             self.writer = SummaryWriter(self.path("tensorboard"), purge_step=self.step if self.resume_from is not None else None)
         # Centre vs periphery movement of the large kernels at each validation (the paper's convergence picture).
         self.dynamics = self.kernel_dynamics() if self.dist.main else None
-        self.timer = LoopTimer(self.device)
+        self.timer = LoopTimer(self.device, warmup=min(20, t.max_iter // 10))
         self.log(self.describe())
 
     def write_plan_and_splits(self) -> None:

@@ -208,3 +208,19 @@ def test_class_ratio_crops_hit_the_rare_class_at_its_ratio(tmp_path):
     tf.set_random_state(seed=0)
     rare = np.mean([int(torch.as_tensor(c["label"])[0, 8, 8, 8]) == 2 for c in tf({"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")})])
     assert rare < 0.2
+
+
+def test_summary_reports_loop_and_step_time_per_iteration(demo_root, tmp_path):
+    import json
+
+    out = str(tmp_path / "timed")
+    summary = main_train.train(main_train.parse_args(argv(demo_root, out, "--max_iter", "6", "--eval_step", "6")), log=lambda m: None)
+    timing = summary["timing"]
+    # iteration 1 opens the clock, 6 validates: 2-5 are timed, each loop interval holding its step
+    assert timing["timed_iterations"] == 4 and timing["step_timer"] == "wall clock"
+    assert timing["loop_ms_per_iter"] >= timing["step_ms_per_iter"] > 0
+    assert timing["outside_step_fraction"] == pytest.approx(1 - timing["step_ms_per_iter"] / timing["loop_ms_per_iter"], abs=2e-3)
+    on_disk = json.load(open(os.path.join(out, "summary.json")))
+    for key in ("loop_ms_per_iter", "step_ms_per_iter", "outside_step_fraction", "loader", "data_wait_s"):
+        assert key in on_disk, key
+    assert on_disk["loop_ms_per_iter"] == timing["loop_ms_per_iter"] and "CPU workers" in on_disk["loader"]
