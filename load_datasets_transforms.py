@@ -570,6 +570,15 @@ def config_from_args(args) -> DatasetConfig:  # TEMPORARY shim while test_seg.py
     )
 
 
+def thread_map(fn, items: Sequence, num_workers: int | None) -> list:
+    """``[fn(x) for x in items]`` on up to ``num_workers`` threads (at most 8): file reading releases the GIL."""
+    workers = max(1, min(int(num_workers or 1), len(items), 8))
+    if workers == 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(fn, items))
+
+
 def default_num_workers() -> int:
     """Loader workers when --num_workers is not given: one per CPU core but one (for the training loop), 1 to 8.
 
@@ -883,7 +892,6 @@ def _list_cases(root: str | None, split: str, datalist: str | None, fold: int, i
     info = info if info is not None else {}
     info.setdefault("pooled", False)
     problems: list[str] = []
-    labels_required = split != "test"
     channel_names = None
     if datalist is not None:
         source = datalist
@@ -1259,15 +1267,7 @@ def inspect_cases(
         ``(problems, infos)``: one line per problem; per case ``{"shape", "spacing", "channels",
         "label_values"}`` or None when its image is unusable.
     """
-    def one(c: dict):
-        return _check_case(c, num_classes, check_labels, in_channels, channel_names)
-
-    workers = max(1, min(int(num_workers or 1), len(cases), 8))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as ex:
-            results = list(ex.map(one, cases))
-    else:
-        results = [one(c) for c in cases]
+    results = thread_map(lambda c: _check_case(c, num_classes, check_labels, in_channels, channel_names), cases, num_workers)
     return [p for probs, _ in results for p in probs], [info for _, info in results]
 
 

@@ -35,7 +35,6 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -362,15 +361,7 @@ def plan_dataset(
         pick = np.unique(np.linspace(0, len(good) - 1, num=min(len(good), max_intensity_cases)).round().astype(int))
         whole = mod_source == "guessed from intensities"
 
-        def one(k: int):
-            return _case_samples(good[k][0], n_channels, samples_per_case, seed + int(k), whole)
-
-        workers = max(1, min(int(num_workers or 1), len(pick), 8))
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as ex:
-                results = list(ex.map(one, pick))
-        else:
-            results = [one(k) for k in pick]
+        results = ldt.thread_map(lambda k: _case_samples(good[k][0], n_channels, samples_per_case, seed + int(k), whole), list(pick), num_workers)
         for fg, anywhere, problem in results:
             if problem:
                 notes.append(problem)
