@@ -1943,6 +1943,17 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
+def _shutdown(batches: Iterator | None) -> None:
+    """Stop a DataLoader iterator's worker processes and pin-memory thread now (idempotent).
+
+    Left to garbage collection at exit, the endless stream keeps the pin-memory thread pinning while
+    the interpreter shuts down, and a daemon thread caught inside PyTorch's C++ then aborts the
+    process ("terminate called without an active exception", seen on an H100 machine)."""
+    stop_workers = getattr(batches, "_shutdown_workers", None)
+    if stop_workers is not None:
+        stop_workers()
+
+
 def _produce(batches: Iterator[dict], augment: BatchAugment | None, device: torch.device, q: queue.Queue, stop: threading.Event) -> None:
     """Prefetch thread: next crop batch, to ``device``, augmented; on CUDA all on a side stream."""
     try:
@@ -1969,6 +1980,9 @@ def _produce(batches: Iterator[dict], augment: BatchAugment | None, device: torc
                     return
     except BaseException as err:  # noqa: BLE001 - handed to the training loop, which raises it
         _put(q, _Failure(err), stop)
+    finally:
+        if stop.is_set():
+            _shutdown(batches)
 
 
 _LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
@@ -2023,10 +2037,10 @@ class TrainLoader:
             return
         self._queue = queue.Queue(maxsize=self.prefetch)
         # Worker processes are forked here, from the calling thread, not from the prefetch thread.
-        batches = iter(self.inner)
+        self._it = iter(self.inner)
         # The thread holds what it needs, not the loader, so that a dropped loader stops it.
         self._thread = threading.Thread(
-            target=_produce, args=(batches, self.augment, self.device, self._queue, self._stop), daemon=True, name="rep3d-train-prefetch"
+            target=_produce, args=(self._it, self.augment, self.device, self._queue, self._stop), daemon=True, name="rep3d-train-prefetch"
         )  # fmt: skip
         self._thread.start()
 
@@ -2061,7 +2075,8 @@ class TrainLoader:
                 yield self._next_prefetched()
 
     def close(self) -> None:
-        """Stop the prefetch thread (and with it the worker processes); the loader cannot be used after."""
+        """Stop the prefetch thread, the worker processes and the pin-memory thread; the loader
+        cannot be used after. Called at exit for every loader still open."""
         self._stop.set()
         if self._queue is not None:
             while True:
@@ -2070,7 +2085,9 @@ class TrainLoader:
                 except queue.Empty:
                     break
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)
+        if self._thread is None or not self._thread.is_alive():
+            _shutdown(self._it)
         self._it = None
 
     def __del__(self) -> None:
