@@ -5,7 +5,7 @@
 2. Runs the real ``main_train.py`` as a subprocess for each network and loader path::
 
        python3 main_train.py --root DATA --dataset custom --spacing 1 1 1 --intensity zscore --num_classes 5
-           --roi 96 96 96 --network NET --max_iter 400 --eval_step 1000 --amp bf16 --cache_rate 1.0 --loader PATH
+           --roi 96 96 96 --network NET --max_iter 400 --eval_step 100000 --amp bf16 --cache_rate 1.0 --loader PATH
 
    and reads its ``summary.json``: ``loop_ms_per_iter`` (mean wall time per iteration after the
    warm-up, validation excluded), ``step_ms_per_iter`` (CUDA events around forward + backward +
@@ -55,8 +55,9 @@ def run_main_train(data: str, out: Path, network: str, path: str, max_iter: int,
     """One main_train.py run; its summary's timing fields, the start line's loader reason, wall time."""
     run_dir = out / (f"run_{network}_{path}" + ("_before" if old_module else ""))
     argv = ["--root", data, *BRAIN_FLAGS, "--roi", *map(str, roi), "--network", network, "--max_iter", str(max_iter),
-            "--eval_step", "100000", "--amp", "bf16", "--cache_rate", "1.0", "--output", str(run_dir), *extra]  # fmt: skip
-    argv += ["--loader", path] if path in ("gpu", "workers", "auto") else []
+            "--eval_step", "100000", "--amp", "bf16", "--output", str(run_dir), *extra]  # fmt: skip
+    # "default": no loader flag and no --cache_rate, what a user who passes none gets.
+    argv += ["--loader", path, "--cache_rate", "1.0"] if path != "default" else []
     if old_module:
         # The old loader module first on the path: main_train, trainer and configs all import it.
         code = f"import sys, runpy; sys.path.insert(0, {old_module!r}); sys.argv = ['main_train.py'] + {argv!r}; runpy.run_path('main_train.py', run_name='__main__')"
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="/tmp/real_loop", help="working folder (data, runs, logs, results.json)")
     p.add_argument("--data", default=None, help="dataset folder (default OUT/brain; generated when missing)")
     p.add_argument("--networks", default="REP3D,SwinUNETR")
-    p.add_argument("--paths", default="gpu,workers", help="loader paths to run main_train with (gpu, workers, auto)")
+    p.add_argument("--paths", default="gpu,workers", help="loader paths to run main_train with: gpu, workers (both with --cache_rate 1.0), default (no loader flags)")
     p.add_argument("--max_iter", type=int, default=400)
     p.add_argument("--old_module", default=None, help="folder holding another load_datasets_transforms.py for the main_train runs")
     p.add_argument("--batches", type=int, default=100, help="batches timed for the loader alone")
