@@ -425,6 +425,7 @@ class Trainer:
             d.dataset, self._root(), roi=d.roi, crop_sample=d.crop_sample, batch_size=d.batch_size, cache_rate=choice.cache_rate,
             num_workers=choice.num_workers, datalist=d.datalist, fold=d.fold, device=choice.device, distributed=self.dist.enabled,
             seed=self.config.training.seed + self.step, crop_ratios=d.crop_ratios,
+            augment_device=self.device if self.device.type == "cuda" else None,
         )  # fmt: skip
 
     def encoder_parameters(self) -> list[nn.Parameter]:
@@ -557,6 +558,9 @@ class Trainer:
         return KernelDynamics.for_model(self.model, output_dir=self.output, resume=self.resume_from is not None)
 
     def teardown(self) -> None:
+        """Stop the loader's workers and threads, close the logs and the process group."""
+        if hasattr(getattr(self, "train_loader", None), "close"):
+            self.train_loader.close()
         if getattr(self, "writer", None) is not None:
             self.writer.close()
         if getattr(self, "dist", None) is not None:
