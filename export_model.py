@@ -24,11 +24,13 @@ Each export is then checked: ONNX Runtime's / TorchScript's output on random inp
 dynamic export also a second batch and spatial size) must equal PyTorch's within 1e-4 relative
 (max |difference| / max |PyTorch output|, float32); the script says so, and exits with an error if not.
 
-Depthwise convolution (``--dwconv``): the FFT path exports to ONNX (``DFT`` nodes) and ONNX Runtime
-runs REP3D's 21^3 convolutions faster that way than with its native 3-D depthwise ``Conv`` (29 s
-against 71 s per 96^3 window on 2 shared CPU cores, benchmarks/RESULTS.md), so ``auto`` (the default)
-exports the FFT path to ONNX. TorchScript gets the native path (``torch.jit.trace`` fails on the FFT
-path in torch 2.13); ``--dwconv native`` gives an ONNX file with dynamic spatial axes.
+Depthwise convolution (``--dwconv``): the FFT path exports to ONNX (``DFT`` nodes, transform lengths
+rounded up to powers of two, the only lengths ONNX Runtime's DFT is fast for). In ONNX Runtime on the
+CPU that is faster for REP3D's 21^3 kernels (18.5 s against 35.8 s per 96^3 window natively) and slower
+for 3D UX-Net's 7^3 (9.7 s against 8.2 s) (2 shared cores, benchmarks/RESULTS.md), so ``auto`` (the
+default) exports kernels larger than 7 through the FFT and smaller ones natively. TorchScript always
+gets the native path (``torch.jit.trace`` fails on the FFT path in torch 2.13). ``--dwconv native``
+gives an ONNX file with dynamic spatial axes.
 """
 
 from __future__ import annotations
@@ -82,14 +84,29 @@ _FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 DWCONV_CHOICES = ("auto", "native", "fft")
 
 
-def dwconv_for(fmt: str, dwconv: str = "auto") -> str:
-    """The depthwise implementation exported to ``fmt``: ``dwconv`` itself, or for ``auto`` the FFT
-    path in ONNX (ONNX Runtime runs REP3D's 21^3 depthwise convolutions much slower natively than
-    through its DFT: benchmarks/RESULTS.md) and the native one in TorchScript (the tracer cannot record
-    the FFT path)."""
+#: Largest depthwise kernel exported natively by ``--dwconv auto``; larger ones take the FFT path in ONNX.
+#: Measured in ONNX Runtime on 2 shared CPU cores (benchmarks/RESULTS.md, "CPU inference"): REP3D's
+#: 21^3 kernels 18.5 s per 96^3 window through DFT against 35.8 s natively; 3D UX-Net's 7^3 kernels
+#: 9.7 s through DFT against 8.2 s natively.
+NATIVE_MAX_KERNEL = 7
+
+
+def dwconv_for(fmt: str, dwconv: str = "auto", kernel_size: int | None = None) -> str:
+    """The depthwise implementation exported to ``fmt``: ``dwconv`` itself, or for ``auto`` the
+    faster one in ONNX Runtime for this kernel size (FFT above :data:`NATIVE_MAX_KERNEL`, native up
+    to it) and always the native one in TorchScript (the tracer cannot record the FFT path)."""
     if dwconv != "auto":
         return dwconv
-    return "fft" if fmt == "onnx" else "native"
+    return "fft" if fmt == "onnx" and kernel_size is not None and kernel_size > NATIVE_MAX_KERNEL else "native"
+
+
+def _largest_kernel(resolved: dict) -> int | None:
+    """The largest depthwise kernel of the resolved checkpoint's network (None without any)."""
+    if not networks.network_accepts(resolved["network"], "dwconv"):
+        return None
+    model = networks.build_network(resolved["network"], resolved["in_channels"], resolved["out_channels"], **{**resolved["network_kwargs"], "dwconv": "native"})
+    sizes = [m.kernel_size[0] for m in model.modules() if isinstance(m, networks.DepthwiseConv3d)]
+    return max(sizes) if sizes else None
 
 
 def _has_dwconv(model: nn.Module) -> bool:
@@ -276,10 +293,15 @@ def _runner(fmt: str, path: str, threads: int | None = None, device: torch.devic
         providers = [p for p in providers if p in ort.get_available_providers()]
         session = ort.InferenceSession(path, opts, providers=providers)
         name = session.get_inputs()[0].name
+        # an export whose batch axis could not be made dynamic takes one window at a time
+        fixed_batch = session.get_inputs()[0].shape[0] if isinstance(session.get_inputs()[0].shape[0], int) else None
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            out = session.run(None, {name: x.detach().to("cpu", torch.float32).contiguous().numpy()})[0]
-            return torch.from_numpy(out).to(x.device)
+            device = x.device
+            x = x.detach().to("cpu", torch.float32).contiguous()
+            parts = [x] if fixed_batch is None or x.shape[0] == fixed_batch else list(x.split(fixed_batch))
+            out = np.concatenate([session.run(None, {name: p.numpy()})[0] for p in parts])
+            return torch.from_numpy(out).to(device)
 
         run.session = session  # type: ignore[attr-defined]
         return run
@@ -338,12 +360,13 @@ def export_checkpoint(
     resolved = test_seg.resolve_checkpoint(checkpoint, dict(flags or {}))
     cfg = resolved["cfg"]
     models: dict[str, nn.Module] = {}
+    kernel = _largest_kernel(resolved) if dwconv == "auto" else None
     example = torch.randn(1, resolved["in_channels"], *cfg.roi)
     os.makedirs(output, exist_ok=True)
     files: dict[str, dict] = {}
     for fmt in formats:
         path = os.path.join(output, _FILES[fmt])
-        impl = dwconv_for(fmt, dwconv)
+        impl = dwconv_for(fmt, dwconv, kernel)
         if impl not in models:
             models[impl] = deploy_model(resolved, impl)
         model = models[impl]
@@ -470,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, one of {', '.join(map(str, OPSETS))} (default: {DEFAULT_OPSET})")
     p.add_argument("--dwconv", choices=DWCONV_CHOICES, default="auto",
                    help="depthwise convolutions exported: native (dynamic spatial sizes), fft (ONNX DFT; spatial size fixed to the ROI, "
-                   "batch dynamic; ONNX only) or auto: fft for ONNX (the faster in ONNX Runtime on the CPU, benchmarks/RESULTS.md), "
-                   "native for TorchScript (default: auto)")  # fmt: skip
+                   "batch dynamic; ONNX only) or auto: for ONNX, fft for kernels larger than 7 (REP3D's 21), native otherwise (the "
+                   "faster in ONNX Runtime on the CPU, benchmarks/RESULTS.md); native for TorchScript (default: auto)")  # fmt: skip
     p.add_argument("--static", action="store_true", help="export for the ROI's shape only (batch 1) instead of dynamic batch and spatial axes")
     return p
 

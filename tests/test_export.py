@@ -62,15 +62,15 @@ def deploy_reference(ckpt: str) -> torch.nn.Module:
 
 def test_onnx_and_torchscript_outputs_equal_pytorch(exported, ckpts, tmp_path):
     """The files, loaded as a user outside the repo would, give PyTorch's logits (1e-4 relative): the
-    default ONNX export (FFT depthwise path: batch dynamic, spatial fixed to the ROI), TorchScript and a
-    native-path ONNX export (batch and spatial dynamic) also at another size; the sidecar describes them."""
+    default exports (kernel 5: native depthwise path, batch and spatial axes dynamic) also at another
+    size, and an FFT-path ONNX export (batch dynamic, spatial fixed to the ROI); the sidecar describes them."""
     import onnxruntime as ort
 
     out, sidecar = exported
     ref_model = deploy_reference(ckpts[0])
-    native = export_model.export_checkpoint(ckpts[0], str(tmp_path / "native"), formats=["onnx"], dwconv="native")
+    fft = export_model.export_checkpoint(ckpts[0], str(tmp_path / "fft"), formats=["onnx"], dwconv="fft")
     sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for name, path in
-                (("fft", out / "model.onnx"), ("native", tmp_path / "native" / "model.onnx"))}  # fmt: skip
+                (("native", out / "model.onnx"), ("fft", tmp_path / "fft" / "model.onnx"))}  # fmt: skip
     script = torch.jit.load(str(out / "model.ts"))
     g = torch.Generator().manual_seed(1)
     for shape in [(1, 1, 32, 32, 32), (2, 1, 32, 32, 32), (2, 1, 48, 16, 32)]:
@@ -90,9 +90,11 @@ def test_onnx_and_torchscript_outputs_equal_pytorch(exported, ckpts, tmp_path):
     with torch.no_grad():
         assert np.abs(other(x).numpy() - ref).max() / scale > 1e-2
     files = sidecar["files"]
-    assert files["onnx"]["dwconv"] == "fft" and files["onnx"]["dynamic_axes"] == {"0": "batch (any)"}
+    assert files["onnx"]["dwconv"] == "native" and set(files["onnx"]["dynamic_axes"]) == {"0", "2", "3", "4"}
     assert files["torchscript"]["dwconv"] == "native" and set(files["torchscript"]["dynamic_axes"]) == {"0", "2", "3", "4"}
-    assert native["files"]["onnx"]["dwconv"] == "native" and set(native["files"]["onnx"]["dynamic_axes"]) == {"0", "2", "3", "4"}
+    assert fft["files"]["onnx"]["dwconv"] == "fft" and fft["files"]["onnx"]["dynamic_axes"] == {"0": "batch (any)"}
+    # auto: the FFT path only where ONNX Runtime runs it faster (large kernels), never in TorchScript
+    assert [export_model.dwconv_for(f, "auto", k) for f, k in (("onnx", 21), ("onnx", 5), ("onnx", None), ("torchscript", 21))] == ["fft", "native", "native", "native"]
     assert sidecar["output"]["class_names"] == NAMES and sidecar["input"]["spacing_mm"] == [2.0, 2.0, 2.0]
     assert sidecar["input"]["normalisation"]["a_min"] == -100.0 and sidecar["input"]["orientation"] == "RAS"
     assert sidecar["sliding_window"]["roi"] == [32, 32, 32] and sidecar["network"]["deploy"] is True
