@@ -217,10 +217,11 @@ def test_summary_reports_loop_and_step_time_per_iteration(demo_root, tmp_path):
     summary = main_train.train(main_train.parse_args(argv(demo_root, out, "--max_iter", "6", "--eval_step", "6")), log=lambda m: None)
     timing = summary["timing"]
     # iteration 1 opens the clock, 6 validates: 2-5 are timed, each loop interval holding its step
-    assert timing["timed_iterations"] == 4 and timing["step_timer"] == "wall clock"
+    assert timing["timed_iterations"] == 4 and timing["step_timer"] == ("cuda events" if torch.cuda.is_available() else "wall clock")
     assert timing["loop_ms_per_iter"] >= timing["step_ms_per_iter"] > 0
     assert timing["outside_step_fraction"] == pytest.approx(1 - timing["step_ms_per_iter"] / timing["loop_ms_per_iter"], abs=2e-3)
     on_disk = json.load(open(os.path.join(out, "summary.json")))
     for key in ("loop_ms_per_iter", "step_ms_per_iter", "outside_step_fraction", "loader", "data_wait_s"):
         assert key in on_disk, key
-    assert on_disk["loop_ms_per_iter"] == timing["loop_ms_per_iter"] and "CPU workers" in on_disk["loader"]
+    assert on_disk["loop_ms_per_iter"] == timing["loop_ms_per_iter"] and on_disk["loader"] == summary["loader"]
+    assert ("GPU cache" if torch.cuda.is_available() else "CPU workers") in summary["loader"]
