@@ -26,8 +26,8 @@ dynamic export also a second batch and spatial size) must equal PyTorch's within
 
 Depthwise convolution (``--dwconv``): the FFT path exports to ONNX (``DFT`` nodes, transform lengths
 rounded up to powers of two, the only lengths ONNX Runtime's DFT is fast for). In ONNX Runtime on the
-CPU that is faster for REP3D's 21^3 kernels (18.5 s against 35.8 s per 96^3 window natively) and slower
-for 3D UX-Net's 7^3 (9.7 s against 8.2 s) (2 shared cores, benchmarks/RESULTS.md), so ``auto`` (the
+CPU that is faster for REP3D's 21^3 kernels (8.0 s against 15.0 s per 96^3 window natively) and slower
+for 3D UX-Net's 7^3 (5.6 s against 4.4 s) (2 cores, benchmarks/RESULTS.md), so ``auto`` (the
 default) exports kernels larger than 7 through the FFT and smaller ones natively. TorchScript always
 gets the native path (``torch.jit.trace`` fails on the FFT path in torch 2.13). ``--dwconv native``
 gives an ONNX file with dynamic spatial axes.
@@ -85,9 +85,9 @@ DWCONV_CHOICES = ("auto", "native", "fft")
 
 
 #: Largest depthwise kernel exported natively by ``--dwconv auto``; larger ones take the FFT path in ONNX.
-#: Measured in ONNX Runtime on 2 shared CPU cores (benchmarks/RESULTS.md, "CPU inference"): REP3D's
-#: 21^3 kernels 18.5 s per 96^3 window through DFT against 35.8 s natively; 3D UX-Net's 7^3 kernels
-#: 9.7 s through DFT against 8.2 s natively.
+#: Measured in ONNX Runtime on the 2-core development machine (benchmarks/RESULTS.md, "CPU inference"):
+#: REP3D's 21^3 kernels 8.0 s per 96^3 window through DFT against 15.0 s natively; 3D UX-Net's 7^3
+#: kernels 5.6 s through DFT against 4.4 s natively.
 NATIVE_MAX_KERNEL = 7
 
 

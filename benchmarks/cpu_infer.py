@@ -1,0 +1,209 @@
+"""CPU inference timing: REP3D against SwinUNETR and 3D UX-Net, PyTorch (native or FFT depthwise) against
+ONNX Runtime, per 96^3 window and for one 256 x 256 x 160 volume.
+
+    python benchmarks/cpu_infer.py --threads 2 --output benchmarks/cpu_infer.json
+
+Every network is built at the paper's size (16 classes, random weights: speed does not depend on them)
+and folded (deploy form). Paths:
+
+* ``torch-native`` / ``torch-fft``: PyTorch eager, float32, ``torch.no_grad``, depthwise
+  convolutions native (``F.conv3d``) or FFT (``networks.fftconv``, kernel spectra cached);
+* ``onnx-native``: the ``export_model.export_onnx`` export with dynamic axes, in ONNX Runtime;
+* ``onnx-fft``: the FFT path exported for the 96^3 window (ONNX ``DFT``), in ONNX Runtime.
+
+Per window: every path is built (and exported) and warmed up first, then timed round-robin, one window
+(batch 1) per path per round, ``--repeats`` rounds: on a shared machine the load changes within minutes,
+and interleaving lets every path see the same load. The median over rounds is reported.
+Per volume: ``--volume`` voxels (already at the target spacing) by MONAI's sliding window (overlap 0.5,
+Gaussian blending, one window per pass): measured end to end for the paths given to
+``--full_volume`` (default: the fastest path of each network), else estimated as
+windows x per-window time + the stitching overhead (measured with a 1x1x1 convolution in place of the
+network), and marked as estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import engine  # noqa: E402
+import export_model  # noqa: E402
+import networks  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+
+
+def n_windows(volume, roi, overlap: float) -> int:
+    """Windows MONAI's sliding_window_inference runs over ``volume``."""
+    n = 1
+    for v, r in zip(volume, roi):
+        step = max(int(r * (1 - overlap)), 1)
+        n *= 1 if v <= r else math.ceil((v - r) / step) + 1
+    return n
+
+
+def build(name: str, impl: str | None) -> nn.Module:
+    kwargs = {"dwconv": impl} if impl else {}
+    model = networks.build_deploy_network(name, 1, 16, **kwargs) if networks.is_deployable(name) else networks.build_network(name, 1, 16, **kwargs).eval()
+    if impl:
+        networks.set_dwconv_impl(model, impl)
+    return model.eval()
+
+
+def torch_runner(model: nn.Module):
+    def run(x):
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def onnx_runner(model: nn.Module, roi, impl: str | None, threads: int, folder: str, name: str):
+    path = os.path.join(folder, f"{name}_{impl or 'plain'}.onnx")
+    t = time.perf_counter()
+    info = export_model.export_onnx(model, path, torch.randn(1, 1, *roi), dynamic=True, dynamic_spatial=impl != "fft")
+    export_s = time.perf_counter() - t
+    run = export_model._runner("onnx", path, threads=threads)
+    return run, {"export_s": export_s, "dynamic_axes": info["dynamic_axes"], "mb": os.path.getsize(path) / 2**20}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--networks", nargs="+", default=["REP3D", "SwinUNETR", "3DUXNET"])
+    p.add_argument("--paths", nargs="+", default=["torch-native", "torch-fft", "onnx-native", "onnx-fft"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--roi", type=int, nargs=3, default=[96, 96, 96])
+    p.add_argument("--volume", type=int, nargs=3, default=[256, 256, 160])
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--full_volume", nargs="*", default=None, metavar="NETWORK:PATH", help="paths timed end to end on the volume (default: each network's fastest; pass none to estimate all)")
+    p.add_argument("--output", default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    roi, volume = tuple(args.roi), tuple(args.volume)
+    windows = n_windows(volume, roi, args.overlap)
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_name(), "cores_visible": os.cpu_count(), "threads": args.threads,
+        "torch": torch.__version__, "python": platform.python_version(), "load_average_start": load_average(),
+        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+    }  # fmt: skip
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        env["onnxruntime"] = None
+    print(json.dumps(env), flush=True)
+    results = []
+    runners = {}
+    x = torch.randn(1, 1, *roi)
+    with tempfile.TemporaryDirectory() as folder:
+        # Build (and export) every path first, then time them round-robin: on a shared machine the load
+        # changes within minutes, and interleaving makes every path see the same load.
+        for name in args.networks:
+            has_dw = networks.network_accepts(name, "dwconv")
+            for path in args.paths:
+                backend, impl = path.split("-")
+                label = path if has_dw else backend
+                if (not has_dw and impl == "fft") or any(r["network"] == name and r["path"] == label for r in results):
+                    continue
+                row = {"network": name, "path": label, "window_all_s": [], "load_per_round": []}
+                try:
+                    model = build(name, impl if has_dw else None)
+                    if backend == "torch":
+                        run = torch_runner(model)
+                    else:
+                        run, info = onnx_runner(model, roi, impl if has_dw else None, args.threads, folder, name)
+                        row.update(info)
+                    run(x)  # warm-up: allocations, FFT plans and spectra, ONNX Runtime's first run
+                    runners[(name, label)] = run
+                except Exception as err:  # noqa: BLE001 - record and go on (e.g. an export that fails)
+                    row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
+                results.append(row)
+        for _ in range(args.repeats):
+            for row in results:
+                run = runners.get((row["network"], row["path"]))
+                if run is None:
+                    continue
+                row["load_per_round"].append(load_average()[0])
+                t = time.perf_counter()
+                run(x)
+                row["window_all_s"].append(time.perf_counter() - t)
+        for row in results:
+            if row["window_all_s"]:
+                row["window_s"] = statistics.median(row["window_all_s"])
+            print(json.dumps(row), flush=True)
+
+        # stitching overhead: the sliding window with a trivial network
+        trivial = nn.Conv3d(1, 16, 1).eval()
+        vol = torch.randn(1, 1, *volume)
+        t = time.perf_counter()
+        engine.sliding_window_predict(torch_runner(trivial), vol, roi, 1, args.overlap, "gaussian")
+        overhead = time.perf_counter() - t
+        print(json.dumps({"windows": windows, "stitch_overhead_s": overhead}), flush=True)
+
+        full = args.full_volume
+        if full is None:
+            full = []
+            for name in args.networks:
+                ok = [r for r in results if r["network"] == name and "window_s" in r]
+                if ok:
+                    best = min(ok, key=lambda r: r["window_s"])
+                    full.append(f"{name}:{best['path']}")
+        for r in results:
+            if "window_s" in r:
+                r["volume_estimated_s"] = windows * r["window_s"] + overhead
+        for spec in full:
+            name, path = spec.split(":")
+            run = runners.get((name, path))
+            if run is None:
+                continue
+            t = time.perf_counter()
+            engine.sliding_window_predict(run, vol, roi, 1, args.overlap, "gaussian")
+            measured = time.perf_counter() - t
+            for r in results:
+                if r["network"] == name and r["path"] == path:
+                    r["volume_measured_s"] = measured
+            print(json.dumps({"network": name, "path": path, "volume_measured_s": measured, "load": load_average()[0]}), flush=True)
+    env["load_average_end"] = load_average()
+    out = {"env": env, "windows": windows, "stitch_overhead_s": overhead, "results": results}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(out, f, indent=1)
+    print("\n| network | path | per window (s) | volume (s) |\n| --- | --- | --- | --- |")
+    for r in results:
+        if "window_s" not in r:
+            print(f"| {r['network']} | {r['path']} | failed: {r['error']} | |")
+            continue
+        vol_s = f"{r['volume_measured_s']:.0f} (measured)" if "volume_measured_s" in r else f"{r['volume_estimated_s']:.0f} (estimated)"
+        print(f"| {r['network']} | {r['path']} | {r['window_s']:.2f} | {vol_s} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
