@@ -448,7 +448,7 @@ def describe(resolved: dict, model: nn.Module, files: dict) -> dict:
         },
         "output": {"name": "logits", "layout": "N, classes, X, Y, Z", "activation": "softmax over axis 1, then argmax = class index",
                    "num_classes": resolved["out_channels"], "class_names": list(cfg.class_names)},  # fmt: skip
-        "sliding_window": {"roi": list(cfg.roi), "overlap": 0.5, "mode": "gaussian", "sw_batch_size": 4},
+        "sliding_window": {"roi": list(cfg.roi), **resolved.get("sliding_window", {"overlap": 0.5, "mode": "gaussian", "sw_batch_size": 4})},
         "postprocessing": {"largest_component": decision["largest_component"]} if decision else {"largest_component": []},
         "dataset": cfg.to_dict(),
     }

@@ -273,7 +273,8 @@ def resolve_checkpoint(path: str, flags: dict | None = None) -> dict:
 
     Returns:
         ``{"path", "checkpoint": object, "network": name, "network_kwargs": dict, "in_channels": int,
-        "out_channels": int, "cfg": DatasetConfig, "meta": bool}``.
+        "out_channels": int, "cfg": DatasetConfig, "meta": bool, "sliding_window": {"sw_batch_size",
+        "overlap", "mode"}}``.
 
     Raises:
         networks.CheckpointError: missing, unreadable or too new a file.
@@ -362,6 +363,8 @@ def resolve_checkpoint(path: str, flags: dict | None = None) -> dict:
         "out_channels": ck_classes if ck_classes is not None else cfg.num_classes,
         "cfg": cfg,
         "meta": run is not None,
+        # the sliding window the run validated with (exports describe it; the flags still decide here)
+        "sliding_window": dataclasses.asdict(run.sliding_window) if run else dataclasses.asdict(configs.SlidingWindowConfig()),
     }
 
 

@@ -36,7 +36,8 @@ def tiny_checkpoint(path, seed: int = 0, num_classes: int = 3, spacing=(2.0, 2.0
             p.add_(0.2 * torch.randn_like(p))
     names = (NAMES + [f"c{i}" for i in range(3, num_classes)])[:num_classes]
     ds = DatasetConfig("custom", spacing, "window", -100.0, 300.0, num_classes, names, roi=(32, 32, 32), cache_rate=0.0)
-    run = configs.RunConfig(configs.NetworkConfig("REP3D", 1, num_classes, {"modulation": "lrbm", **TINY}), configs.DataConfig(dataset=ds), configs.TrainConfig())
+    run = configs.RunConfig(configs.NetworkConfig("REP3D", 1, num_classes, {"modulation": "lrbm", **TINY}), configs.DataConfig(dataset=ds), configs.TrainConfig(),
+                            configs.SlidingWindowConfig(sw_batch_size=2, overlap=0.25))  # fmt: skip
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "format_version": configs.FORMAT_VERSION, "config": run.to_dict(), "step": 1}, path)
     return str(path)
@@ -97,7 +98,8 @@ def test_onnx_and_torchscript_outputs_equal_pytorch(exported, ckpts, tmp_path):
     assert [export_model.dwconv_for(f, "auto", k) for f, k in (("onnx", 21), ("onnx", 5), ("onnx", None), ("torchscript", 21))] == ["fft", "native", "native", "native"]
     assert sidecar["output"]["class_names"] == NAMES and sidecar["input"]["spacing_mm"] == [2.0, 2.0, 2.0]
     assert sidecar["input"]["normalisation"]["a_min"] == -100.0 and sidecar["input"]["orientation"] == "RAS"
-    assert sidecar["sliding_window"]["roi"] == [32, 32, 32] and sidecar["network"]["deploy"] is True
+    assert sidecar["sliding_window"] == {"roi": [32, 32, 32], "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
+    assert sidecar["network"]["deploy"] is True
     assert all(files[f]["check"]["passed"] for f in ("onnx", "torchscript"))
     assert files["onnx"]["sha256"] == export_model._sha256(str(out / "model.onnx"))
     assert json.load(open(out / "model.json")) == json.loads(json.dumps(sidecar))
