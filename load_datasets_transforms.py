@@ -562,14 +562,6 @@ def resolve_dataset_config(
     return resolve_dataset(name, root, datalist, config_file, **overrides)[0]
 
 
-def config_from_args(args) -> DatasetConfig:  # TEMPORARY shim while test_seg.py moves to resolve_dataset_config
-    keys = ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi")
-    return resolve_dataset_config(
-        getattr(args, "dataset", None), getattr(args, "root", None), getattr(args, "datalist", None),
-        getattr(args, "dataset_config", None), **{k: getattr(args, k, None) for k in keys},
-    )
-
-
 def thread_map(fn, items: Sequence, num_workers: int | None) -> list:
     """``[fn(x) for x in items]`` on up to ``num_workers`` threads (at most 8): file reading releases the GIL."""
     workers = max(1, min(int(num_workers or 1), len(items), 8))

@@ -56,6 +56,7 @@ import torch.nn as nn
 import configs
 import demo_data
 import engine
+import image_io
 import networks
 from load_datasets_transforms import (
     DataError,
@@ -65,6 +66,7 @@ from load_datasets_transforms import (
     default_num_workers,
     get_test_loader,
     list_cases,
+    check_input_channels,
     list_images,
     nifti_files,
     resolve_dataset_config,
@@ -441,14 +443,18 @@ def _attach_labels(cases: list[dict], folder: str) -> list[dict]:
     return out
 
 
-def resolve_inputs(args: argparse.Namespace) -> list[dict]:
-    """The volumes to predict, ``[{"image": path, "label": optional path}]``.
+def resolve_inputs(args: argparse.Namespace, cfg: DatasetConfig | None = None) -> list[dict]:
+    """The volumes to predict, ``[{"image": path or [path per channel], "label": optional path}]``.
+
+    With ``cfg`` (the model's dataset settings) every input is checked for the channels the model was
+    trained with.
 
     Raises:
-        DataError: missing files or folders, or two inputs with the same case name.
+        DataError: missing files or folders, two inputs with the same case name, or inputs without
+            the model's channels (each file and missing channel named).
     """
     if args.input is not None:
-        cases = list_images(args.input)
+        cases = list_images(args.input, channels=cfg.in_channels if cfg is not None else None)
     elif args.datalist is not None or args.root is not None:
         cases = list_cases(args.root, args.split, args.datalist, fold=args.fold)
     else:
@@ -471,6 +477,10 @@ def resolve_inputs(args: argparse.Namespace) -> list[dict]:
         seen[n] = c["image"]
     if dups:
         raise DataError(dups)
+    if cfg is not None:
+        problems = check_input_channels(cases, cfg)
+        if problems:
+            raise DataError(problems, header=f"{len(problems)} input(s) lack the {cfg.in_channels} channel(s) the model was trained with ({', '.join(cfg.channel_names)}); nothing was predicted:")
     return cases
 
 
@@ -563,17 +573,30 @@ def save_like(array: np.ndarray, reference: str, path: str, dtype: type = np.uin
 
 
 def _check_written(path: str, reference: str) -> None:
-    import nibabel as nib
-
-    out, ref = nib.load(path), nib.load(reference)
-    if tuple(out.shape[: len(ref.shape)]) != tuple(ref.shape)[: len(out.shape)] or not np.array_equal(out.affine, ref.affine):
+    """The written label map must have the input's spatial shape and voxel-to-world matrix."""
+    out, ref = image_io.read_header(path), image_io.read_header(reference)
+    if tuple(out.shape) != tuple(ref.shape) or not np.allclose(out.affine, ref.affine, atol=1e-4):
         raise RuntimeError(f"{path}: written with shape {out.shape} / affine {out.affine.tolist()}, input has {ref.shape} / {ref.affine.tolist()}")
 
 
-def _native_shape(reference: str) -> tuple[int, ...]:
-    import nibabel as nib
+def write_prediction(seg: np.ndarray, reference: str, out_path: str) -> str:
+    """Write the label map ``seg`` (the reference's spatial shape) on ``reference``'s exact grid, in the
+    format ``out_path`` names. A NIfTI reference's header is copied whole (a trailing singleton axis
+    of a 4-D input is kept); other formats go through :func:`image_io.write_like`."""
+    if image_io.image_ext(reference) in (".nii.gz", ".nii") and image_io.image_ext(out_path) in (".nii.gz", ".nii"):
+        import nibabel as nib
 
-    return tuple(int(s) for s in nib.load(reference).shape)
+        shape = tuple(nib.load(reference).shape)
+        if int(np.prod(shape)) != seg.size:  # several channels in the input's 4th axis
+            shape = shape[:3]
+        save_like(seg.reshape(shape), reference, out_path, seg.dtype.type)
+        return out_path
+    return image_io.write_like(seg.reshape(_native_shape(reference)), reference, out_path, seg.dtype.type)
+
+
+def _native_shape(reference: str) -> tuple[int, ...]:
+    """The input's spatial shape (without a channel axis), as the predictions are written."""
+    return tuple(int(s) for s in image_io.read_header(reference).shape)
 
 
 def _voxel_sizes(reference: str) -> list[float]:
@@ -1089,7 +1112,7 @@ def run_inference(args: argparse.Namespace) -> dict:
         compile=args.compile, stitch_on_cpu=bool(args.stitch_on_cpu or args.sw_device == "cpu"), flags=flags,
     )  # fmt: skip
     cfg = predictor.cfg
-    cases = resolve_inputs(args)
+    cases = resolve_inputs(args, cfg)
     scored = any("label" in c for c in cases)
     if deciding and not scored:
         raise InferenceError(
@@ -1139,8 +1162,9 @@ def run_inference(args: argparse.Namespace) -> dict:
             del native
             if seg.shape != native_shape[:3]:
                 raise RuntimeError(f"{image_path}: inverted prediction has shape {seg.shape}, the image {native_shape}")
-            out_path = os.path.join(args.output, f"{name}_seg.nii.gz")
-            save_like(seg.reshape(native_shape), image_path, out_path, seg.dtype.type)
+            # In the input's own format (a DICOM series gets NIfTI) and exact geometry.
+            out_path = image_io.output_path_like(image_path, args.output, "_seg", name=name)
+            write_prediction(seg, image_path, out_path)
             _check_written(out_path, image_path)
             result["predictions"].append(out_path)
             t_post = time.perf_counter()
@@ -1176,7 +1200,6 @@ def run_inference(args: argparse.Namespace) -> dict:
 def _apply_decision(result: dict, predictor: Predictor, before: dict, after: dict, labelled: list, args: argparse.Namespace) -> dict:
     """Decide --postprocess auto from the per-class Dice gathered, store the decision, and apply it to
     every prediction written in this run (then score them)."""
-    import nibabel as nib
 
     cfg = predictor.cfg
     decision = decide_postprocessing(before, after, cfg.class_names)
@@ -1193,16 +1216,15 @@ def _apply_decision(result: dict, predictor: Predictor, before: dict, after: dic
     print(f"--postprocess auto: largest component kept for classes {chosen or 'none'} (decided on {len(labelled)} case(s); stored in {path or args.output})")
     labels = {c: l for c, _, l in labelled}
     for out_path in result["predictions"]:
-        name = os.path.basename(out_path)[: -len("_seg.nii.gz")]
-        seg_img = nib.load(out_path)
-        seg = np.asarray(seg_img.dataobj)
+        name = case_name(out_path, "image")[: -len("_seg")]
+        seg = np.asarray(image_io.read_array(out_path))
         spatial = seg.reshape(seg.shape[:3])
         if chosen:
             done = keep_largest_component(spatial, chosen)
-            save_like(done.reshape(seg.shape), out_path, out_path, seg.dtype.type)
+            write_prediction(done.astype(seg.dtype), out_path, out_path)
             spatial = done
         if name in labels:
-            label = np.asarray(nib.load(labels[name]).dataobj).reshape(spatial.shape)
+            label = np.asarray(image_io.read_array(labels[name])).reshape(spatial.shape)
             _score(result["rows"], name, spatial, label, labels[name], cfg, not args.no_hd95)
     return decision
 

@@ -19,6 +19,8 @@ import main_train
 from configs import RunConfig
 from tests.test_own_data import affine, nnunet_v2, phantom, save
 
+# itk's SWIG bindings warn on import under Python 3.11+; nothing of ours.
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 TINY = ["--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1", "--kernel_size", "5", "--hidden_size", "32"]
 
 
@@ -58,3 +60,55 @@ def test_root_alone_trains_on_two_channels_and_stores_the_plan(tmp_path, layout)
     assert any(m.startswith("validation cases:") for m in logs)
     weight = ckpt["state_dict"]
     assert any(v.ndim == 5 and v.shape[1] == 2 for v in weight.values())  # the stem takes 2 channels
+
+
+def test_two_channel_model_predicts_with_root_alone(tmp_path):
+    import test_seg
+
+    root = nnunet_v2(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    main_train.train(main_train.parse_args(["--root", root, "--output", out, "--max_iter", "1", "--eval_step", "1", "--num_workers", "0", "--sw_batch_size", "1", *TINY]), log=lambda m: None)
+    pred = str(tmp_path / "pred")
+    # No dataset flag: channels, spacing and normalisation come from the checkpoint's plan.
+    assert test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--root", root, "--output", pred, "--gpu", "-1", "--no_hd95"]) == 0
+    written = os.path.join(pred, "new_000_seg.nii.gz")
+    src = nib.load(os.path.join(root, "imagesTs", "new_000_0000.nii.gz"))
+    assert nib.load(written).shape == src.shape and np.array_equal(nib.load(written).affine, src.affine)
+    # an input missing one of the two channels is named, with the channel it lacks
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    os.link(os.path.join(root, "imagesTs", "new_000_0000.nii.gz"), lone / "solo_0000.nii.gz")
+    assert test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--input", str(lone), "--output", str(tmp_path / "p2"), "--gpu", "-1"]) == 2
+
+
+@pytest.mark.parametrize("ending", [".nrrd", ".mha"])
+def test_predictions_in_the_inputs_own_format_and_geometry(tmp_path, ending):
+    import importlib.util
+
+    import image_io
+    import test_seg
+    from tests.test_own_data import _oblique_lps
+
+    if ending == ".mha" and importlib.util.find_spec("itk") is None:
+        pytest.skip("itk not installed (pip install -r requirements-formats.txt)")
+    root = str(tmp_path / "data")
+    for i in range(3):
+        image, label = phantom(seed=i)
+        save(os.path.join(root, "imagesTr", f"c{i}.nii.gz"), image)
+        save(os.path.join(root, "labelsTr", f"c{i}.nii.gz"), label, dtype=np.uint8)
+    out = str(tmp_path / "run")
+    main_train.train(main_train.parse_args(["--root", root, "--output", out, "--max_iter", "1", "--eval_step", "1", "--num_workers", "0", "--sw_batch_size", "1", *TINY]), log=lambda m: None)
+    # the input: an oblique LPS volume in the format under test, written from a NIfTI with its geometry
+    image, _ = phantom(seed=9)
+    directions, origin = _oblique_lps()
+    lps = np.eye(4)
+    lps[:3, :3], lps[:3, 3] = directions, origin
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    nifti = save(str(tmp_path / "src" / "scan.nii.gz"), image, aff=ras)
+    scan = image_io.write_like(image.astype(np.int16), nifti, str(tmp_path / "in" / f"scan{ending}"), dtype=np.int16)
+    pred = str(tmp_path / "pred")
+    assert test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--input", scan, "--output", pred, "--gpu", "-1"]) == 0
+    written = os.path.join(pred, f"scan_seg{ending}")
+    got, want = image_io.read_header(written), image_io.read_header(scan)
+    assert got.shape == want.shape == image.shape
+    np.testing.assert_allclose(got.affine, want.affine, atol=1e-5)
