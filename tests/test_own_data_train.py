@@ -60,6 +60,15 @@ def test_root_alone_trains_on_two_channels_and_stores_the_plan(tmp_path, layout)
     assert any(m.startswith("validation cases:") for m in logs)
     weight = ckpt["state_dict"]
     assert any(v.ndim == 5 and v.shape[1] == 2 for v in weight.values())  # the stem takes 2 channels
+    # ... and predicts the test cases with --root alone, on each input's own grid
+    import test_seg
+
+    pred = str(tmp_path / "pred")
+    assert test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--root", root, "--output", pred, "--gpu", "-1"]) == 0
+    test_image = os.path.join(root, "imagesTs", "new_000_0000.nii.gz" if layout == "nnunet_v2" else "prostate_50.nii.gz")
+    written = nib.load(os.path.join(pred, ("new_000" if layout == "nnunet_v2" else "prostate_50") + "_seg.nii.gz"))
+    src = nib.load(test_image)
+    assert written.shape == src.shape[:3] and np.array_equal(written.affine, src.affine)
 
 
 def test_two_channel_model_predicts_with_root_alone(tmp_path):
