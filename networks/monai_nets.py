@@ -244,7 +244,28 @@ def _total_strides(strides: Sequence[Sequence[int] | int], dims: int = 3) -> tup
     return tuple(total)
 
 
-class RoiCheckedDynUNet(DynUNet):
+class _StrideChecked:
+    """Mixin for MONAI encoder-decoders: forward first checks that every spatial size is a multiple of the
+    network's total stride on that axis and leaves more than one bottleneck voxel (a ValueError names a
+    usable ``--roi``). Subclasses give ``_input_divisors()`` and ``_label``."""
+
+    _label = "network"
+
+    def _input_divisors(self) -> Any:
+        raise NotImplementedError
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
+        divisors = self._input_divisors()
+        check_spatial_size(x, divisors, self._label)
+        check_bottleneck_size(x, divisors, self._label)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return super().forward(x)  # type: ignore[misc]
+
+
+class RoiCheckedDynUNet(_StrideChecked, DynUNet):
     """MONAI's :class:`~monai.networks.nets.DynUNet` whose forward first checks that every spatial size is a
     multiple of the network's total stride on that axis and leaves more than one bottleneck voxel.
 
@@ -255,15 +276,10 @@ class RoiCheckedDynUNet(DynUNet):
         super().__init__(*args, **kwargs)
         self.img_size = None if img_size is None else tuple(img_size)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
-        divisors = _total_strides(self.strides, self.spatial_dims)
-        check_spatial_size(x, divisors, "nnUNet")
-        check_bottleneck_size(x, divisors, "nnUNet")
+    _label = "nnUNet"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        self.check_input(x)
-        return super().forward(x)
+    def _input_divisors(self) -> Any:
+        return _total_strides(self.strides, self.spatial_dims)
 
 
 def _planned_roi(roi: tuple[int, ...], spacing: Sequence[float] | None, min_feature_map_size: int) -> tuple[int, ...]:
@@ -349,19 +365,14 @@ def build_nnunet(
 # 3D U-Net (MONAI UNet)
 
 
-class RoiCheckedUNet(UNet):
+class RoiCheckedUNet(_StrideChecked, UNet):
     """MONAI's :class:`~monai.networks.nets.UNet` whose forward first checks that every spatial size is a
     multiple of its total stride and leaves more than one bottleneck voxel."""
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
-        divisors = _total_strides(self.strides, self.dimensions)
-        check_spatial_size(x, divisors, "UNet3D")
-        check_bottleneck_size(x, divisors, "UNet3D")
+    _label = "UNet3D"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        self.check_input(x)
-        return super().forward(x)
+    def _input_divisors(self) -> Any:
+        return _total_strides(self.strides, self.dimensions)
 
 
 def build_unet3d(
@@ -427,19 +438,14 @@ MEDNEXT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-class RoiCheckedMedNeXt(MedNeXt):
+class RoiCheckedMedNeXt(_StrideChecked, MedNeXt):
     """MONAI's :class:`~monai.networks.nets.MedNeXt` whose forward first checks that every spatial size is a
     multiple of 16 (four 2x downsamplings) and leaves more than one bottleneck voxel."""
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""
-        divisor = 2 ** len(self.down_blocks)
-        check_spatial_size(x, divisor, "MedNeXt")
-        check_bottleneck_size(x, divisor, "MedNeXt")
+    _label = "MedNeXt"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        self.check_input(x)
-        return super().forward(x)
+    def _input_divisors(self) -> Any:
+        return 2 ** len(self.down_blocks)
 
 
 def build_mednext(

@@ -10,28 +10,14 @@ import os
 import pytest
 import torch
 
-import demo_data
 import main_train
 import networks
 from configs import FORMAT_VERSION, ConfigError, RunConfig, TrainConfig
 from load_datasets_transforms import get_dataset_config
+from tests.test_train import demo_root, tiny_argv as argv  # noqa: F401 - demo_root is a fixture
 from trainer import Trainer
 
 TINY = {"feature_size": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "kernel_size": 5, "hidden_size": 32}
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("demo"))
-    return demo_data.make_demo_dataset(root, n_train=2, n_val=1, size=(32, 32, 32))
-
-
-def argv(root: str, output: str, *extra: str) -> list[str]:
-    return [
-        "--root", root, "--dataset", "demo", "--output", output, "--roi", "32", "32", "32", "--num_workers", "0",
-        "--lr", "1e-3", "--sw_batch_size", "2", "--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1",
-        "--kernel_size", "5", "--hidden_size", "32", *extra,
-    ]  # fmt: skip
 
 
 class Stop(Exception):
