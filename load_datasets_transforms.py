@@ -75,7 +75,6 @@ from monai.transforms import (
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     Randomizable,
-    SaveImaged,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -1807,28 +1806,17 @@ def get_test_transforms(cfg: DatasetConfig, keep_label: bool = False) -> Compose
     return Compose(chain)
 
 
-def _output_name(metadict: dict, saver) -> dict:
-    # "<case>_seg.nii.gz", also for nnU-Net style "<case>_0000.nii.gz" inputs.
-    src = str(metadict.get("filename_or_obj", getattr(saver, "_data_index", 0))) if metadict else str(getattr(saver, "_data_index", 0))
-    folder, base = os.path.split(src)
-    stem = _strip_ext(base)
-    if stem is not None:
-        base = case_name(base, "image") + base[len(stem):]
-    return {"subject": os.path.join(folder, base), "idx": metadict.get("patch_index") if metadict else None}
-
-
-def get_post_transforms(test_transforms: Compose, cfg: DatasetConfig, output_dir: str | None = None, argmax: bool = True) -> Compose:
-    """Post-processing of one decollated inference result ``{"image", "pred"}``.
+def get_post_transforms(test_transforms: Compose, cfg: DatasetConfig, argmax: bool = True) -> Compose:
+    """Post-processing of one decollated inference result ``{"image", "pred"}``, for scripts of one's own.
 
     ``pred`` (C logits, or one channel of class indices when ``argmax=False``) is reduced to a class
-    map by argmax, inverted to the input's native grid with nearest-neighbour interpolation
-    (``Invertd`` replays ``test_transforms`` backwards: uncrop, re-orient, resample) and, when
-    ``output_dir`` is given, written as ``<output_dir>/<case>_seg.nii.gz`` (uint8, the input's affine).
+    map by argmax and inverted to the input's native grid with nearest-neighbour interpolation
+    (``Invertd`` replays ``test_transforms`` backwards: uncrop, re-orient, resample). Write the result
+    with :func:`image_io.write_like`, as ``test_seg.py`` does; nothing is written here.
 
     Args:
         test_transforms: the chain returned by :func:`get_test_transforms` that produced ``image``.
         cfg: dataset config (class count must fit in uint8).
-        output_dir: folder for the NIfTI predictions; ``None`` writes nothing.
         argmax: apply argmax over channels first (pass False if ``pred`` is already a class map).
     """
     if cfg.num_classes > 256:
@@ -1837,20 +1825,6 @@ def get_post_transforms(test_transforms: Compose, cfg: DatasetConfig, output_dir
     if argmax:
         chain.append(AsDiscreted(keys="pred", argmax=True))
     chain.append(Invertd(keys="pred", transform=test_transforms, orig_keys="image", nearest_interp=True, to_tensor=True))
-    if output_dir is not None:
-        chain.append(
-            SaveImaged(
-                keys="pred",
-                output_dir=output_dir,
-                output_postfix="seg",
-                output_ext=".nii.gz",
-                separate_folder=False,
-                resample=False,
-                output_dtype=np.uint8,
-                print_log=False,
-                output_name_formatter=_output_name,
-            )
-        )
     return Compose(chain)
 
 

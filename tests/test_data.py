@@ -437,7 +437,7 @@ def test_inverse_restores_native_geometry(tmp_path, codes, spacing, shape):
     image, _ = phantom(shape, 3, low=-500, high=500)
     path = write(tmp_path / "in" / f"case_{codes}_0000.nii.gz", image, aff, np.int16)
     loader, test_tf = ldt.get_test_loader(cfg, [path], num_workers=0)
-    post = ldt.get_post_transforms(test_tf, cfg, str(tmp_path / "out"))
+    post = ldt.get_post_transforms(test_tf, cfg)
     batch = next(iter(loader))
     x = batch["image"]
     # a fake 3-class "prediction" from the pre-processed image: class 2 where it is bright
@@ -445,7 +445,10 @@ def test_inverse_restores_native_geometry(tmp_path, codes, spacing, shape):
     batch["pred"] = torch.cat([1 - bright, torch.zeros_like(bright), bright], dim=1)
     [result] = [post(d) for d in decollate_batch(batch)]
     assert tuple(result["pred"].shape[1:]) == shape
-    saved = nib.load(str(tmp_path / "out" / f"case_{codes}_seg.nii.gz"))
+    import image_io
+
+    out = image_io.write_like(result["pred"], path, image_io.output_path_like(path, str(tmp_path / "out"), "_seg", name=f"case_{codes}"))
+    saved = nib.load(out)
     assert saved.shape == shape and saved.get_data_dtype() == np.uint8
     np.testing.assert_allclose(saved.affine, aff, atol=1e-4)
     assert nib.aff2axcodes(saved.affine) == tuple(codes)

@@ -239,7 +239,7 @@ def _fake_prediction_written_back(cfg, path, out_path):
     x = batch["image"][:, :1]
     bright = (x > x.mean()).float()
     batch["pred"] = torch.cat([1 - bright, bright], dim=1)
-    post = ldt.get_post_transforms(test_tf, cfg, output_dir=None)
+    post = ldt.get_post_transforms(test_tf, cfg)
     [result] = [post(d) for d in decollate_batch(batch)]
     return image_io.write_like(result["pred"], path, out_path)
 
