@@ -187,8 +187,6 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
         problems.append("--resume continues a run with its own weights; do not combine it with --pretrained_weights")
     if args.cache_on_gpu and args.loader not in ("auto", "gpu"):
         problems.append(f"--cache_on_gpu is --loader gpu, but --loader {args.loader} was given: drop one of them")
-    if args.root is not None and not os.path.isdir(args.root):
-        problems.append(f"--root {args.root}: folder not found; pass the dataset folder (with imagesTr/labelsTr or a dataset.json)")
     return problems
 
 
@@ -218,9 +216,15 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         ValueError: an unusable dataset setting (the message names the flag).
     """
     problems = _flag_problems(args)
+    try:
+        dataset, plan = _dataset_from_args(args)
+    except DataError as err:  # a missing folder and the other dataset problems: all in one message
+        every = problems + err.problems
+        raise DataError(every, header=f"{len(every)} problem{'s' if len(every) != 1 else ''} with the flags and the data; nothing was trained:") from None
+    except ValueError as err:
+        raise ConfigError(problems + [str(err)]) from None
     if problems:
         raise ConfigError(problems)
-    dataset, plan = _dataset_from_args(args)
     training = _section_values(args, "training")
     training["output"] = args.output or f"runs/{dataset.name}_{args.network}"
     data = _section_values(args, "data")
