@@ -125,27 +125,17 @@ def network_overrides(name: str, values: Mapping[str, Any], roi: Sequence[int] |
         roi: when given, networks built for one input size (UNETR, nnFormer, ...: an ``img_size``
             constructor argument) get ``img_size=roi``.
     """
+    options = networks.network_options(name)
     out = {}
-    for key in _network_options(name):
+    for key in options:
         v = values.get(key)
         if v is None or (key == "dwconv" and v == "auto") or key == "img_size":
             continue
         out[key] = list(v) if isinstance(v, (list, tuple)) else v
-    if roi is not None and _accepts(name, "img_size"):
+    # Declaring img_size means "built for the ROI" (the registry's test checks it against the constructors).
+    if roi is not None and "img_size" in options:
         out["img_size"] = [int(r) for r in roi]
     return out
-
-
-def _network_options(name: str) -> tuple[str, ...]:
-    return tuple(networks.network_options(name))
-
-
-def _accepts(network: str, keyword: str) -> bool:
-    """Whether the registry constructor of ``network`` takes ``keyword``."""
-    try:
-        return networks.network_accepts(network, keyword)
-    except (ValueError, TypeError, ImportError, AttributeError, KeyError):
-        return False
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

@@ -145,7 +145,7 @@ def is_demo(args: argparse.Namespace) -> bool:
 
 def _shaped(network: str) -> bool:
     """Whether the demo's network-shape settings apply (REP3D and 3D UX-Net families)."""
-    return all(k in engine._network_options(network) for k in ("feature_size", "kernel_size"))
+    return all(k in networks.network_options(network) for k in ("feature_size", "kernel_size"))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -250,8 +250,9 @@ def _differences(old: Any, new: Any, prefix: str) -> dict[str, list]:
     return out
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict | None, str | None]:
-    """The run to make: ``(config, checkpoint to resume or None, its path)``.
+def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict | None, str | None, dict[str, list]]:
+    """The run to make: ``(config, checkpoint to resume or None, its path, settings changed now)``;
+    the changes are ``{"section.field": [checkpoint's value, new value]}``.
 
     With ``--resume`` the checkpoint's configuration is the run's; the flags given now replace the
     settings they name, except those that define the model and its data (network and options,
@@ -259,7 +260,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict | None, str |
     again, and every change is recorded in the checkpoint and announced at each later resume.
     """
     if not args.resume:
-        return run_config_from_args(args), None, None
+        return run_config_from_args(args), None, None, {}
     problems = _flag_problems(args)
     if problems:
         raise ConfigError(problems)
@@ -313,7 +314,11 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict | None, str |
         sliding_window=_section_values(args, "sliding_window", given),
     )
     config.check()
-    return config, ckpt, path
+    changes = {}
+    for name in ("network", "data", "training", "sliding_window"):
+        changes.update(_differences(getattr(saved, name), getattr(config, name), name))
+    changes.pop("training.output", None)
+    return config, ckpt, path, changes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,20 +327,15 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict | None, str |
 
 def make_trainer(args: argparse.Namespace, trainer_class: type[Trainer] = Trainer, log: Callable[[str], None] | None = None) -> Trainer:
     """The trainer (``trainer_class``, e.g. a subclass with another loss) for parsed flags."""
-    config, ckpt, path = resolve_run(args)
+    config, ckpt, path, changes = resolve_run(args)
     trainer = trainer_class(config, checkpoint=ckpt, checkpoint_path=path, log=log)
     trainer.command_line = {k: v for k, v in vars(args).items() if k not in ("given", "demo_defaults")}
+    if changes:
+        trainer.config_changes = [{"step": int(ckpt["step"]), "changes": changes}]
     say = log or (lambda m: print(m, flush=True))
     if int(os.environ.get("RANK", "0")) == 0:
         if ckpt is not None:
-            saved = RunConfig.from_checkpoint(ckpt, path)
-            changes = {}
-            for name in ("network", "data", "training", "sliding_window"):
-                changes.update(_differences(getattr(saved, name), getattr(config, name), name))
-            changes.pop("training.output", None)
             earlier = list(ckpt.get("config_changes") or [])
-            if changes:
-                trainer.config_changes = [{"step": int(ckpt["step"]), "changes": changes}]
             msg = f"resuming {path} at step {int(ckpt['step'])}/{config.training.max_iter} (best mean Dice {float(ckpt.get('best_metric', -1)):.4f} at step {int(ckpt.get('best_step', 0))})"
             if changes:
                 msg += "; changed now: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
