@@ -54,8 +54,10 @@ __all__ = [
     "sliding_window_predict",
     "str2bool",
     "unwrap_model",
+    "write_csv",
     "write_json",
     "write_text_atomic",
+    "save_figure_atomic",
 ]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -470,6 +472,30 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_csv(rows: Sequence[Sequence[Any]], path: str | os.PathLike) -> None:
+    """Write ``rows`` (the header first) as CSV, atomically (see :func:`write_text_atomic`)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    write_text_atomic(buf.getvalue(), path)
+
+
+def save_figure_atomic(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
+    """``fig.savefig`` as PNG to a temporary file in the same folder, then renamed over ``path``."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -40,7 +40,6 @@ import csv
 import math
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -573,7 +572,7 @@ class KernelDynamics:
             kept = [r for r in body if int(r[0]) < step]
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        engine.write_text_atomic(_csv_text([list(self.COLUMNS)] + kept), path)
+        engine.write_csv([list(self.COLUMNS)] + kept, path)
 
     def record(self, step: int, model: nn.Module, writer: Any = None) -> list[dict]:
         """:meth:`measure`, :meth:`log` and, with an ``output_dir``, :func:`plot_kernel_dynamics`; returns the rows.
@@ -592,14 +591,6 @@ def _read_csv(path: str) -> tuple[list[str], list[list[str]]]:
     with open(path, newline="") as f:
         lines = [r for r in csv.reader(f) if r]
     return (lines[0], lines[1:]) if lines else ([], [])
-
-
-def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue()
 
 
 def plot_kernel_dynamics(csv_path: str, png_path: str) -> None:
@@ -623,7 +614,7 @@ def plot_kernel_dynamics(csv_path: str, png_path: str) -> None:
     ax.grid(alpha=0.3)
     if stages:
         ax.legend(fontsize=7, ncol=2)
-    _save_figure(fig, png_path)
+    engine.save_figure_atomic(fig, png_path)
     plt.close(fig)
 
 
@@ -638,19 +629,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save_figure(fig: Any, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -902,7 +880,7 @@ def plot_erf(results: Sequence[Mapping[str, Any]], path: str) -> None:
     axes[-1][0].legend(fontsize=7)
     if image is not None:
         fig.colorbar(image, ax=axes[:-1].ravel().tolist(), shrink=0.6, label="log10(ERF / max); slices: axial | coronal | sagittal")
-    _save_figure(fig, path)
+    engine.save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -940,7 +918,7 @@ def plot_kernels(results: Sequence[Mapping[str, Any]], path: str) -> None:
     axes[0][0].legend(fontsize=6)
     if has_mask:
         axes[1][0].legend(fontsize=6)
-    _save_figure(fig, path)
+    engine.save_figure_atomic(fig, path)
     plt.close(fig)
 
 

@@ -199,10 +199,8 @@ def plot_curves(history: dict, class_names: list[str] | tuple[str, ...], path: s
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    engine.save_figure_atomic(fig, path, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 class LoopTimer:
@@ -740,12 +738,7 @@ class Trainer:
         path = self.path("validation_metrics.csv")
         rows = self._csv_rows(path)
         rows += [[self.step, name, f"{value:.6f}"] for name, value in acc.as_dict().items()] + [[self.step, "mean_foreground", f"{acc.mean():.6f}"]]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "class", "dice"])
-            w.writerows(rows)
-        os.replace(tmp, path)
+        engine.write_csv([["step", "class", "dice"], *rows], path)
 
     def _csv_rows(self, path: str) -> list[list]:
         """Rows of earlier validations (of this session or of the resumed one), before the current step."""
