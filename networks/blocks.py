@@ -167,7 +167,7 @@ class UnetrDecoderNet(nn.Module):
     encoder_attr = "encoder"
     network_name = "network"
     size_divisor = 16
-    #: Run the decoder in ``channels_last_3d`` memory: ``"auto"`` (on CUDA, eager mode only), True or False
+    #: Run the decoder in ``channels_last_3d`` memory: ``"auto"`` (eager mode on CUDA, or on the CPU in bf16), True or False
     #: (see :func:`networks.layout.decoder_uses_channels_last`). Speed only: the result is the same either
     #: way and the logits come back contiguous (NCDHW).
     decoder_channels_last: bool | str = "auto"

@@ -221,7 +221,7 @@ def test_predictor_checkpoint_array_and_export(tmp_path, ckpts, exported):
     expected = np.asarray(nib.load(cli["predictions"][0]).dataobj)
     threads = torch.get_num_threads()
     try:
-        predictor = test_seg.Predictor(ckpts[0], threads=1)
+        predictor = test_seg.Predictor(ckpts[0], threads=1, amp="off")
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
@@ -233,6 +233,47 @@ def test_predictor_checkpoint_array_and_export(tmp_path, ckpts, exported):
     from_array, probs = predictor.predict(np.asarray(img.dataobj), affine=img.affine, return_probabilities=True)
     assert np.array_equal(from_array, expected) and probs.shape == (3,) + SHAPE
     out, _ = exported
-    assert np.array_equal(test_seg.Predictor(str(out / "model.json")).predict(src), expected)
+    assert np.array_equal(test_seg.Predictor(str(out / "model.json"), amp="off").predict(src), expected)
     with pytest.raises(test_seg.InferenceError, match="affine"):
         predictor.predict(np.zeros(SHAPE, np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU precision: --amp auto takes bf16 for inference where the CPU does bf16 natively
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_on_the_cpu_follows_native_bf16(monkeypatch, native):
+    import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert engine.resolve_amp("auto", cpu, inference=True) == (torch.bfloat16 if native else None)
+    assert engine.resolve_amp("auto", cpu) is None  # training on the CPU stays float32
+    assert engine.resolve_amp("off", cpu, inference=True) is None
+    assert engine.resolve_amp("bf16", cpu) == torch.bfloat16
+    line = test_seg.describe_precision(cpu, engine.resolve_amp("auto", cpu, inference=True))
+    assert ("bf16 autocast (native" in line) if native else ("float32" in line)
+
+
+def test_decoder_goes_channels_last_on_the_cpu_in_bf16_only():
+    from networks.layout import decoder_uses_channels_last
+
+    x = torch.zeros(1, 1, 16, 16, 16)
+    assert not decoder_uses_channels_last("auto", x)
+    assert decoder_uses_channels_last("auto", x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decoder_uses_channels_last("auto", x)
+        assert not decoder_uses_channels_last(False, x)
+
+
+def test_bf16_cpu_inference_agrees_with_float32(tmp_path, ckpts):
+    """The CPU's bf16 path (autocast, channels-last decoder) gives float32's labels up to a few boundary
+    voxels, and its probabilities to bf16 precision."""
+    src = write_case(tmp_path / "in", "case", "aniso")
+    ref, p_ref = test_seg.Predictor(ckpts[0], amp="off").predict(src, return_probabilities=True)
+    labels, p = test_seg.Predictor(ckpts[0], amp="bf16").predict(src, return_probabilities=True)
+    assert len(np.unique(ref)) > 1
+    assert (labels == ref).mean() > 0.99
+    assert np.abs(p - p_ref).max() < 0.1 and np.abs(p - p_ref).mean() < 0.01
+    assert not np.array_equal(p, p_ref)  # bf16 did run (float32 would match exactly)
