@@ -8,6 +8,9 @@ and folded (deploy form). Paths:
 
 * ``torch-native`` / ``torch-fft``: PyTorch eager, float32, ``torch.no_grad``, depthwise
   convolutions native (``F.conv3d``) or FFT (``networks.fftconv``, kernel spectra cached);
+* ``torch-native-bf16`` / ``torch-fft-bf16`` (``torch-bf16`` for networks without the choice): the
+  same under bf16 autocast, which is what ``test_seg.py --amp auto`` runs on a CPU with native bf16
+  (the decoders of REP3D and 3D UX-Net then run channels-last); the FFT itself stays float32;
 * ``onnx-native``: the ``export_model.export_onnx`` export with dynamic axes, in ONNX Runtime;
 * ``onnx-fft``: the FFT path exported for the 96^3 window (ONNX ``DFT``), in ONNX Runtime.
 
@@ -75,10 +78,10 @@ def build(name: str, impl: str | None) -> nn.Module:
     return model.eval()
 
 
-def torch_runner(model: nn.Module):
+def torch_runner(model: nn.Module, amp_dtype: torch.dtype | None = None):
     def run(x):
-        with torch.no_grad():
-            return model(x)
+        with torch.no_grad(), engine.autocast(torch.device("cpu"), amp_dtype):
+            return model(x).float()
 
     return run
 
@@ -92,24 +95,70 @@ def onnx_runner(model: nn.Module, roi, impl: str | None, threads: int, folder: s
     return run, {"export_s": export_s, "dynamic_axes": info["dynamic_axes"], "mb": os.path.getsize(path) / 2**20}
 
 
+def write_checkpoint(name: str, folder: str, roi, spacing=(1.5, 1.5, 1.5), num_classes: int = 16) -> str:
+    """A format-2 checkpoint (as main_train.py writes) of ``name`` at the paper's size with random weights."""
+    import configs
+    from load_datasets_transforms import DatasetConfig
+
+    torch.manual_seed(0)
+    model = networks.build_network(name, 1, num_classes, **engine.network_overrides(name, {}, roi))
+    ds = DatasetConfig("custom", tuple(spacing), "window", -175.0, 250.0, num_classes, [f"c{i}" for i in range(num_classes)], roi=tuple(roi), cache_rate=0.0)
+    run = configs.RunConfig(configs.NetworkConfig(name, 1, num_classes, {}), configs.DataConfig(dataset=ds), configs.TrainConfig(), configs.SlidingWindowConfig())
+    path = os.path.join(folder, f"{name}.pth")
+    torch.save({"state_dict": model.state_dict(), "format_version": configs.FORMAT_VERSION, "config": run.to_dict(), "step": 1}, path)
+    return path
+
+
+def time_test_seg(name: str, use_export: bool, folder: str, roi, volume, threads: int) -> dict:
+    """``test_seg.py`` end to end with its defaults (``--amp auto``, ``--dwconv auto``, 4 windows per pass)
+    on one synthetic CT volume of ``volume`` voxels already at the target spacing: the checkpoint, or its
+    ONNX export (``model.json``, ONNX Runtime) when ``use_export``."""
+    import nibabel as nib
+    import numpy as np
+
+    import test_seg
+
+    ckpt = write_checkpoint(name, folder, roi)
+    weights = ckpt
+    if use_export:
+        export_model.export_checkpoint(ckpt, os.path.join(folder, f"{name}_export"), formats=["onnx"])
+        weights = os.path.join(folder, f"{name}_export", "model.json")
+    image = os.path.join(folder, "volume", "ct_0000.nii.gz")
+    if not os.path.exists(image):
+        os.makedirs(os.path.dirname(image), exist_ok=True)
+        rng = np.random.default_rng(0)
+        nib.save(nib.Nifti1Image(rng.normal(0, 300, volume).astype(np.float32), np.diag([1.5, 1.5, 1.5, 1.0])), image)
+    args = test_seg.parse_args(["--trained_weights", weights, "--input", image, "--output", os.path.join(folder, f"pred_{name}"), "--threads", str(threads), "--num_workers", "0"])
+    t = time.perf_counter()
+    res = test_seg.run_inference(args)
+    total = time.perf_counter() - t
+    return {"network": name, "weights": "ONNX export (model.json)" if use_export else "checkpoint", "test_seg_s": total,
+            "predict_s": res["timings"][0]["predict"], "load": load_average()[0]}  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--networks", nargs="+", default=["REP3D", "SwinUNETR", "3DUXNET"])
-    p.add_argument("--paths", nargs="+", default=["torch-native", "torch-fft", "onnx-native", "onnx-fft"])
+    p.add_argument("--paths", nargs="+", default=["torch-native", "torch-fft", "torch-native-bf16", "torch-fft-bf16", "onnx-native", "onnx-fft"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--roi", type=int, nargs=3, default=[96, 96, 96])
     p.add_argument("--volume", type=int, nargs=3, default=[256, 256, 160])
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--full_volume", nargs="*", default=None, metavar="NETWORK:PATH", help="paths timed end to end on the volume (default: each network's fastest; pass none to estimate all)")
+    p.add_argument("--test_seg", action="store_true", help="also time test_seg.py end to end on the volume for each network's fastest path (its checkpoint for a torch path, its ONNX export for an onnx one)")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
+    bad = [x for x in args.paths if x.split("-")[0] not in ("torch", "onnx") or len(x.split("-")) not in (2, 3) or x.endswith("-bf16") and not x.startswith("torch")]
+    if bad:
+        p.error(f"--paths {' '.join(bad)}: each path is torch-native, torch-fft, onnx-native or onnx-fft, with -bf16 for torch only")
     torch.set_num_threads(args.threads)
     roi, volume = tuple(args.roi), tuple(args.volume)
     windows = n_windows(volume, roi, args.overlap)
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_name(), "cores_visible": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "python": platform.python_version(), "load_average_start": load_average(),
+        "cpu_native_bf16": engine.cpu_has_native_bf16(),
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
     }  # fmt: skip
     try:
@@ -128,15 +177,16 @@ def main(argv=None) -> int:
         for name in args.networks:
             has_dw = networks.network_accepts(name, "dwconv")
             for path in args.paths:
-                backend, impl = path.split("-")
-                label = path if has_dw else backend
+                backend, impl, *precision = path.split("-")
+                bf16 = precision == ["bf16"]
+                label = path if has_dw else backend + ("-bf16" if bf16 else "")
                 if (not has_dw and impl == "fft") or any(r["network"] == name and r["path"] == label for r in results):
                     continue
                 row = {"network": name, "path": label, "window_all_s": [], "load_per_round": []}
                 try:
                     model = build(name, impl if has_dw else None)
                     if backend == "torch":
-                        run = torch_runner(model)
+                        run = torch_runner(model, torch.bfloat16 if bf16 else None)
                     else:
                         run, info = onnx_runner(model, roi, impl if has_dw else None, args.threads, folder, name)
                         row.update(info)
@@ -190,8 +240,16 @@ def main(argv=None) -> int:
                 if r["network"] == name and r["path"] == path:
                     r["volume_measured_s"] = measured
             print(json.dumps({"network": name, "path": path, "volume_measured_s": measured, "load": load_average()[0]}), flush=True)
+        end_to_end = []
+        if args.test_seg:
+            for name in args.networks:
+                ok = [r for r in results if r["network"] == name and "window_s" in r]
+                if ok:
+                    best = min(ok, key=lambda r: r["window_s"])
+                    end_to_end.append(time_test_seg(name, best["path"].startswith("onnx"), folder, roi, volume, args.threads))
+                    print(json.dumps(end_to_end[-1]), flush=True)
     env["load_average_end"] = load_average()
-    out = {"env": env, "windows": windows, "stitch_overhead_s": overhead, "results": results}
+    out = {"env": env, "windows": windows, "stitch_overhead_s": overhead, "results": results, "test_seg": end_to_end}
     if args.output:
         with open(args.output, "w") as f:
             json.dump(out, f, indent=1)
@@ -202,6 +260,8 @@ def main(argv=None) -> int:
             continue
         vol_s = f"{r['volume_measured_s']:.0f} (measured)" if "volume_measured_s" in r else f"{r['volume_estimated_s']:.0f} (estimated)"
         print(f"| {r['network']} | {r['path']} | {r['window_s']:.2f} | {vol_s} |")
+    for r in end_to_end:
+        print(f"test_seg.py, {r['network']} ({r['weights']}): {r['test_seg_s']:.0f} s in all, {r['predict_s']:.0f} s predicting")
     return 0
 
 

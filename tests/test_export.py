@@ -272,7 +272,9 @@ def test_bf16_cpu_inference_agrees_with_float32(tmp_path, ckpts):
     voxels, and its probabilities to bf16 precision."""
     src = write_case(tmp_path / "in", "case", "aniso")
     ref, p_ref = test_seg.Predictor(ckpts[0], amp="off").predict(src, return_probabilities=True)
-    labels, p = test_seg.Predictor(ckpts[0], amp="bf16").predict(src, return_probabilities=True)
+    bf16 = test_seg.Predictor(ckpts[0], amp="bf16")
+    assert bf16.sw_batch_size == 1  # one window per pass on the CPU by default
+    labels, p = bf16.predict(src, return_probabilities=True)
     assert len(np.unique(ref)) > 1
     assert (labels == ref).mean() > 0.99
     assert np.abs(p - p_ref).max() < 0.1 and np.abs(p - p_ref).mean() < 0.01
