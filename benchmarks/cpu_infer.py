@@ -27,6 +27,7 @@ network), and marked as estimated.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -241,6 +242,10 @@ def main(argv=None) -> int:
                     r["volume_measured_s"] = measured
             print(json.dumps({"network": name, "path": path, "volume_measured_s": measured, "load": load_average()[0]}), flush=True)
         end_to_end = []
+        # ONNX Runtime's sessions keep their memory arenas: free every path before test_seg.py's own
+        # models are loaded (with all of them held, the 24 GiB machine ran out of memory).
+        runners.clear()
+        gc.collect()
         if args.test_seg:
             for name in args.networks:
                 ok = [r for r in results if r["network"] == name and "window_s" in r]
