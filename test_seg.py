@@ -850,9 +850,10 @@ def _load_decision(checkpoints: Sequence[str], num_classes: int) -> dict | None:
 
 
 def describe_precision(device: torch.device, amp_dtype: torch.dtype | None, export: bool = False) -> str:
-    """``"cpu, bf16 autocast (native on this CPU; --amp off for float32), 2 threads"`` and the like."""
+    """Where and in what precision the windows run, for the start line: ``"cpu, 2 threads, bf16 autocast
+    (native on this CPU; --amp off for float32)"``, ``"cuda:0, bf16 autocast"`` and the like."""
     if export:
-        return f"ONNX Runtime / TorchScript export, float32, {torch.get_num_threads()} threads"
+        return f"the exported model (ONNX Runtime or TorchScript), float32, {torch.get_num_threads()} threads"
     if amp_dtype is None:
         precision = "float32"
     else:
