@@ -302,6 +302,11 @@ class RunConfig:
             out[name] = engine.jsonable(d)
         return out
 
+    def checkpoint(self, state_dict: Mapping[str, Any], step: int) -> dict:
+        """The core of a checkpoint of this run (format :data:`FORMAT_VERSION`): weights, configuration
+        and step; what :meth:`from_checkpoint` and ``test_seg.py`` read. The Trainer adds its own state."""
+        return {"format_version": FORMAT_VERSION, "config": self.to_dict(), "state_dict": dict(state_dict), "step": int(step)}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
         """Inverse of :meth:`to_dict` (unknown fields are ignored, missing ones take defaults)."""

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 import engine
 import networks
-from configs import FORMAT_VERSION, ConfigError, RunConfig
+from configs import ConfigError, RunConfig
 from load_datasets_transforms import DataError, get_loaders
 
 __all__ = [
@@ -569,15 +569,9 @@ class Trainer:
     def state_dict(self, full: bool = True) -> dict:
         """The checkpoint: weights, run configuration (format :data:`configs.FORMAT_VERSION`), step and
         best metric; with ``full`` also optimizer, scheduler, scaler, RNG, history (what resume needs)."""
-        state = {
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in engine.unwrap_model(self.model).state_dict().items()},
-            "step": int(self.step),
-            "best_metric": float(self.best),
-            "best_step": int(self.best_step),
-            "metrics": engine.jsonable(self.best_metrics),
-        }
+        weights = {k: v.detach().cpu() for k, v in engine.unwrap_model(self.model).state_dict().items()}
+        state = self.config.checkpoint(weights, self.step)
+        state.update(best_metric=float(self.best), best_step=int(self.best_step), metrics=engine.jsonable(self.best_metrics))
         if full:
             state.update(
                 optimizer=self.optimizer.state_dict(),

@@ -79,6 +79,16 @@ def build(name: str, impl: str | None) -> nn.Module:
     return model.eval()
 
 
+def parse_path(path: str) -> tuple[str, str | None, bool]:
+    """``"torch-fft-bf16"`` -> ``("torch", "fft", True)``; ValueError for a name that is not a path."""
+    backend, *rest = path.split("-")
+    bf16 = rest[-1:] == ["bf16"]
+    impl = rest[:-1] if bf16 else rest
+    if backend not in ("torch", "onnx") or len(impl) != 1 or impl[0] not in ("native", "fft") or (bf16 and backend != "torch"):
+        raise ValueError(path)
+    return backend, impl[0], bf16
+
+
 def torch_runner(model: nn.Module, amp_dtype: torch.dtype | None = None):
     def run(x):
         with torch.no_grad(), engine.autocast(torch.device("cpu"), amp_dtype):
@@ -106,12 +116,12 @@ def write_checkpoint(name: str, folder: str, roi, spacing=(1.5, 1.5, 1.5), num_c
     ds = DatasetConfig("custom", tuple(spacing), "window", -175.0, 250.0, num_classes, [f"c{i}" for i in range(num_classes)], roi=tuple(roi), cache_rate=0.0)
     run = configs.RunConfig(configs.NetworkConfig(name, 1, num_classes, {}), configs.DataConfig(dataset=ds), configs.TrainConfig(), configs.SlidingWindowConfig())
     path = os.path.join(folder, f"{name}.pth")
-    torch.save({"state_dict": model.state_dict(), "format_version": configs.FORMAT_VERSION, "config": run.to_dict(), "step": 1}, path)
+    torch.save(run.checkpoint(model.state_dict(), step=1), path)
     return path
 
 
 def time_test_seg(name: str, use_export: bool, folder: str, roi, volume, threads: int) -> dict:
-    """``test_seg.py`` end to end with its defaults (``--amp auto``, ``--dwconv auto``, 4 windows per pass)
+    """``test_seg.py`` end to end with its defaults (``--amp auto``, ``--dwconv auto``, one window per pass on the CPU)
     on one synthetic CT volume of ``volume`` voxels already at the target spacing: the checkpoint, or its
     ONNX export (``model.json``, ONNX Runtime) when ``use_export``."""
     import nibabel as nib
@@ -150,7 +160,12 @@ def main(argv=None) -> int:
     p.add_argument("--test_seg", action="store_true", help="also time test_seg.py end to end on the volume for each network's fastest path (its checkpoint for a torch path, its ONNX export for an onnx one)")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
-    bad = [x for x in args.paths if x.split("-")[0] not in ("torch", "onnx") or len(x.split("-")) not in (2, 3) or x.endswith("-bf16") and not x.startswith("torch")]
+    bad = []
+    for path in args.paths:
+        try:
+            parse_path(path)
+        except ValueError:
+            bad.append(path)
     if bad:
         p.error(f"--paths {' '.join(bad)}: each path is torch-native, torch-fft, onnx-native or onnx-fft, with -bf16 for torch only")
     torch.set_num_threads(args.threads)
@@ -178,8 +193,7 @@ def main(argv=None) -> int:
         for name in args.networks:
             has_dw = networks.network_accepts(name, "dwconv")
             for path in args.paths:
-                backend, impl, *precision = path.split("-")
-                bf16 = precision == ["bf16"]
+                backend, impl, bf16 = parse_path(path)
                 label = path if has_dw else backend + ("-bf16" if bf16 else "")
                 if (not has_dw and impl == "fft") or any(r["network"] == name and r["path"] == label for r in results):
                     continue

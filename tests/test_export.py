@@ -39,7 +39,7 @@ def tiny_checkpoint(path, seed: int = 0, num_classes: int = 3, spacing=(2.0, 2.0
     run = configs.RunConfig(configs.NetworkConfig("REP3D", 1, num_classes, {"modulation": "lrbm", **TINY}), configs.DataConfig(dataset=ds), configs.TrainConfig(),
                             configs.SlidingWindowConfig(sw_batch_size=2, overlap=0.25))  # fmt: skip
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "format_version": configs.FORMAT_VERSION, "config": run.to_dict(), "step": 1}, path)
+    torch.save(run.checkpoint(net.state_dict(), step=1), path)
     return str(path)
 
 
