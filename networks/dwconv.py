@@ -19,8 +19,27 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 DWCONV_IMPLS = ("auto", "native", "fft")
+
+# Generation of parameter updates: bumped after every optimizer step of any optimizer in the process.
+# The fused AdamW/SGD kernels (the trainer's default on CUDA) write the parameters in place without
+# bumping their ``_version`` counter, so a cache keyed on the version alone would survive an update.
+_param_generation = 0
+
+
+def _bump_generation(*_args, **_kwargs) -> None:
+    global _param_generation
+    _param_generation += 1
+
+
+register_optimizer_step_post_hook(_bump_generation)
+
+
+def parameter_generation() -> int:
+    """Number of optimizer steps taken so far in this process, by any optimizer (0 before the first)."""
+    return _param_generation
 
 
 def check_impl(impl: str) -> str:
@@ -75,11 +94,14 @@ class DepthwiseConv3d(nn.Conv3d):
     releases load unchanged. ``forward(x, weight)`` convolves with a given kernel instead of
     ``self.weight``: that is how a modulated kernel ``W * M`` is applied without re-binding the parameter.
 
-    Inference cache: when the FFT path convolves with ``self.weight`` and no gradient can reach it
-    (under ``torch.no_grad()``/``inference_mode()``, or with ``weight.requires_grad`` off), the kernel
-    spectrum is computed once per input size and reused. It is keyed on the weight's storage, version
-    counter, device and dtype, so loading weights, an optimizer step or ``.to()`` invalidates it; it is
-    never saved in the state dict nor copied by ``copy.deepcopy``. :meth:`clear_spectrum_cache` drops it.
+    Inference cache: when the module is in eval mode and the FFT path convolves with ``self.weight``
+    with no gradient able to reach it (under ``torch.no_grad()``/``inference_mode()``, or with
+    ``weight.requires_grad`` off), the kernel spectrum is computed once per input size and reused. It
+    is dropped at every ``train()``/``eval()`` call and keyed on the weight's storage, version counter,
+    device and dtype and on the process's optimizer-step count (:func:`parameter_generation`; fused
+    optimizers update parameters without bumping their version), so loading weights, any optimizer
+    step (fused or not), a train/eval switch or ``.to()`` invalidates it; it is never saved in the state
+    dict nor copied by ``copy.deepcopy``. :meth:`clear_spectrum_cache` drops it.
 
     Args:
         channels: number of input and output channels.
@@ -109,8 +131,13 @@ class DepthwiseConv3d(nn.Conv3d):
         return depthwise_conv3d(x, w, self.bias, self.impl)
 
     def _may_cache(self) -> bool:
-        # Only when no gradient can flow to the weight: the cached spectrum is detached from it.
-        return not (torch.is_grad_enabled() and self.weight.requires_grad) and not torch.compiler.is_compiling()
+        # Only in eval mode and when no gradient can flow to the weight: the cached spectrum is
+        # detached from it. In training mode the weights change between calls.
+        return (
+            not self.training
+            and not (torch.is_grad_enabled() and self.weight.requires_grad)
+            and not torch.compiler.is_compiling()
+        )
 
     def _cached_spectrum(self, x: torch.Tensor) -> torch.Tensor:
         from . import fftconv
@@ -118,7 +145,15 @@ class DepthwiseConv3d(nn.Conv3d):
         w = self.weight
         size = tuple(x.shape[2:])
         # Inference-mode tensors cannot be saved for a backward pass later: keep them apart.
-        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape), torch.is_inference_mode_enabled())
+        key = (
+            w.data_ptr(),
+            w._version,
+            _param_generation,
+            w.device,
+            w.dtype,
+            tuple(w.shape),
+            torch.is_inference_mode_enabled(),
+        )
         hit = self._spectrum_cache.get(size)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -132,6 +167,12 @@ class DepthwiseConv3d(nn.Conv3d):
     def clear_spectrum_cache(self) -> None:
         """Drop the cached kernel spectra (they are rebuilt on the next inference call)."""
         self._spectrum_cache = {}
+
+    def train(self, mode: bool = True):  # noqa: D102 - nn.Module's
+        # Entering or leaving training mode brackets every weight update of a training loop: a spectrum
+        # built before it may describe weights that no longer exist.
+        self.clear_spectrum_cache()
+        return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's signature
         self.clear_spectrum_cache()  # a device/dtype move would leave the old spectra behind
