@@ -18,10 +18,35 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import demo_data  # noqa: E402
-import load_datasets_transforms as ldt  # noqa: E402
-from load_datasets_transforms import DataError  # noqa: E402
-
+import main_train
+from rep3d.cli import add_dataset_args
+from rep3d.commands.train import run_config_from_args
+from rep3d.data.augment import BatchAugment
+from rep3d.data.cases import case_name, list_cases, list_images
+from rep3d.data.checks import check_cases, check_dataset
+from rep3d.data.dataset_config import DataError, get_dataset_config
+from rep3d.data.demo import (
+    DEMO_CLASS_NAMES,
+    DEMO_SPACING,
+    make_demo_case,
+    make_demo_dataset,
+)
+from rep3d.data.image_io import output_path_like, write_like
+from rep3d.data.loader_choice import choose_loader, estimate_cache_bytes
+from rep3d.data.loaders import (
+    TrainLoader,
+    _collate_crops,
+    _Endless,
+    get_loaders,
+    get_test_loader,
+)
+from rep3d.data.transforms import (
+    get_post_transforms,
+    get_test_transforms,
+    get_train_transforms,
+    get_val_transforms,
+)
+from rep3d.planning import resolve_dataset_config
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -89,7 +114,7 @@ SPEC_TABLE = {
 
 @pytest.mark.parametrize("name", sorted(SPEC_TABLE))
 def test_preset_values_match_spec(name):
-    cfg = ldt.get_dataset_config(name)
+    cfg = get_dataset_config(name)
     spacing, (a_min, a_max), classes = SPEC_TABLE[name]
     assert cfg.spacing == spacing
     assert (cfg.intensity, cfg.a_min, cfg.a_max) == ("window", a_min, a_max)
@@ -99,24 +124,24 @@ def test_preset_values_match_spec(name):
 
 
 def test_demo_preset_matches_generator():
-    cfg = ldt.get_dataset_config("demo")
-    assert cfg.spacing == demo_data.DEMO_SPACING
-    assert cfg.class_names == list(demo_data.DEMO_CLASS_NAMES)
+    cfg = get_dataset_config("demo")
+    assert cfg.spacing == DEMO_SPACING
+    assert cfg.class_names == list(DEMO_CLASS_NAMES)
     assert max(cfg.roi) <= 48 and cfg.cache_rate == 1.0
 
 
 @pytest.mark.parametrize("name", ["amos", "amos_mri", "kits", "pancreas", "hepatic", "demo"])
 def test_preset_chains(tmp_path, name):
-    cfg = ldt.get_dataset_config(name, roi=(16, 16, 16))
+    cfg = get_dataset_config(name, roi=(16, 16, 16))
     low, high = (cfg.a_min - 300, cfg.a_max + 300)
     image, label = phantom((22, 20, 14), cfg.num_classes, low, high)
     # 2 mm in-plane / 3 mm slices: every preset resamples
     aff = affine_for("LPS", (2.0, 2.0, 3.0))
     case = {"image": write(tmp_path / "img.nii.gz", image, aff, np.int16), "label": write(tmp_path / "lab.nii.gz", label, aff, np.uint8)}
-    ldt.check_cases([case], cfg)
+    check_cases([case], cfg)
     classes = set(range(cfg.num_classes))
 
-    out = ldt.get_train_transforms(cfg, crop_sample=2)(case)
+    out = get_train_transforms(cfg, crop_sample=2)(case)
     assert isinstance(out, list) and len(out) == 2
     for crop in out:
         assert tuple(crop["image"].shape) == (1, 16, 16, 16) == tuple(crop["label"].shape)
@@ -124,7 +149,7 @@ def test_preset_chains(tmp_path, name):
         assert crop["image"].min() >= -0.1 - 1e-5 and crop["image"].max() <= 1.1 + 1e-5
         assert set(torch.unique(crop["label"]).tolist()) <= classes
 
-    val = ldt.get_val_transforms(cfg)(case)
+    val = get_val_transforms(cfg)(case)
     assert val["image"].shape == val["label"].shape and val["image"].shape[0] == 1
     assert float(val["image"].min()) >= 0.0 and float(val["image"].max()) <= 1.0
     assert float(val["image"].max()) == 1.0  # the bright structures saturate the window
@@ -134,7 +159,7 @@ def test_preset_chains(tmp_path, name):
     assert np.allclose(val["image"].pixdim.tolist(), cfg.spacing)
     assert nib.aff2axcodes(val["image"].affine.numpy()) == ("R", "A", "S")
 
-    test = ldt.get_test_transforms(cfg)({"image": case["image"]})
+    test = get_test_transforms(cfg)({"image": case["image"]})
     assert "label" not in test
     assert torch.equal(test["image"].as_tensor(), val["image"].as_tensor())
 
@@ -142,26 +167,26 @@ def test_preset_chains(tmp_path, name):
 def test_zscore_custom_config(tmp_path):
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps({"spacing": [2, 2, 2], "intensity": "zscore", "num_classes": 3, "class_names": ["background", "a", "b"], "roi": [16, 16, 16]}))
-    cfg = ldt.get_dataset_config("custom", str(cfg_file))
+    cfg = get_dataset_config("custom", str(cfg_file))
     assert (cfg.intensity, cfg.num_classes, cfg.roi) == ("zscore", 3, (16, 16, 16))
     image, label = phantom((20, 20, 12), 3, low=0.0, high=900.0)
     case = {"image": write(tmp_path / "i.nii.gz", image, affine_for(spacing=(2, 2, 2))), "label": write(tmp_path / "l.nii.gz", label, affine_for(spacing=(2, 2, 2)), np.uint8)}
-    val = ldt.get_val_transforms(cfg)(case)["image"]
+    val = get_val_transforms(cfg)(case)["image"]
     nz = val[val != 0]
     assert abs(float(nz.mean())) < 1e-3 and abs(float(nz.std()) - 1.0) < 1e-2
-    out = ldt.get_train_transforms(cfg, crop_sample=1)(case)
+    out = get_train_transforms(cfg, crop_sample=1)(case)
     assert tuple(out[0]["image"].shape) == (1, 16, 16, 16)
 
 
 def test_config_overrides_and_json(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"num_classes": 3, "class_names": ["background", "x", "y"], "a_min": -100, "a_max": 200}))
-    cfg = ldt.get_dataset_config("kits", str(f), a_max=300.0, spacing=None, class_names="background, p, q")
+    cfg = get_dataset_config("kits", str(f), a_max=300.0, spacing=None, class_names="background, p, q")
     assert (cfg.num_classes, cfg.a_min, cfg.a_max, cfg.spacing) == (3, -100, 300.0, (1.5, 1.5, 2.0))
     assert cfg.class_names == ["background", "p", "q"]
     # changing the class count without names gives generic names
-    assert ldt.get_dataset_config("amos", num_classes=3).class_names == ["background", "class_1", "class_2"]
-    assert ldt.get_dataset_config("custom", spacing=(1, 1, 1), num_classes=2, a_min=0, a_max=1).spacing == (1.0, 1.0, 1.0)
+    assert get_dataset_config("amos", num_classes=3).class_names == ["background", "class_1", "class_2"]
+    assert get_dataset_config("custom", spacing=(1, 1, 1), num_classes=2, a_min=0, a_max=1).spacing == (1.0, 1.0, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -180,58 +205,57 @@ def test_config_overrides_and_json(tmp_path):
 )
 def test_config_errors(name, kwargs, needle):
     with pytest.raises(ValueError, match=None) as e:
-        ldt.get_dataset_config(name, **kwargs)
+        get_dataset_config(name, **kwargs)
     assert needle in str(e.value)
 
 
 def test_config_file_errors(tmp_path):
     with pytest.raises(ValueError, match="file not found"):
-        ldt.get_dataset_config("custom", str(tmp_path / "missing.json"))
+        get_dataset_config("custom", str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{spacing: 1")
     with pytest.raises(ValueError, match="not valid JSON"):
-        ldt.get_dataset_config("custom", str(bad))
+        get_dataset_config("custom", str(bad))
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"spacing": [1, 1, 1], "num_classes": 2, "pixdim": 1}))
     with pytest.raises(ValueError, match="unknown keys"):
-        ldt.get_dataset_config("custom", str(unknown))
+        get_dataset_config("custom", str(unknown))
 
 
 def test_cli_flags():
     parser = argparse.ArgumentParser()
     parser.add_argument("--num_workers", type=int, default=7)  # a script's own flag wins
-    ldt.add_dataset_args(parser)
-    ldt.add_dataset_args(parser)  # harmless twice
+    add_dataset_args(parser)
+    add_dataset_args(parser)  # harmless twice
     args = parser.parse_args([])
     assert args.num_workers == 7 and args.loader == "auto"
-    assert ldt.resolve_dataset_config(args.dataset, args.root, args.datalist).name == "demo"
-    cfg = ldt.resolve_dataset_config("custom", "/x", spacing=[1, 1, 2], intensity="zscore", num_classes=3, class_names="bg,a,b", roi=[32, 32, 16])
+    assert resolve_dataset_config(args.dataset, args.root, args.datalist).name == "demo"
+    cfg = resolve_dataset_config("custom", "/x", spacing=[1, 1, 2], intensity="zscore", num_classes=3, class_names="bg,a,b", roi=[32, 32, 16])
     assert (cfg.spacing, cfg.intensity, cfg.class_names, cfg.roi) == ((1.0, 1.0, 2.0), "zscore", ["bg", "a", "b"], (32, 32, 16))
     # --root without --dataset plans from the data: a missing folder is said to be missing
     with pytest.raises(ValueError, match="/x: dataset folder not found"):
-        ldt.resolve_dataset_config(None, "/x")
+        resolve_dataset_config(None, "/x")
     # inference has no use for the training-only flags
     infer = argparse.ArgumentParser()
-    ldt.add_dataset_args(infer, training=False)
+    add_dataset_args(infer, training=False)
     assert not {"--cache_rate", "--loader", "--cache_on_gpu", "--crop_ratios"} & set(infer._option_string_actions)
 
 
 def test_flags_to_run_config(tmp_path):
-    import main_train
 
-    demo = main_train.run_config_from_args(main_train.parse_args([]))
+    demo = run_config_from_args(main_train.parse_args([]))
     assert demo.data.is_demo and demo.data.dataset.cache_rate == 1.0 and demo.data.loader == "auto"
     root = str(tmp_path)
     flags = f"--root {root} --dataset custom --spacing 1 1 2 --intensity zscore --num_classes 3 --class_names bg,a,b --roi 32 32 16 --cache_rate 0.5 --cache_on_gpu"
-    cfg = main_train.run_config_from_args(main_train.parse_args(flags.split()))
+    cfg = run_config_from_args(main_train.parse_args(flags.split()))
     assert cfg.data.cache_rate == 0.5 and cfg.data.loader == "gpu" and cfg.data.root == root and cfg.network.out_channels == 3
     # a datalist without --root keeps root None (paths relative to the datalist); a real preset
     # without any data is refused instead of silently training on the demo
-    assert main_train.run_config_from_args(main_train.parse_args(["--dataset", "kits", "--datalist", "/d/list.json"])).data.root is None
+    assert run_config_from_args(main_train.parse_args(["--dataset", "kits", "--datalist", "/d/list.json"])).data.root is None
     with pytest.raises(ValueError, match="--dataset kits needs its data"):
-        main_train.run_config_from_args(main_train.parse_args(["--dataset", "kits"]))
+        run_config_from_args(main_train.parse_args(["--dataset", "kits"]))
     with pytest.raises(ValueError, match="folder not found"):
-        main_train.run_config_from_args(main_train.parse_args(["--root", str(tmp_path / "typo"), "--dataset", "custom"]))
+        run_config_from_args(main_train.parse_args(["--root", str(tmp_path / "typo"), "--dataset", "custom"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,25 +278,25 @@ def test_pairing_by_case_name_not_position(tmp_path):
         _tagged_case(tmp_path, f"imagesTr/{img}.nii.gz", f"labelsTr/{lab}.nii.gz", tag)
     (tmp_path / "imagesTr" / "._x1_0000.nii.gz").write_bytes(b"macOS resource fork")  # ignored
     (tmp_path / "labelsTr" / "notes.txt").write_text("ignored")
-    cases = ldt.list_cases(str(tmp_path), "train", fold=0)  # no imagesVal: fold 0 of 5 validates
-    val = ldt.list_cases(str(tmp_path), "val", fold=0)
+    cases = list_cases(str(tmp_path), "train", fold=0)  # no imagesVal: fold 0 of 5 validates
+    val = list_cases(str(tmp_path), "val", fold=0)
     assert len(cases) + len(val) == 3
     for c in cases + val:
         assert np.asarray(nib.load(c["image"]).dataobj).max() == np.asarray(nib.load(c["label"]).dataobj).max()
-    assert ldt.case_name("/a/b/case_0000.nii.gz") == "case" and ldt.case_name("c_seg.nii", "label") == "c"
+    assert case_name("/a/b/case_0000.nii.gz") == "case" and case_name("c_seg.nii", "label") == "c"
 
 
 def test_folder_layout_splits(tmp_path):
     root = make_folder_dataset(tmp_path, n_train=3, n_val=2)
-    assert len(ldt.list_cases(root, "train")) == 3 and len(ldt.list_cases(root, "val")) == 2
+    assert len(list_cases(root, "train")) == 3 and len(list_cases(root, "val")) == 2
     # test split: imagesVal (with its labels) when there is no imagesTs
-    test = ldt.list_cases(root, "test")
+    test = list_cases(root, "test")
     assert len(test) == 2 and all("label" in c for c in test)
     write(tmp_path / "imagesTs" / "t0.nii.gz", np.zeros((8, 8, 8)), dtype=np.int16)
-    assert ldt.list_cases(root, "test") == [{"image": str(tmp_path / "imagesTs" / "t0.nii.gz")}]
-    assert ldt.list_images(str(tmp_path / "imagesTs")) == [{"image": str(tmp_path / "imagesTs" / "t0.nii.gz")}]
+    assert list_cases(root, "test") == [{"image": str(tmp_path / "imagesTs" / "t0.nii.gz")}]
+    assert list_images(str(tmp_path / "imagesTs")) == [{"image": str(tmp_path / "imagesTs" / "t0.nii.gz")}]
     with pytest.raises(DataError, match="not found"):
-        ldt.list_images(str(tmp_path / "nothing"))
+        list_images(str(tmp_path / "nothing"))
 
 
 def test_msd_dataset_json(tmp_path):
@@ -283,14 +307,14 @@ def test_msd_dataset_json(tmp_path):
         training.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
     _tagged_case(tmp_path, "imagesTs/new_0000.nii.gz", None, 0)
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "pancreas", "2": "cancer"}, "training": training, "test": ["./imagesTs/new.nii.gz"]}))
-    train, val = ldt.list_cases(str(tmp_path), "train", fold=1), ldt.list_cases(str(tmp_path), "val", fold=1)
+    train, val = list_cases(str(tmp_path), "train", fold=1), list_cases(str(tmp_path), "val", fold=1)
     assert len(train) == 4 and len(val) == 1 and val[0]["image"].endswith("case1_0000.nii.gz")
-    assert ldt.list_cases(str(tmp_path), "test") == [{"image": str(tmp_path / "imagesTs" / "new_0000.nii.gz")}]
-    cfg = ldt.resolve_dataset_config("custom", str(tmp_path), spacing=[2, 2, 2], intensity="zscore")
+    assert list_cases(str(tmp_path), "test") == [{"image": str(tmp_path / "imagesTs" / "new_0000.nii.gz")}]
+    cfg = resolve_dataset_config("custom", str(tmp_path), spacing=[2, 2, 2], intensity="zscore")
     assert cfg.class_names == ["background", "pancreas", "cancer"]
     # a preset with another class count is reported
     with pytest.raises(DataError, match="lists 3 labels"):
-        ldt.check_dataset(ldt.get_dataset_config("kits"), str(tmp_path))
+        check_dataset(get_dataset_config("kits"), str(tmp_path))
 
 
 def test_monai_datalist_with_folds(tmp_path):
@@ -300,15 +324,15 @@ def test_monai_datalist_with_folds(tmp_path):
         entries.append({"image": f"im/c{i}.nii.gz", "label": f"lb/c{i}.nii.gz", "fold": i % 3})
     dl = tmp_path / "datalist.json"
     dl.write_text(json.dumps({"training": entries}))
-    train = ldt.list_cases(str(tmp_path / "data"), "train", datalist=str(dl), fold=2)
-    val = ldt.list_cases(str(tmp_path / "data"), "val", datalist=str(dl), fold=2)
+    train = list_cases(str(tmp_path / "data"), "train", datalist=str(dl), fold=2)
+    val = list_cases(str(tmp_path / "data"), "val", datalist=str(dl), fold=2)
     assert sorted(os.path.basename(c["image"]) for c in val) == ["c2.nii.gz", "c5.nii.gz"]
     assert len(train) == 4 and all("fold" not in c for c in train + val)
     with pytest.raises(DataError, match=r"no case in fold 7 \(folds present: \[0, 1, 2\]\)"):
-        ldt.list_cases(str(tmp_path / "data"), "val", datalist=str(dl), fold=7)
+        list_cases(str(tmp_path / "data"), "val", datalist=str(dl), fold=7)
     # without --root, relative paths are taken from the datalist's folder
     (tmp_path / "data" / "dl2.json").write_text(json.dumps({"training": entries[:4], "validation": entries[4:]}))
-    assert len(ldt.list_cases(None, "val", datalist=str(tmp_path / "data" / "dl2.json"))) == 2
+    assert len(list_cases(None, "val", datalist=str(tmp_path / "data" / "dl2.json"))) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,16 +345,16 @@ def test_missing_folders(tmp_path):
     write(tmp_path / "imagesTr" / "a.nii.gz", np.zeros((8, 8, 8)))
     (tmp_path / "imagesVal").mkdir()
     with pytest.raises(DataError) as e:
-        ldt.check_dataset(ldt.get_dataset_config("pancreas"), str(tmp_path))
+        check_dataset(get_dataset_config("pancreas"), str(tmp_path))
     msg = str(e.value)
     assert f"{tmp_path / 'labelsTr'}: folder missing" in msg
     assert f"{tmp_path / 'labelsVal'}: folder missing" in msg
     with pytest.raises(DataError, match="dataset folder not found"):
-        ldt.list_cases(str(tmp_path / "nowhere"), "train")
+        list_cases(str(tmp_path / "nowhere"), "train")
 
 
 def test_every_bad_input_reported_at_once(tmp_path):
-    cfg = ldt.get_dataset_config("pancreas", roi=(16, 16, 16))
+    cfg = get_dataset_config("pancreas", roi=(16, 16, 16))
     root = tmp_path
     shape = (12, 12, 10)
     aff = affine_for()
@@ -375,7 +399,7 @@ def test_every_bad_input_reported_at_once(tmp_path):
     del make_val
 
     with pytest.raises(DataError) as e:
-        ldt.get_loaders(cfg, str(root), num_workers=0, cache_rate=0.0)
+        get_loaders(cfg, str(root), num_workers=0, cache_rate=0.0)
     lines = e.value.problems
     text = str(e.value)
     expected = {
@@ -402,21 +426,21 @@ def test_every_bad_input_reported_at_once(tmp_path):
 
 
 def test_check_cases_accepts_4d_single_channel_and_float_labels(tmp_path):
-    cfg = ldt.get_dataset_config("hepatic")
+    cfg = get_dataset_config("hepatic")
     img, lab = phantom((10, 10, 8), 3)
     case = {"image": write(tmp_path / "i.nii.gz", img[..., None], dtype=np.int16), "label": write(tmp_path / "l.nii.gz", lab, dtype=np.float32)}
-    ldt.check_cases([case], cfg)
-    val = ldt.get_val_transforms(cfg)(case)
+    check_cases([case], cfg)
+    val = get_val_transforms(cfg)(case)
     assert val["image"].ndim == 4 and val["image"].shape[0] == 1
 
 
 def test_crop_larger_than_volume_is_padded(tmp_path):
-    cfg = ldt.get_dataset_config("kits")
+    cfg = get_dataset_config("kits")
     img, lab = phantom((14, 12, 9), 4)
     aff = affine_for(spacing=(1.5, 1.5, 2.0))
     case = {"image": write(tmp_path / "i.nii.gz", img, aff, np.int16), "label": write(tmp_path / "l.nii.gz", lab, aff, np.uint8)}
-    ldt.check_cases([case], cfg, roi=(24, 24, 24))  # a note, not an error
-    out = ldt.get_train_transforms(cfg, roi=(24, 24, 24), crop_sample=3)(case)
+    check_cases([case], cfg, roi=(24, 24, 24))  # a note, not an error
+    out = get_train_transforms(cfg, roi=(24, 24, 24), crop_sample=3)(case)
     assert len(out) == 3 and all(tuple(o["image"].shape) == (1, 24, 24, 24) for o in out)
 
 
@@ -432,12 +456,12 @@ def test_crop_larger_than_volume_is_padded(tmp_path):
 def test_inverse_restores_native_geometry(tmp_path, codes, spacing, shape):
     from monai.data import decollate_batch
 
-    cfg = ldt.get_dataset_config("pancreas")
+    cfg = get_dataset_config("pancreas")
     aff = affine_for(codes, spacing, origin=(-30.5, 12.25, 101.0))
     image, _ = phantom(shape, 3, low=-500, high=500)
     path = write(tmp_path / "in" / f"case_{codes}_0000.nii.gz", image, aff, np.int16)
-    loader, test_tf = ldt.get_test_loader(cfg, [path], num_workers=0)
-    post = ldt.get_post_transforms(test_tf, cfg)
+    loader, test_tf = get_test_loader(cfg, [path], num_workers=0)
+    post = get_post_transforms(test_tf, cfg)
     batch = next(iter(loader))
     x = batch["image"]
     # a fake 3-class "prediction" from the pre-processed image: class 2 where it is bright
@@ -445,9 +469,8 @@ def test_inverse_restores_native_geometry(tmp_path, codes, spacing, shape):
     batch["pred"] = torch.cat([1 - bright, torch.zeros_like(bright), bright], dim=1)
     [result] = [post(d) for d in decollate_batch(batch)]
     assert tuple(result["pred"].shape[1:]) == shape
-    import image_io
 
-    out = image_io.write_like(result["pred"], path, image_io.output_path_like(path, str(tmp_path / "out"), "_seg", name=f"case_{codes}"))
+    out = write_like(result["pred"], path, output_path_like(path, str(tmp_path / "out"), "_seg", name=f"case_{codes}"))
     saved = nib.load(out)
     assert saved.shape == shape and saved.get_data_dtype() == np.uint8
     np.testing.assert_allclose(saved.affine, aff, atol=1e-4)
@@ -460,11 +483,11 @@ def test_inverse_restores_native_geometry(tmp_path, codes, spacing, shape):
 
 
 def test_test_loader_keeps_native_label(tmp_path):
-    cfg = ldt.get_dataset_config("hepatic")
+    cfg = get_dataset_config("hepatic")
     image, label = phantom((16, 14, 10), 3)
     aff = affine_for("LPS", (1.0, 1.0, 3.0))
     case = {"image": write(tmp_path / "i.nii.gz", image, aff, np.int16), "label": write(tmp_path / "l.nii.gz", label, aff, np.uint8)}
-    loader, _ = ldt.get_test_loader(cfg, [case], num_workers=0, keep_label=True)
+    loader, _ = get_test_loader(cfg, [case], num_workers=0, keep_label=True)
     batch = next(iter(loader))
     assert tuple(batch["label"].shape) == (1, 1, 16, 14, 10)
     assert torch.equal(batch["label"][0, 0].as_tensor(), torch.as_tensor(label, dtype=batch["label"].dtype))
@@ -476,39 +499,39 @@ def test_test_loader_keeps_native_label(tmp_path):
 
 
 def test_demo_generator_is_deterministic_and_varied(tmp_path):
-    a = demo_data.make_demo_case(1, "train", size=(24, 24, 24), seed=3)
-    b = demo_data.make_demo_case(1, "train", size=(24, 24, 24), seed=3)
-    c = demo_data.make_demo_case(1, "train", size=(24, 24, 24), seed=4)
+    a = make_demo_case(1, "train", size=(24, 24, 24), seed=3)
+    b = make_demo_case(1, "train", size=(24, 24, 24), seed=3)
+    c = make_demo_case(1, "train", size=(24, 24, 24), seed=4)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[0], c[0])
-    root = demo_data.make_demo_dataset(str(tmp_path / "demo"), n_train=5, n_val=1, n_test=1, size=(24, 24, 24), seed=3)
+    root = make_demo_dataset(str(tmp_path / "demo"), n_train=5, n_val=1, n_test=1, size=(24, 24, 24), seed=3)
     img1 = nib.load(os.path.join(root, "imagesTr", "demo_tr_001.nii.gz"))
     np.testing.assert_array_equal(np.asarray(img1.dataobj), a[0])
     np.testing.assert_allclose(img1.affine, a[2], atol=1e-5)
-    headers = [nib.load(c["image"]) for c in ldt.list_cases(root, "train")]
+    headers = [nib.load(c["image"]) for c in list_cases(root, "train")]
     codes = {nib.aff2axcodes(h.affine) for h in headers}
     assert {("R", "A", "S"), ("L", "P", "S")} <= codes
     assert any(len(set(np.round(h.header.get_zooms(), 3))) > 1 for h in headers)  # anisotropic
     assert all(h.get_data_dtype() == np.int16 for h in headers)
     assert nib.load(os.path.join(root, "labelsTr", "demo_tr_000.nii.gz")).get_data_dtype() == np.uint8
     labels = np.asarray(nib.load(os.path.join(root, "labelsTr", "demo_tr_000.nii.gz")).dataobj)
-    assert set(np.unique(labels)) == set(range(len(demo_data.DEMO_CLASS_NAMES)))
+    assert set(np.unique(labels)) == set(range(len(DEMO_CLASS_NAMES)))
     # idempotent: a complete dataset is reused as is
     mtime = os.path.getmtime(img1.get_filename())
-    assert demo_data.make_demo_dataset(root, n_train=5, n_val=1, n_test=1, size=(24, 24, 24), seed=3) == root
+    assert make_demo_dataset(root, n_train=5, n_val=1, n_test=1, size=(24, 24, 24), seed=3) == root
     assert os.path.getmtime(img1.get_filename()) == mtime
     # other arguments replace it, leaving no stale case behind
-    demo_data.make_demo_dataset(root, n_train=2, n_val=1, size=(24, 24, 24), seed=3)
-    assert len(ldt.list_cases(root, "train")) == 2 and not os.path.exists(os.path.join(root, "imagesTs", "demo_ts_000.nii.gz"))
+    make_demo_dataset(root, n_train=2, n_val=1, size=(24, 24, 24), seed=3)
+    assert len(list_cases(root, "train")) == 2 and not os.path.exists(os.path.join(root, "imagesTs", "demo_ts_000.nii.gz"))
     with pytest.raises(ValueError, match="not a demo dataset"):
-        demo_data.make_demo_dataset(make_folder_dataset(tmp_path / "other", 1, 1))
+        make_demo_dataset(make_folder_dataset(tmp_path / "other", 1, 1))
 
 
 def test_demo_loaders(tmp_path, monkeypatch):
-    root = demo_data.make_demo_dataset(str(tmp_path / "demo"), n_train=3, n_val=2, size=(24, 24, 24))
-    cfg = ldt.get_dataset_config("demo", roi=(16, 16, 16))
-    train, val = ldt.get_loaders(cfg, root, crop_sample=2, batch_size=2, cache_rate=1.0, num_workers=0)
+    root = make_demo_dataset(str(tmp_path / "demo"), n_train=3, n_val=2, size=(24, 24, 24))
+    cfg = get_dataset_config("demo", roi=(16, 16, 16))
+    train, val = get_loaders(cfg, root, crop_sample=2, batch_size=2, cache_rate=1.0, num_workers=0)
     batch = next(iter(train))
     assert tuple(batch["image"].shape) == (4, 1, 16, 16, 16) == tuple(batch["label"].shape)
     assert set(torch.unique(batch["label"]).tolist()) <= set(range(5))
@@ -519,10 +542,10 @@ def test_demo_loaders(tmp_path, monkeypatch):
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        tr, va = ldt.get_loaders(cfg, root, cache_rate=0.0, num_workers=0, distributed=True, check=False)
+        tr, va = get_loaders(cfg, root, cache_rate=0.0, num_workers=0, distributed=True, check=False)
         assert len(tr.dataset) == 2
         seen += [d["image"] for d in va.dataset.data]
-    assert sorted(seen) == sorted(c["image"] for c in ldt.list_cases(root, "val"))
+    assert sorted(seen) == sorted(c["image"] for c in list_cases(root, "val"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +570,7 @@ def test_batch_augment_is_monai_affine_per_crop(size):
     torch.manual_seed(0)
     image = torch.rand(4, 2, *size)
     label = torch.randint(0, 4, (4, 1, *size)).float()
-    aug = ldt.BatchAugment().set_random_state(seed=3)
+    aug = BatchAugment().set_random_state(seed=3)
     params = aug.randomize(4)
     # also rotations about the other two axes and no shift, so every part of the geometry is checked
     params["angles"][:, :2] = [[0.2, 0.1], [-0.1, 0.3], [0.05, -0.2], [0.0, 0.0]]
@@ -564,7 +587,7 @@ def test_batch_augment_is_monai_affine_per_crop(size):
 
 
 def test_batch_augment_distribution_is_the_papers():
-    aug = ldt.BatchAugment().set_random_state(seed=0)
+    aug = BatchAugment().set_random_state(seed=0)
     n = 20000
     p = aug.randomize(n)
     a, s, o = p["angles"], p["scales"], p["offsets"]
@@ -580,7 +603,7 @@ def test_batch_augment_distribution_is_the_papers():
     assert abs(shifted.mean() - 0.5) < 5 * 0.5 / np.sqrt(n)  # p = 0.5
     assert np.all(np.abs(o) <= 0.1) and abs(o[shifted].var() - 0.01 / 3) < 5 * 0.01 * np.sqrt(4 / 45 / shifted.sum())
     with pytest.raises(ValueError, match="3 values"):
-        ldt.BatchAugment(rotate_range=(0.1,))
+        BatchAugment(rotate_range=(0.1,))
     with pytest.raises(ValueError, match=r"\(N, C, D, H, W\)"):
         aug(torch.zeros(1, 8, 8, 8))
 
@@ -599,7 +622,7 @@ def _cube_case(tmp_path, size=32, lo=10, hi=22, seed=0):
 
 
 def _cube_config(roi=(16, 16, 16)):
-    return ldt.get_dataset_config("custom", spacing=(1, 1, 1), intensity="zscore", num_classes=2, roi=roi)
+    return get_dataset_config("custom", spacing=(1, 1, 1), intensity="zscore", num_classes=2, roi=roi)
 
 
 def test_crops_hold_foreground_one_to_one(tmp_path):
@@ -609,7 +632,7 @@ def test_crops_hold_foreground_one_to_one(tmp_path):
     # The augmentation moves that voxel by at most 0.1 voxel, so it keeps its label.
     case = _cube_case(tmp_path)
     cfg = _cube_config()
-    tf = ldt.get_train_transforms(cfg, crop_sample=4, augment=False)
+    tf = get_train_transforms(cfg, crop_sample=4, augment=False)
     tf.set_random_state(seed=0)
     from monai.data import CacheDataset
 
@@ -622,7 +645,7 @@ def test_crops_hold_foreground_one_to_one(tmp_path):
     assert abs(np.mean(centres) - 0.5) < 4 * 0.5 / np.sqrt(n), np.mean(centres)
     assert torch.equal(ds._cache[0]["image"], cached["image"])  # the cache is read, not modified
     # the same through the training loader (batched augmentation on the CPU here)
-    train, _ = ldt.get_loaders(cfg, None, crop_sample=2, batch_size=1, cache_rate=1.0, num_workers=0, datalist=_datalist(tmp_path, case), check=False, augment_device="cpu")
+    train, _ = get_loaders(cfg, None, crop_sample=2, batch_size=1, cache_rate=1.0, num_workers=0, datalist=_datalist(tmp_path, case), check=False, augment_device="cpu")
     labels = torch.cat([b["label"] for _, b in zip(range(100), _forever(train))])
     assert labels.shape == (200, 1, 16, 16, 16)
     assert abs(float(labels[:, 0, 8, 8, 8].mean()) - 0.5) < 4 * 0.5 / np.sqrt(200)
@@ -641,7 +664,12 @@ def _forever(loader):
 
 def _previous_chain(cfg, roi, crop_sample):
     """The random part as it was before issue 12 (full-label scan, shift, per-crop RandAffined)."""
-    from monai.transforms import Compose, RandAffined, RandCropByPosNegLabeld, RandShiftIntensityd
+    from monai.transforms import (
+        Compose,
+        RandAffined,
+        RandCropByPosNegLabeld,
+        RandShiftIntensityd,
+    )
 
     keys = ["image", "label"]
     return Compose([
@@ -655,7 +683,7 @@ def test_augmented_batches_have_the_previous_statistics(tmp_path):
     case = _cube_case(tmp_path)
     cfg = _cube_config()
     roi = cfg.roi
-    train, _ = ldt.get_loaders(cfg, None, crop_sample=2, batch_size=2, cache_rate=1.0, num_workers=0, datalist=_datalist(tmp_path, case), check=False, augment_device="cpu")
+    train, _ = get_loaders(cfg, None, crop_sample=2, batch_size=2, cache_rate=1.0, num_workers=0, datalist=_datalist(tmp_path, case), check=False, augment_device="cpu")
     assert len(train) == 1 and len(train.dataset) == 1
     new = []
     for _, b in zip(range(150), _forever(train)):
@@ -690,15 +718,15 @@ def test_train_loader_prefetch_thread_and_errors():
             return [{"image": torch.full((1, 8, 8, 8), float(i)), "label": torch.zeros(1, 8, 8, 8)}] * 2
 
     gen = torch.Generator().manual_seed(0)
-    inner = DataLoader(Crops(), batch_size=2, sampler=ldt._Endless(3, gen), num_workers=0, collate_fn=ldt._collate_crops)
-    loader = ldt.TrainLoader(inner, n_batches=2, path="workers", augment=None, device=torch.device("cpu"), prefetch=2)
+    inner = DataLoader(Crops(), batch_size=2, sampler=_Endless(3, gen), num_workers=0, collate_fn=_collate_crops)
+    loader = TrainLoader(inner, n_batches=2, path="workers", augment=None, device=torch.device("cpu"), prefetch=2)
     epochs = [[b["image"][:, 0, 0, 0, 0].tolist() for b in loader] for _ in range(3)]
     assert all(len(e) == 2 for e in epochs)
     drawn = [v for e in epochs for b in e for v in b][::2]  # one value per case (2 crops each)
     assert sorted(drawn[:3]) == [0.0, 1.0, 2.0] and sorted(drawn[3:6]) == [0.0, 1.0, 2.0]  # shuffled epochs, no repeats
     loader.close()
-    inner = DataLoader(Crops(fail_at=4), batch_size=1, sampler=ldt._Endless(3, gen), num_workers=0, collate_fn=ldt._collate_crops)
-    broken = ldt.TrainLoader(inner, n_batches=3, path="workers", device=torch.device("cpu"))
+    inner = DataLoader(Crops(fail_at=4), batch_size=1, sampler=_Endless(3, gen), num_workers=0, collate_fn=_collate_crops)
+    broken = TrainLoader(inner, n_batches=3, path="workers", device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="broken case 7"):
         for _ in range(3):
             list(broken)
@@ -706,35 +734,35 @@ def test_train_loader_prefetch_thread_and_errors():
 
 def test_choose_loader_on_cpu(tmp_path, monkeypatch):
     root = make_folder_dataset(tmp_path, n_train=3, n_val=1, shape=(20, 18, 12))  # 1.5 x 1.5 x 2 mm
-    cfg = ldt.get_dataset_config("custom", spacing=(1.0, 1.0, 1.0), intensity="zscore", num_classes=3, roi=(16, 16, 16))
+    cfg = get_dataset_config("custom", spacing=(1.0, 1.0, 1.0), intensity="zscore", num_classes=3, roi=(16, 16, 16))
     # header-only estimate: resampled to 1 mm (30 x 27 x 24), float32 image + label, 4 cases
-    assert ldt.estimate_cache_bytes(cfg, ldt.list_cases(root, "train") + ldt.list_cases(root, "val")) == 4 * 30 * 27 * 24 * 8
-    choice = ldt.choose_loader(cfg, root=root, device="cpu", num_workers=3)
+    assert estimate_cache_bytes(cfg, list_cases(root, "train") + list_cases(root, "val")) == 4 * 30 * 27 * 24 * 8
+    choice = choose_loader(cfg, root=root, device="cpu", num_workers=3)
     assert (choice.path, choice.device, choice.num_workers, choice.cache_rate) == ("workers", None, 3, 1.0)
     assert choice.reason.startswith("CPU workers (3)") and ("no CUDA" in choice.reason or "on cpu" in choice.reason)
-    assert ldt.choose_loader(cfg, root=root, device="cpu", cache_rate=0.3).cache_rate == 0.3
+    assert choose_loader(cfg, root=root, device="cpu", cache_rate=0.3).cache_rate == 0.3
     # on a CUDA machine a CPU run says why it takes workers: asked for, or the run is on the CPU
-    reason = ldt.choose_loader(cfg, root=root, device="cpu", requested="workers").reason
+    reason = choose_loader(cfg, root=root, device="cpu", requested="workers").reason
     assert "asked for" in reason or "the run is on cpu" in reason or not torch.cuda.is_available()
     if not torch.cuda.is_available():
-        assert "no CUDA" in ldt.choose_loader(cfg, root=root).reason
+        assert "no CUDA" in choose_loader(cfg, root=root).reason
         with pytest.raises(ValueError, match="--loader gpu"):
-            ldt.choose_loader(cfg, root=root, requested="gpu")
+            choose_loader(cfg, root=root, requested="gpu")
     with pytest.raises(ValueError, match="'auto', 'gpu' or 'workers'"):
-        ldt.choose_loader(cfg, root=root, requested="fast")
+        choose_loader(cfg, root=root, requested="fast")
     # the GPU branch's decision, with a pretend GPU of 1 GiB (or 1 MiB) free
     free = {"bytes": 1024**3}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 1024**3))
-    choice = ldt.choose_loader(cfg, root=root, device="cuda")
+    choice = choose_loader(cfg, root=root, device="cuda")
     assert (choice.path, choice.device, choice.cache_rate, choice.num_workers) == ("gpu", "cuda:0", 1.0, 0)
     assert choice.reason.startswith("GPU cache: 4 cases") and "40% of the 1.0 GiB free on cuda:0" in choice.reason
-    assert ldt.choose_loader(cfg, root=root, device="cuda", cache_rate=0.5).path == "workers"
+    assert choose_loader(cfg, root=root, device="cuda", cache_rate=0.5).path == "workers"
     free["bytes"] = 1024**2  # 40% of 1 MiB < the 0.6 MiB of the estimate
-    choice = ldt.choose_loader(cfg, root=root, device="cuda", num_workers=2)
+    choice = choose_loader(cfg, root=root, device="cuda", num_workers=2)
     assert choice.path == "workers" and "exceed 40%" in choice.reason and choice.cache_rate == 1.0
-    assert ldt.choose_loader(cfg, root=str(tmp_path / "missing"), device="cuda").path == "workers"
+    assert choose_loader(cfg, root=str(tmp_path / "missing"), device="cuda").path == "workers"
 
 
 def test_augmentation_statistics_match_previous_chain():
@@ -754,7 +782,7 @@ def test_augmentation_statistics_match_previous_chain():
     ])  # fmt: skip
     old_tf.set_random_state(seed=0)
     old = torch.stack([torch.as_tensor(old_tf({"image": crop.clone(), "label": label.clone()})["image"]) for _ in range(n)])
-    new, _ = ldt.BatchAugment().set_random_state(seed=1)(crop[None].expand(n, -1, -1, -1, -1), label[None].expand(n, -1, -1, -1, -1))
+    new, _ = BatchAugment().set_random_state(seed=1)(crop[None].expand(n, -1, -1, -1, -1), label[None].expand(n, -1, -1, -1, -1))
 
     def stats(x):
         c = x[:, 0, 4:12, 4:12, 4:12]

@@ -18,6 +18,21 @@ import torch.nn as nn
 import erf_analysis as ea
 import networks
 from networks.Rep3D import compute_distance_prior
+from rep3d.analysis.erf import (
+    AREA_THRESHOLDS,
+    area_ratios,
+    effective_receptive_fields,
+    radial_profile,
+)
+from rep3d.analysis.kernels import (
+    KernelDynamics,
+    depthwise_convs,
+    encoder_stages,
+    kernel_regions,
+    kernel_statistics,
+)
+from rep3d.data.dataset_config import get_dataset_config
+from rep3d.data.demo import make_demo_dataset
 
 TINY = dict(feature_size=(8, 16, 32, 64), depths=(1, 1, 1, 1), kernel_size=5, hidden_size=32, dwconv="native")
 TINY_FLAGS = ["--feature_size", "8", "16", "32", "64", "--depths", "1", "1", "1", "1", "--kernel_size", "5", "--hidden_size", "32"]
@@ -47,7 +62,7 @@ def single_conv_erf(kernels: torch.Tensor, size: int = 16, n: int = 2) -> torch.
     module = DepthwiseOnly(kernels)
     g = torch.Generator().manual_seed(0)
     inputs = [torch.rand((1, kernels.shape[0], size, size, size), generator=g) for _ in range(n)]
-    return ea.effective_receptive_fields(module, [module.conv], inputs)[0]
+    return effective_receptive_fields(module, [module.conv], inputs)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,8 +92,8 @@ def test_erf_hooks_are_removed_and_batches_average_like_single_inputs():
     w = torch.randn((2, 3, 3, 3), generator=torch.Generator().manual_seed(2))
     module = DepthwiseOnly(w)
     x = torch.rand((3, 2, 8, 8, 8))
-    batched = ea.effective_receptive_fields(module, [module.conv], [x])[0]
-    single = ea.effective_receptive_fields(module, [module.conv], [x[i : i + 1] for i in range(3)])[0]
+    batched = effective_receptive_fields(module, [module.conv], [x])[0]
+    single = effective_receptive_fields(module, [module.conv], [x[i : i + 1] for i in range(3)])[0]
     torch.testing.assert_close(batched, single)
     assert not module.conv._forward_hooks
 
@@ -88,27 +103,27 @@ def test_area_ratios_of_a_box_kernel_are_exact():
     half-width 0, 1, 2 is 1/125, 27/125, 1 for K = 5."""
     n = 16
     erf = single_conv_erf(torch.ones((1, 5, 5, 5)), n)
-    ratios = ea.area_ratios(erf)
+    ratios = area_ratios(erf)
     assert ratios[0.2] == {"ratio": 27 / n**3, "half_width": 1}
     for t in (0.3, 0.5, 0.99):
         assert ratios[t] == {"ratio": 125 / n**3, "half_width": 2}
     # the 99% ratio is the kernel's volume share, so it grows with K
     for k in (3, 7):
-        assert ea.area_ratios(single_conv_erf(torch.ones((1, k, k, k)), n))[0.99]["ratio"] == k**3 / n**3
+        assert area_ratios(single_conv_erf(torch.ones((1, k, k, k)), n))[0.99]["ratio"] == k**3 / n**3
 
 
 def test_area_ratios_clip_cubes_at_the_border_and_reject_bad_input():
     scores = torch.zeros(4, 4, 4, dtype=torch.float64)
     scores[0, 0, 0] = 1.0
     scores[3, 3, 3] = 1.0
-    ratios = ea.area_ratios(scores, thresholds=(0.5, 1.0), centre=(0, 0, 0))
+    ratios = area_ratios(scores, thresholds=(0.5, 1.0), centre=(0, 0, 0))
     assert ratios[0.5] == {"ratio": 1 / 64, "half_width": 0}
     assert ratios[1.0] == {"ratio": 1.0, "half_width": 3}  # the cube of half-width 3 at a corner is the volume
-    assert math.isnan(ea.area_ratios(torch.zeros(3, 3, 3))[0.2]["ratio"])
+    assert math.isnan(area_ratios(torch.zeros(3, 3, 3))[0.2]["ratio"])
     with pytest.raises(ValueError, match="non-negative"):
-        ea.area_ratios(-scores)
+        area_ratios(-scores)
     with pytest.raises(ValueError, match="thresholds"):
-        ea.area_ratios(scores, thresholds=(0.0,))
+        area_ratios(scores, thresholds=(0.0,))
 
 
 def test_network_area_ratios_grow_with_threshold_and_kernel_size():
@@ -116,12 +131,12 @@ def test_network_area_ratios_grow_with_threshold_and_kernel_size():
     ratios = {}
     for k in (3, 9):
         model = tiny("REP3D_Vanilla", kernel_size=k)
-        encoder, stages = ea.encoder_stages(model)
-        erf = ea.effective_receptive_fields(encoder, stages[:2], x)
-        ratios[k] = [ea.area_ratios(e) for e in erf]
+        encoder, stages = encoder_stages(model)
+        erf = effective_receptive_fields(encoder, stages[:2], x)
+        ratios[k] = [area_ratios(e) for e in erf]
     for k, per_stage in ratios.items():
         for r in per_stage:
-            values = [r[t]["ratio"] for t in ea.AREA_THRESHOLDS]
+            values = [r[t]["ratio"] for t in AREA_THRESHOLDS]
             assert values == sorted(values) and values[0] < values[-1], (k, values)
     for stage in range(2):
         for t in (0.5, 0.99):
@@ -134,7 +149,7 @@ def test_network_area_ratios_grow_with_threshold_and_kernel_size():
 
 @pytest.mark.parametrize("k,beta", [(5, 1.0), (21, 1.0), (7, 2.5)])
 def test_radial_profile_of_the_prior_is_beta_over_d_plus_beta(k, beta):
-    d, m = ea.radial_profile(compute_distance_prior(k, beta, dtype=torch.float64))
+    d, m = radial_profile(compute_distance_prior(k, beta, dtype=torch.float64))
     assert d[0] == 0.0 and math.isclose(d[1], 1.0) and math.isclose(d[2], math.sqrt(2))
     assert len(d) == len(set(d.tolist()))
     torch.testing.assert_close(torch.as_tensor(m), torch.as_tensor(beta / (d + beta)), rtol=0, atol=1e-12)
@@ -144,7 +159,7 @@ def test_radial_profile_bins():
     v = torch.zeros(5, 5, 5)
     v[2, 2, 2] = 1.0
     v[2, 2, 4] = 3.0  # distance 2
-    d, m = ea.radial_profile(v, bin_width=1.0)
+    d, m = radial_profile(v, bin_width=1.0)
     assert d.tolist() == [0.0, 1.0, 2.0, 3.0]  # (2 + 2 + 2 = 3.46 rounds to 3)
     assert m[0] == 1.0 and m[1] == 0.0 and m[2] > 0.0
 
@@ -152,9 +167,9 @@ def test_radial_profile_bins():
 def test_kernel_statistics_use_the_effective_kernel_and_report_the_mask():
     model = tiny("REP3D_FixedPrior")
     with torch.no_grad():
-        for _, conv in ea.depthwise_convs(model):
+        for _, conv in depthwise_convs(model):
             conv.weight.fill_(1.0)  # then |W_eff| = M = P
-    rows = ea.kernel_statistics(model)
+    rows = kernel_statistics(model)
     assert [(r["stage"], r["block"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (4, 0)]
     for r in rows:
         d = torch.as_tensor(r["distance"])
@@ -163,13 +178,13 @@ def test_kernel_statistics_use_the_effective_kernel_and_report_the_mask():
             torch.testing.assert_close(torch.as_tensor(r[key]), prior, rtol=1e-6, atol=1e-6)
         # periphery (d > 1.4) over centre (d = 0) of P for K = 5
         assert 0 < r["weff_periphery_to_centre"] < 0.5
-    plain = ea.kernel_statistics(tiny("REP3D_Vanilla"))
+    plain = kernel_statistics(tiny("REP3D_Vanilla"))
     assert all(r["mask"] is None for r in plain)
-    assert len(ea.kernel_statistics(tiny("REP3D", depths=(2, 1, 1, 1)))) == 5  # the generator's convs are not blocks
+    assert len(kernel_statistics(tiny("REP3D", depths=(2, 1, 1, 1)))) == 5  # the generator's convs are not blocks
 
 
 def test_kernel_regions_for_k21_are_d_le_3_and_d_gt_7():
-    centre, periphery = ea.kernel_regions(21)
+    centre, periphery = kernel_regions(21)
     c = 10
     assert centre[c, c, c + 3] and not centre[c + 2, c + 2, c + 2]  # d = 3 in, d = 3.46 out
     assert not periphery[c, c, c + 7] and periphery[c, c + 1, c + 7]  # d = 7 out, d = 7.07 in
@@ -194,19 +209,19 @@ def read_rows(path: str) -> list[list[str]]:
 
 
 def test_dynamics_is_a_no_op_for_networks_without_depthwise_kernels():
-    assert ea.KernelDynamics.for_model(networks.build_network("SwinUNETR", 1, 2, feature_size=12)) is None
-    assert ea.KernelDynamics.for_model(nn.Sequential(nn.Conv3d(1, 4, 3))) is None
+    assert KernelDynamics.for_model(networks.build_network("SwinUNETR", 1, 2, feature_size=12)) is None
+    assert KernelDynamics.for_model(nn.Sequential(nn.Conv3d(1, 4, 3))) is None
     with pytest.raises(ValueError, match="for_model"):
-        ea.KernelDynamics(nn.Sequential(nn.Conv3d(1, 4, 3)))
-    assert ea.KernelDynamics.for_model(tiny("3DUXNET")) is not None
+        KernelDynamics(nn.Sequential(nn.Conv3d(1, 4, 3)))
+    assert KernelDynamics.for_model(tiny("3DUXNET")) is not None
 
 
 def test_dynamics_separates_centre_and_periphery_and_unwraps_wrappers():
     model = tiny("REP3D_Vanilla")
-    dyn = ea.KernelDynamics(model, kernel_size=5)
+    dyn = KernelDynamics(model, kernel_size=5)
     assert [(r["stage"], r["centre"], r["periphery"]) for r in dyn.measure(model)] == [(s, 0.0, 0.0) for s in (1, 2, 3, 4)]
-    _, periphery = ea.kernel_regions(5)
-    conv = ea.depthwise_convs(ea.encoder_stages(model)[1][0])[0][1]
+    _, periphery = kernel_regions(5)
+    conv = depthwise_convs(encoder_stages(model)[1][0])[0][1]
     with torch.no_grad():
         conv.weight[..., periphery] *= 3.0  # moves the periphery of stage 1 by 2x its initial norm
     wrapper = nn.Module()
@@ -215,12 +230,12 @@ def test_dynamics_separates_centre_and_periphery_and_unwraps_wrappers():
     assert rows[0]["centre"] == 0.0 and math.isclose(rows[0]["periphery"], 2.0, rel_tol=1e-6)
     assert all(r["centre"] == 0.0 and r["periphery"] == 0.0 for r in rows[1:])
     with pytest.raises(ValueError, match="kernel_size 7"):
-        ea.KernelDynamics(model, kernel_size=7)
+        KernelDynamics(model, kernel_size=7)
 
 
 def test_dynamics_measures_the_effective_kernel_of_modulated_blocks():
     model = tiny("REP3D")
-    dyn = ea.KernelDynamics(model)
+    dyn = KernelDynamics(model)
     gen = next(m for name, m in model.named_modules() if name.endswith("stages.1.0.dwconv.modulation.generator"))
     with torch.no_grad():
         gen.norm_w2.bias.add_(0.5)  # only the mask of stage 2 changes: W_eff = W * M moves there
@@ -232,11 +247,11 @@ def test_dynamics_measures_the_effective_kernel_of_modulated_blocks():
 def test_dynamics_csv_has_one_row_per_validation_and_stage_and_survives_resume(tmp_path):
     out = str(tmp_path / "run")
     model = tiny("REP3D_Vanilla")
-    dyn = ea.KernelDynamics.for_model(model, output_dir=out)
+    dyn = KernelDynamics.for_model(model, output_dir=out)
     writer = FakeWriter()
     for step in (10, 20):
         with torch.no_grad():
-            for _, conv in ea.depthwise_convs(model):
+            for _, conv in depthwise_convs(model):
                 conv.weight.mul_(1.1)
         dyn.record(step, model, writer)
     csv_path = os.path.join(out, "kernel_dynamics.csv")
@@ -253,9 +268,9 @@ def test_dynamics_csv_has_one_row_per_validation_and_stage_and_survives_resume(t
     # measures from the run's start (saved snapshot), replaces the stale step-20 rows, appends after.
     resumed = tiny("REP3D_Vanilla")
     with torch.no_grad():
-        for (_, conv), (_, src) in zip(ea.depthwise_convs(resumed), ea.depthwise_convs(model)):
+        for (_, conv), (_, src) in zip(depthwise_convs(resumed), depthwise_convs(model)):
             conv.weight.copy_(src.weight / 1.1)  # the weights of step 10
-    dyn2 = ea.KernelDynamics.for_model(resumed, output_dir=out, resume=True)
+    dyn2 = KernelDynamics.for_model(resumed, output_dir=out, resume=True)
     assert math.isclose(dyn2.measure(resumed)[0]["centre"], 0.1, rel_tol=1e-5)
     for step in (20, 30):
         dyn2.record(step, resumed)
@@ -264,15 +279,15 @@ def test_dynamics_csv_has_one_row_per_validation_and_stage_and_survives_resume(t
     assert [(r[0], r[1]) for r in rows[1:]] == [(str(s), str(k)) for s in (10, 20, 30) for k in (1, 2, 3, 4)]
 
     # a new run (not resumed) in the same folder starts the CSV and the snapshot afresh
-    dyn3 = ea.KernelDynamics.for_model(tiny("REP3D_Vanilla", seed=5), output_dir=out)
+    dyn3 = KernelDynamics.for_model(tiny("REP3D_Vanilla", seed=5), output_dir=out)
     dyn3.record(5, tiny("REP3D_Vanilla", seed=5))
     assert [r[0] for r in read_rows(csv_path)] == ["step", "5", "5", "5", "5"]
 
 
 def test_dynamics_refuses_a_snapshot_of_another_network(tmp_path):
-    ea.KernelDynamics(tiny("REP3D_Vanilla"), output_dir=str(tmp_path))
+    KernelDynamics(tiny("REP3D_Vanilla"), output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="does not fit"):
-        ea.KernelDynamics(tiny("REP3D_Vanilla", kernel_size=3), output_dir=str(tmp_path), resume=True)
+        KernelDynamics(tiny("REP3D_Vanilla", kernel_size=3), output_dir=str(tmp_path), resume=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +309,7 @@ def test_main_untrained_random_inputs_end_to_end(tmp_path):
         assert ck["inputs"] == "random inputs" and ck["cases"] == 2 and ck["roi"] == [32, 32, 32]
         assert [s["stage"] for s in ck["stages"]] == [1, 2, 3, 4]
         for s in ck["stages"]:
-            ratios = [s["area_ratio"][str(t)] for t in ea.AREA_THRESHOLDS]
+            ratios = [s["area_ratio"][str(t)] for t in AREA_THRESHOLDS]
             assert ratios == sorted(ratios) and 0 < ratios[0] < ratios[-1] <= 1
             prof = s["radial_profile"]
             assert prof["distance"][0] == 0 and max(prof["mean_contribution"]) <= 1.0
@@ -314,11 +329,9 @@ def _save_old_format(model: nn.Module, path: str, modulation: str, **meta) -> No
 
 
 def test_main_reads_old_and_new_checkpoints_and_real_crops(tmp_path):
-    import demo_data
-    import load_datasets_transforms as ldt
 
-    root = demo_data.make_demo_dataset(str(tmp_path / "demo"), n_train=1, n_val=1, size=(32, 32, 32))
-    dataset = ldt.get_dataset_config("demo").to_dict()
+    root = make_demo_dataset(str(tmp_path / "demo"), n_train=1, n_val=1, size=(32, 32, 32))
+    dataset = get_dataset_config("demo").to_dict()
     model = tiny("REP3D", modulation="fixed")
     old = str(tmp_path / "old_run" / "best_metric_model.pth")
     os.makedirs(os.path.dirname(old))

@@ -12,13 +12,29 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_inference import BOX, FAST, SHAPE, PerVoxel, write_case
 
-import configs
 import export_model
 import networks
+import rep3d.inference.predictor
+import rep3d.runtime
 import test_seg
-from load_datasets_transforms import DatasetConfig
-from test_inference import BOX, FAST, SHAPE, PerVoxel, write_case
+from rep3d.config import (
+    DataConfig,
+    NetworkConfig,
+    RunConfig,
+    SlidingWindowConfig,
+    TrainConfig,
+)
+from rep3d.data.dataset_config import DatasetConfig
+from rep3d.export.exporter import _sha256, check_request, dwconv_for, export_checkpoint
+from rep3d.inference.checkpoint import InferenceError, resolve_checkpoint
+from rep3d.inference.exported import ExportError
+from rep3d.inference.postprocess import POSTPROCESS_FILE, keep_largest_component
+from rep3d.inference.predictor import Predictor, describe_precision
+from rep3d.inference.run import run_inference
+from rep3d.inference.sliding_window import ensemble_probabilities, predict_volume
+from rep3d.runtime import resolve_amp
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -36,8 +52,8 @@ def tiny_checkpoint(path, seed: int = 0, num_classes: int = 3, spacing=(2.0, 2.0
             p.add_(0.2 * torch.randn_like(p))
     names = (NAMES + [f"c{i}" for i in range(3, num_classes)])[:num_classes]
     ds = DatasetConfig("custom", spacing, "window", -100.0, 300.0, num_classes, names, roi=(32, 32, 32), cache_rate=0.0)
-    run = configs.RunConfig(configs.NetworkConfig("REP3D", 1, num_classes, {"modulation": "lrbm", **TINY}), configs.DataConfig(dataset=ds), configs.TrainConfig(),
-                            configs.SlidingWindowConfig(sw_batch_size=2, overlap=0.25))  # fmt: skip
+    run = RunConfig(NetworkConfig("REP3D", 1, num_classes, {"modulation": "lrbm", **TINY}), DataConfig(dataset=ds), TrainConfig(),
+                            SlidingWindowConfig(sw_batch_size=2, overlap=0.25))  # fmt: skip
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     torch.save(run.checkpoint(net.state_dict(), step=1), path)
     return str(path)
@@ -52,12 +68,12 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(ckpts, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    sidecar = export_model.export_checkpoint(ckpts[0], str(out), formats=["onnx", "torchscript"])
+    sidecar = export_checkpoint(ckpts[0], str(out), formats=["onnx", "torchscript"])
     return out, sidecar
 
 
 def deploy_reference(ckpt: str) -> torch.nn.Module:
-    resolved = test_seg.resolve_checkpoint(ckpt)
+    resolved = resolve_checkpoint(ckpt)
     return networks.build_deploy_network("REP3D", 1, 3, checkpoint=resolved["checkpoint"], **{**resolved["network_kwargs"], "dwconv": "native"})
 
 
@@ -69,7 +85,7 @@ def test_onnx_and_torchscript_outputs_equal_pytorch(exported, ckpts, tmp_path):
 
     out, sidecar = exported
     ref_model = deploy_reference(ckpts[0])
-    fft = export_model.export_checkpoint(ckpts[0], str(tmp_path / "fft"), formats=["onnx"], dwconv="fft")
+    fft = export_checkpoint(ckpts[0], str(tmp_path / "fft"), formats=["onnx"], dwconv="fft")
     sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for name, path in
                 (("native", out / "model.onnx"), ("fft", tmp_path / "fft" / "model.onnx"))}  # fmt: skip
     script = torch.jit.load(str(out / "model.ts"))
@@ -95,13 +111,13 @@ def test_onnx_and_torchscript_outputs_equal_pytorch(exported, ckpts, tmp_path):
     assert files["torchscript"]["dwconv"] == "native" and set(files["torchscript"]["dynamic_axes"]) == {"0", "2", "3", "4"}
     assert fft["files"]["onnx"]["dwconv"] == "fft" and fft["files"]["onnx"]["dynamic_axes"] == {"0": "batch (any)"}
     # auto: the FFT path only where ONNX Runtime runs it faster (large kernels), never in TorchScript
-    assert [export_model.dwconv_for(f, "auto", k) for f, k in (("onnx", 21), ("onnx", 5), ("onnx", None), ("torchscript", 21))] == ["fft", "native", "native", "native"]
+    assert [dwconv_for(f, "auto", k) for f, k in (("onnx", 21), ("onnx", 5), ("onnx", None), ("torchscript", 21))] == ["fft", "native", "native", "native"]
     assert sidecar["output"]["class_names"] == NAMES and sidecar["input"]["spacing_mm"] == [2.0, 2.0, 2.0]
     assert sidecar["input"]["normalisation"]["a_min"] == -100.0 and sidecar["input"]["orientation"] == "RAS"
     assert sidecar["sliding_window"] == {"roi": [32, 32, 32], "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
     assert sidecar["network"]["deploy"] is True
     assert all(files[f]["check"]["passed"] for f in ("onnx", "torchscript"))
-    assert files["onnx"]["sha256"] == export_model._sha256(str(out / "model.onnx"))
+    assert files["onnx"]["sha256"] == _sha256(str(out / "model.onnx"))
     assert json.load(open(out / "model.json")) == json.loads(json.dumps(sidecar))
 
 
@@ -118,8 +134,8 @@ def test_export_with_another_opset_or_format_is_refused(tmp_path, ckpts, capsys,
     err = capsys.readouterr().err
     assert code == 2 and expect in err and "Traceback" not in err
     assert not out.exists()  # refused before anything was built or written
-    with pytest.raises(export_model.ExportError, match="not supported"):
-        export_model.check_request(["onnx"], 17)
+    with pytest.raises(ExportError, match="not supported"):
+        check_request(["onnx"], 17)
 
 
 def _probs(res) -> np.ndarray:
@@ -133,7 +149,7 @@ def test_ensemble_is_the_mean_of_the_probabilities(tmp_path, ckpts):
     common = ["--input", src, "--save_probabilities", "--resample_probabilities"] + FAST
 
     def run(weights, name):
-        return test_seg.run_inference(test_seg.parse_args(["--trained_weights", *weights, "--output", str(tmp_path / name)] + common))
+        return run_inference(test_seg.parse_args(["--trained_weights", *weights, "--output", str(tmp_path / name)] + common))
 
     a, b = _probs(run([ckpts[0]], "a")), _probs(run([ckpts[1]], "b"))
     both = run(ckpts, "ab")
@@ -147,14 +163,14 @@ def test_ensemble_is_the_mean_of_the_probabilities(tmp_path, ckpts):
     models = [deploy_reference(c) for c in ckpts]
     image = torch.rand(1, 1, 40, 36, 30)
     kw = dict(sw_batch_size=2, overlap=0.25)
-    mean = (test_seg.predict_volume(models[0], image, (32,) * 3, torch.device("cpu"), **kw) + test_seg.predict_volume(models[1], image, (32,) * 3, torch.device("cpu"), **kw)) / 2
-    assert torch.allclose(test_seg.ensemble_probabilities(models, image, [(32,) * 3] * 2, torch.device("cpu"), **kw), mean, atol=1e-6)
+    mean = (predict_volume(models[0], image, (32,) * 3, torch.device("cpu"), **kw) + predict_volume(models[1], image, (32,) * 3, torch.device("cpu"), **kw)) / 2
+    assert torch.allclose(ensemble_probabilities(models, image, [(32,) * 3] * 2, torch.device("cpu"), **kw), mean, atol=1e-6)
 
     other = tiny_checkpoint(tmp_path / "four" / "best_metric_model.pth", num_classes=4, spacing=(1.5, 1.5, 2.0))
     code = test_seg.main(["--trained_weights", ckpts[0], other, "--input", src, "--output", str(tmp_path / "bad")] + FAST)
     assert code == 2
-    with pytest.raises(test_seg.InferenceError, match=r"cannot be ensembled(.|\n)*classes 3 vs 4; class names .* spacing \[2.0, 2.0, 2.0\] vs \[1.5, 1.5, 2.0\]"):
-        test_seg.Predictor([ckpts[0], other])
+    with pytest.raises(InferenceError, match=r"cannot be ensembled(.|\n)*classes 3 vs 4; class names .* spacing \[2.0, 2.0, 2.0\] vs \[1.5, 1.5, 2.0\]"):
+        Predictor([ckpts[0], other])
 
 
 def write_with_island(folder, name: str, label_folder=None) -> str:
@@ -173,24 +189,24 @@ def test_largest_component_removes_an_island_and_keeps_one_component():
     one = seg.copy()
     seg[15:17, 15:17, 9:11] = 1  # island of class 1
     seg[15:18, 2:5, 2:5] = 2  # one component of class 2
-    out = test_seg.keep_largest_component(seg, [1, 2])
+    out = keep_largest_component(seg, [1, 2])
     assert out[15:17, 15:17, 9:11].max() == 0  # island gone
     assert np.array_equal(out[:, :, :], np.where(seg[..., :] == 2, 2, one))  # everything else unchanged
-    assert np.array_equal(test_seg.keep_largest_component(one, [1, 2]), one)  # one component: unchanged
-    assert np.array_equal(test_seg.keep_largest_component(seg, []), seg)
+    assert np.array_equal(keep_largest_component(one, [1, 2]), one)  # one component: unchanged
+    assert np.array_equal(keep_largest_component(seg, []), seg)
 
 
 def test_postprocess_cli_fixed_and_auto(tmp_path, ckpts, monkeypatch):
     """--postprocess largest_component drops the planted island; --postprocess auto decides on labelled
     cases (class 1: the island costs Dice, so apply; class 2: never present, so not), stores the decision
     beside the checkpoint, and a later run without labels reuses it."""
-    monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
+    monkeypatch.setattr(rep3d.inference.predictor, "load_model", lambda resolved, device, path: PerVoxel().eval())
     labelled = write_with_island(tmp_path / "val", "v", tmp_path / "val_labels")
     unlabelled = write_with_island(tmp_path / "test", "t")
     island = (slice(18, 21), slice(14, 17), slice(9, 12))
 
     def run(weights, src, out, *extra):
-        res = test_seg.run_inference(test_seg.parse_args(["--trained_weights", weights, "--input", src, "--output", str(tmp_path / out), *extra] + FAST))
+        res = run_inference(test_seg.parse_args(["--trained_weights", weights, "--input", src, "--output", str(tmp_path / out), *extra] + FAST))
         return res, np.asarray(nib.load(res["predictions"][0]).dataobj).reshape(SHAPE)
 
     _, raw = run(ckpts[0], unlabelled, "raw")
@@ -198,9 +214,9 @@ def test_postprocess_cli_fixed_and_auto(tmp_path, ckpts, monkeypatch):
     _, fixed = run(ckpts[0], unlabelled, "lcc", "--postprocess", "largest_component")
     assert fixed[island].max() == 0 and np.array_equal(fixed[BOX], raw[BOX])
 
-    stored = os.path.join(os.path.dirname(ckpts[0]), test_seg.POSTPROCESS_FILE)
+    stored = os.path.join(os.path.dirname(ckpts[0]), POSTPROCESS_FILE)
     assert not os.path.exists(stored)
-    with pytest.raises(test_seg.InferenceError, match="no decision stored"):
+    with pytest.raises(InferenceError, match="no decision stored"):
         run(ckpts[0], unlabelled, "auto0", "--postprocess", "auto")
     res, decided = run(ckpts[0], labelled, "auto1", "--postprocess", "auto", "--labels", str(tmp_path / "val_labels"), "--no_hd95")
     decision = json.load(open(stored))
@@ -217,11 +233,11 @@ def test_predictor_checkpoint_array_and_export(tmp_path, ckpts, exported):
     """Predictor: a file and the same volume as array + affine give the CLI's labels; the ONNX export
     gives the checkpoint's labels."""
     src = write_case(tmp_path / "in", "case", "aniso")
-    cli = test_seg.run_inference(test_seg.parse_args(["--trained_weights", ckpts[0], "--input", src, "--output", str(tmp_path / "cli")] + FAST))
+    cli = run_inference(test_seg.parse_args(["--trained_weights", ckpts[0], "--input", src, "--output", str(tmp_path / "cli")] + FAST))
     expected = np.asarray(nib.load(cli["predictions"][0]).dataobj)
     threads = torch.get_num_threads()
     try:
-        predictor = test_seg.Predictor(ckpts[0], threads=1, amp="off")
+        predictor = Predictor(ckpts[0], threads=1, amp="off")
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
@@ -233,8 +249,8 @@ def test_predictor_checkpoint_array_and_export(tmp_path, ckpts, exported):
     from_array, probs = predictor.predict(np.asarray(img.dataobj), affine=img.affine, return_probabilities=True)
     assert np.array_equal(from_array, expected) and probs.shape == (3,) + SHAPE
     out, _ = exported
-    assert np.array_equal(test_seg.Predictor(str(out / "model.json"), amp="off").predict(src), expected)
-    with pytest.raises(test_seg.InferenceError, match="affine"):
+    assert np.array_equal(Predictor(str(out / "model.json"), amp="off").predict(src), expected)
+    with pytest.raises(InferenceError, match="affine"):
         predictor.predict(np.zeros(SHAPE, np.float32))
 
 
@@ -244,15 +260,15 @@ def test_predictor_checkpoint_array_and_export(tmp_path, ckpts, exported):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_auto_on_the_cpu_follows_native_bf16(monkeypatch, native):
-    import engine
 
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(rep3d.runtime, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(rep3d.inference.predictor, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert engine.resolve_amp("auto", cpu, inference=True) == (torch.bfloat16 if native else None)
-    assert engine.resolve_amp("auto", cpu) is None  # training on the CPU stays float32
-    assert engine.resolve_amp("off", cpu, inference=True) is None
-    assert engine.resolve_amp("bf16", cpu) == torch.bfloat16
-    line = test_seg.describe_precision(cpu, engine.resolve_amp("auto", cpu, inference=True))
+    assert resolve_amp("auto", cpu, inference=True) == (torch.bfloat16 if native else None)
+    assert resolve_amp("auto", cpu) is None  # training on the CPU stays float32
+    assert resolve_amp("off", cpu, inference=True) is None
+    assert resolve_amp("bf16", cpu) == torch.bfloat16
+    line = describe_precision(cpu, resolve_amp("auto", cpu, inference=True))
     assert ("bf16 autocast (native" in line) if native else ("float32" in line)
 
 
@@ -271,8 +287,8 @@ def test_bf16_cpu_inference_agrees_with_float32(tmp_path, ckpts):
     """The CPU's bf16 path (autocast, channels-last decoder) gives float32's labels up to a few boundary
     voxels, and its probabilities to bf16 precision."""
     src = write_case(tmp_path / "in", "case", "aniso")
-    ref, p_ref = test_seg.Predictor(ckpts[0], amp="off").predict(src, return_probabilities=True)
-    bf16 = test_seg.Predictor(ckpts[0], amp="bf16")
+    ref, p_ref = Predictor(ckpts[0], amp="off").predict(src, return_probabilities=True)
+    bf16 = Predictor(ckpts[0], amp="bf16")
     assert bf16.sw_batch_size == 1  # one window per pass on the CPU by default
     labels, p = bf16.predict(src, return_probabilities=True)
     assert len(np.unique(ref)) > 1

@@ -7,10 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks import build_network
-from networks import dwconv, fftconv
+from networks import build_network, dwconv, fftconv
 from networks.dwconv import DepthwiseConv3d, depthwise_conv3d, set_dwconv_impl
-from networks.fftconv import fft_depthwise_conv3d, fft_is_faster, fft_kernel_spectrum, fft_plan, next_fast_len
+from networks.fftconv import (
+    fft_depthwise_conv3d,
+    fft_is_faster,
+    fft_kernel_spectrum,
+    fft_plan,
+    next_fast_len,
+)
 from networks.Rep3D import LRBMConfig, ModulatedDepthwiseConv3d
 
 TOL = 1e-5  # relative (norm) error allowed against float64

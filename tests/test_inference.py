@@ -15,8 +15,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+import rep3d.inference.predictor
+import rep3d.inference.sliding_window
 import test_seg
 from networks import build_network, reparameterize_model
+from rep3d.data.loaders import get_test_loader
+from rep3d.inference.run import run_inference
+from rep3d.inference.sliding_window import predict_volume
+from rep3d.metrics import case_metrics, metrics_table, summarize_metrics
 
 TINY = dict(kernel_size=5, depths=[1, 1, 1, 1], feature_size=[8, 16, 16, 32], hidden_size=32)
 NAMES = ["background", "organ", "lesion"]
@@ -109,7 +115,7 @@ class PerVoxel(nn.Module):
 
 
 def run(argv):
-    return test_seg.run_inference(test_seg.parse_args(argv + FAST))
+    return run_inference(test_seg.parse_args(argv + FAST))
 
 
 def dice(a, b):
@@ -125,7 +131,7 @@ def test_predictions_keep_native_geometry_and_are_aligned(tmp_path, training_ckp
     root = tmp_path / "data"
     kinds = {"ras": {}, "lps": {"qform_only": True}, "aniso": {}, "oblique": {"qform_only": True}, "fourd": {"four_d": True}}
     inputs = {k: write_case(root / "imagesTs", k, "ras" if k == "fourd" else k, root / "labelsTs", **kw) for k, kw in kinds.items()}
-    monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
+    monkeypatch.setattr(rep3d.inference.predictor, "load_model", lambda resolved, device, path: PerVoxel().eval())
     out = tmp_path / "pred"
     res = test_seg.main(["--trained_weights", training_ckpt, "--root", str(root), "--output", str(out), "--save_probabilities"] + FAST)
     assert res == 0
@@ -158,7 +164,7 @@ def test_labels_folder_pairs_by_case_name(tmp_path, training_ckpt, monkeypatch):
     write_case(tmp_path / "img", "case_0000", "lps", label_folder=tmp_path / "lab")
     os.rename(tmp_path / "lab" / "case_0000.nii.gz", tmp_path / "lab" / "case_seg.nii.gz")
     write_case(tmp_path / "img", "other", "ras")  # no label: predicted, not scored
-    monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
+    monkeypatch.setattr(rep3d.inference.predictor, "load_model", lambda resolved, device, path: PerVoxel().eval())
     res = run(["--trained_weights", training_ckpt, "--input", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "--output", str(tmp_path / "o"), "--no_hd95"])
     assert len(res["predictions"]) == 2 and {r["case"] for r in res["rows"]} == {"case"}
     assert res["summary"]["classes"][0]["dice"] > 0.85 and "organ" in res["table"]
@@ -169,11 +175,11 @@ def test_perfect_prediction_scores_one_and_misses_are_flagged():
     lab = np.zeros((12, 10, 8), np.uint8)
     lab[2:6, 2:6, 2:5] = 1
     lab[7:10, 5:9, 3:7] = 2
-    m = test_seg.case_metrics(lab, lab, 3, spacing=[1.5, 1.5, 2.0])
+    m = case_metrics(lab, lab, 3, spacing=[1.5, 1.5, 2.0])
     assert m["dice"] == [1.0, 1.0] and m["hd95"] == [0.0, 0.0]
     rows = [{"case": "a", "class": c, "name": NAMES[c], "dice": m["dice"][c - 1], "hd95": m["hd95"][c - 1]} for c in (1, 2)]
-    summary = test_seg.summarize_metrics(rows, NAMES)
-    table = test_seg.metrics_table(summary)
+    summary = summarize_metrics(rows, NAMES)
+    table = metrics_table(summary)
     assert summary["mean_dice"] == 1.0
     lines = table.splitlines()
     assert any(line.startswith("1 organ") and "1.0000" in line for line in lines)
@@ -181,10 +187,10 @@ def test_perfect_prediction_scores_one_and_misses_are_flagged():
     # a shifted organ and a missed lesion are not perfect: Dice < 1, HD95 > 0, inf for the miss
     bad = np.roll(lab, 2, axis=0)
     bad[bad == 2] = 0
-    m2 = test_seg.case_metrics(bad, lab, 3, spacing=[1.5, 1.5, 2.0])
+    m2 = case_metrics(bad, lab, 3, spacing=[1.5, 1.5, 2.0])
     assert m2["dice"][0] < 1.0 and m2["hd95"][0] >= 3.0 - 1e-6 and m2["dice"][1] == 0.0 and m2["hd95"][1] == float("inf")
     with pytest.raises(ValueError, match="same grid"):
-        test_seg.case_metrics(lab[:-1], lab, 3)
+        case_metrics(lab[:-1], lab, 3)
 
 
 def test_checkpoint_variants_give_identical_predictions(tmp_path, training_ckpt):
@@ -225,16 +231,16 @@ def test_mirroring_tta_leaves_a_flip_equivariant_model_unchanged():
     image = torch.rand(1, 1, 19, 14, 11)  # asymmetric content and size
     image[..., :5, :, :] += 1.0
     kw = dict(roi=(16, 16, 16), device=torch.device("cpu"), sw_batch_size=2, overlap=0.25)
-    plain = test_seg.predict_volume(PerVoxel(), image, **kw)
-    tta = test_seg.predict_volume(PerVoxel(), image, tta=True, **kw)
+    plain = predict_volume(PerVoxel(), image, **kw)
+    tta = predict_volume(PerVoxel(), image, tta=True, **kw)
     assert plain.shape == (1, 3, 19, 14, 11)
     assert torch.allclose(plain, tta, atol=1e-5)
     # a model that is not flip-equivariant is changed by TTA (the check above can fail)
     conv = nn.Conv3d(1, 3, 3, padding=1)
     with torch.no_grad():
         conv.weight.normal_()
-    a = test_seg.predict_volume(conv, image, **kw)
-    b = test_seg.predict_volume(conv, image, tta=True, **kw)
+    a = predict_volume(conv, image, **kw)
+    b = predict_volume(conv, image, tta=True, **kw)
     assert not torch.allclose(a, b, atol=1e-3)
 
 
@@ -289,7 +295,7 @@ def test_out_of_memory_names_the_flags(tmp_path, training_ckpt, monkeypatch, cap
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(test_seg.engine, "sliding_window_predict", oom)
+    monkeypatch.setattr(rep3d.inference.sliding_window, "sliding_window_predict", oom)
     code = test_seg.main(["--trained_weights", training_ckpt, "--input", src, "--output", str(tmp_path / "o")] + FAST)
     err = capsys.readouterr().err
     assert code == 2 and "--sw_batch_size" in err and "--stitch_on_cpu" in err and "Traceback" not in err
@@ -303,13 +309,13 @@ def test_each_case_takes_its_paths_from_its_own_batch(tmp_path, training_ckpt, m
     for path in (b, str(tmp_path / "lab" / "b.nii.gz")):  # b gets another shape than a
         img = nib.load(path)
         nib.save(type(img)(np.asarray(img.dataobj)[:20, :18, :12], img.affine, header=img.header), path)
-    listed = test_seg.get_test_loader
+    listed = get_test_loader
 
     def reversed_loader(cfg, cases, **kwargs):
         return listed(cfg, list(reversed(cases)), **kwargs)
 
-    monkeypatch.setattr(test_seg, "get_test_loader", reversed_loader)
-    monkeypatch.setattr(test_seg, "load_model", lambda resolved, device, path: PerVoxel().eval())
+    monkeypatch.setattr(rep3d.inference.predictor, "get_test_loader", reversed_loader)
+    monkeypatch.setattr(rep3d.inference.predictor, "load_model", lambda resolved, device, path: PerVoxel().eval())
     res = run(["--trained_weights", training_ckpt, "--input", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "--output", str(tmp_path / "o"), "--no_hd95"])
     assert [os.path.basename(p) for p in res["predictions"]] == ["b_seg.nii.gz", "a_seg.nii.gz"]  # the loader's order
     for src in (a, b):

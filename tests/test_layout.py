@@ -7,9 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import engine
 from networks import build_network
-from networks.layout import ChannelsLastInstanceNorm3d, memory_format_of, to_channels_last_3d
+from networks.layout import (
+    ChannelsLastInstanceNorm3d,
+    memory_format_of,
+    to_channels_last_3d,
+)
+from rep3d.inference.sliding_window import compile_for_windows
 
 TINY = {
     "REP3D": dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, dwconv="fft"),
@@ -123,7 +127,7 @@ def test_compile_for_windows_pads_the_last_batch(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     net = nn.Conv3d(1, 2, 1)
-    predict = engine.compile_for_windows(net, sw_batch_size=4)
+    predict = compile_for_windows(net, sw_batch_size=4)
     x = torch.randn(3, 1, 4, 4, 4)
     out = predict(x)
     assert calls == [4]  # padded to the compiled batch size

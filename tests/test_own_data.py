@@ -18,14 +18,33 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import image_io  # noqa: E402
-import load_datasets_transforms as ldt  # noqa: E402
-import planning  # noqa: E402
-from load_datasets_transforms import DataError  # noqa: E402
+from rep3d.data.cases import case_name, describe_validation, list_cases, list_images
+from rep3d.data.checks import check_cases, check_dataset, check_input_channels
+from rep3d.data.dataset_config import DataError, DatasetConfig, get_dataset_config
+from rep3d.data.image_io import (
+    EXTRA_HINT,
+    is_dicom_dir,
+    output_path_like,
+    read_array,
+    read_header,
+    write_like,
+)
+from rep3d.data.transforms import (
+    get_post_transforms,
+    get_test_transforms,
+    get_val_transforms,
+)
+from rep3d.planning import (
+    load_plan,
+    plan_dataset,
+    plan_roi,
+    resolve_dataset,
+    target_spacing,
+)
 
 # itk's SWIG bindings warn on import under Python 3.11+; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
-needs_itk = pytest.mark.skipif(importlib.util.find_spec("itk") is None, reason=f"itk not installed ({image_io.EXTRA_HINT})")
+needs_itk = pytest.mark.skipif(importlib.util.find_spec("itk") is None, reason=f"itk not installed ({EXTRA_HINT})")
 
 
 def affine(spacing=(1.5, 1.5, 2.0), origin=(10.0, -20.0, 5.0)) -> np.ndarray:
@@ -81,16 +100,16 @@ def nnunet_v2(root, n=5, channels=("CT", "PET"), labels=None, shape=(20, 18, 12)
 
 def test_nnunet_v2_two_channels_listed_planned_loaded(tmp_path):
     root = nnunet_v2(tmp_path / "Dataset001_Two")
-    train, val = ldt.list_cases(root, "train"), ldt.list_cases(root, "val")
+    train, val = list_cases(root, "train"), list_cases(root, "val")
     assert len(train) == 4 and len(val) == 1
     assert all(isinstance(c["image"], list) and len(c["image"]) == 2 for c in train + val)
     assert [os.path.basename(p) for p in val[0]["image"]] == ["case_000_0000.nii.gz", "case_000_0001.nii.gz"]
     assert val[0]["label"].endswith("labelsTr/case_000.nii.gz")
-    test = ldt.list_cases(root, "test")
+    test = list_cases(root, "test")
     assert len(test) == 1 and len(test[0]["image"]) == 2 and "label" not in test[0]
-    assert "fold 0 of 5 by sorted case name" in ldt.describe_validation(root) and "1 of 5" in ldt.describe_validation(root)
+    assert "fold 0 of 5 by sorted case name" in describe_validation(root) and "1 of 5" in describe_validation(root)
 
-    cfg, plan = ldt.resolve_dataset(None, root)
+    cfg, plan = resolve_dataset(None, root)
     assert plan is not None and plan.layout == "nnunet_v2" and plan.n_cases == 5  # the validation fold too
     assert (cfg.name, cfg.in_channels, cfg.channel_names) == ("planned", 2, ["CT", "PET"])
     assert (cfg.num_classes, cfg.class_names) == (3, ["background", "liver", "tumour"])
@@ -101,37 +120,37 @@ def test_nnunet_v2_two_channels_listed_planned_loaded(tmp_path):
     assert 80 < ct["lower"] < 100 and 200 < ct["upper"] < 220 and 100 < ct["mean"] < 200 and ct["std"] > 0
     assert cfg.roi == (32, 32, 16)  # the median shape 20x18x12 (already at the target spacing), in multiples of 16
 
-    out = ldt.get_val_transforms(cfg)(val[0])
+    out = get_val_transforms(cfg)(val[0])
     assert out["image"].shape[0] == 2 and out["label"].shape[0] == 1 and out["image"].shape[1:] == out["label"].shape[1:]
     assert float(out["image"][0].min()) >= (ct["lower"] - ct["mean"]) / ct["std"] - 1e-4  # clipped, then z-scored
     assert float(out["image"][0].max()) <= (ct["upper"] - ct["mean"]) / ct["std"] + 1e-4
     nz = out["image"][1][out["image"][1] != 0]
     assert abs(float(nz.mean())) < 1e-3 and abs(float(nz.std()) - 1) < 1e-2
     assert set(torch.unique(out["label"]).tolist()) == {0, 1, 2}
-    ldt.check_dataset(cfg, root)  # all consistent: no DataError
+    check_dataset(cfg, root)  # all consistent: no DataError
 
     # the plan travels as JSON, and the config as its dict (checkpoints, configs.DataConfig)
     path = plan.save(str(tmp_path / "run" / "plan.json"))
-    assert planning.load_plan(path) == plan
-    assert planning.load_plan(path).dataset_config() == cfg
-    assert ldt.DatasetConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert load_plan(path) == plan
+    assert load_plan(path).dataset_config() == cfg
+    assert DatasetConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert "channel 'CT' (CT, dataset.json): CT: clip" in plan.describe()
 
 
 def test_planned_settings_overridden_by_flags_and_presets(tmp_path):
     root = nnunet_v2(tmp_path / "d", n=3)
-    cfg, plan = ldt.resolve_dataset(None, root, a_min=-100.0, a_max=300.0, roi=(48, 48, 48), spacing=(2, 2, 2))
+    cfg, plan = resolve_dataset(None, root, a_min=-100.0, a_max=300.0, roi=(48, 48, 48), spacing=(2, 2, 2))
     assert plan is not None
     # a window replaces the CT channel's planned normalisation; PET keeps its own
     assert cfg.channel_norms() == [{"scheme": "window", "a_min": -100.0, "a_max": 300.0}, {"scheme": "zscore"}]
     assert (cfg.roi, cfg.spacing) == ((48, 48, 48), (2.0, 2.0, 2.0))
-    cfg, plan = ldt.resolve_dataset(None, root, intensity="zscore")
+    cfg, plan = resolve_dataset(None, root, intensity="zscore")
     assert cfg.intensity == "zscore" and cfg.in_channels == 2
     # a preset is a preset (and says what the data contradict: its one channel, its classes)
-    cfg, plan = ldt.resolve_dataset("kits", root)
+    cfg, plan = resolve_dataset("kits", root)
     assert plan is None and cfg.in_channels == 1 and cfg.num_classes == 4
     with pytest.raises(DataError) as e:
-        ldt.check_dataset(cfg, root)
+        check_dataset(cfg, root)
     assert "lists 3 labels" in str(e.value) and "but --dataset kits takes 1 channel" in str(e.value)
 
 
@@ -147,21 +166,21 @@ def test_msd_task_with_4d_two_channel_images(tmp_path):
         "name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "edema", "2": "tumour"},
         "numTraining": 4, "training": training, "test": [],
     }))
-    cfg, plan = ldt.resolve_dataset(None, str(root))
+    cfg, plan = resolve_dataset(None, str(root))
     assert plan.layout == "msd" and plan.modality_source == "dataset.json"
     assert (cfg.in_channels, cfg.channel_names, cfg.intensity) == (2, ["FLAIR", "T1w"], "zscore")
     assert cfg.class_names == ["background", "edema", "tumour"]
-    case = ldt.list_cases(str(root), "val")[0]
+    case = list_cases(str(root), "val")[0]
     assert isinstance(case["image"], str)  # one 4-D file holds both channels
-    out = ldt.get_val_transforms(cfg)(case)
+    out = get_val_transforms(cfg)(case)
     assert out["image"].shape[0] == 2 and out["image"].shape[1:] == out["label"].shape[1:]
-    test = ldt.get_test_transforms(cfg)({"image": case["image"]})
+    test = get_test_transforms(cfg)({"image": case["image"]})
     assert torch.equal(test["image"].as_tensor(), out["image"].as_tensor())
-    ldt.check_dataset(cfg, str(root))
+    check_dataset(cfg, str(root))
     # a 3-D image among the 4-D ones is one channel short
     save(root / "imagesTr" / "BRATS_001.nii.gz", phantom((18, 16, 12), ct=False)[0])
     with pytest.raises(DataError, match=r"BRATS_001.nii.gz: case 'BRATS_001' has 1 channel .* takes 2 channels \(FLAIR, T1w\)"):
-        ldt.check_dataset(cfg, str(root))
+        check_dataset(cfg, str(root))
 
 
 def test_monai_folder_classes_from_label_values_and_guessed_ct(tmp_path):
@@ -171,11 +190,11 @@ def test_monai_folder_classes_from_label_values_and_guessed_ct(tmp_path):
         label[label == 2] = 3  # values 0, 1, 3: class 2 is never drawn
         save(root / "imagesTr" / f"c{i}.nii.gz", image, dtype=np.int16)
         save(root / "labelsTr" / f"c{i}.nii.gz", label, dtype=np.uint8)
-    cfg, plan = ldt.resolve_dataset(None, str(root))
+    cfg, plan = resolve_dataset(None, str(root))
     assert plan.layout == "folder" and plan.modalities == ["CT"] and plan.modality_source == "guessed from intensities"
     assert (cfg.num_classes, cfg.class_names, cfg.channel_names) == (4, ["background", "class_1", "class_2", "class_3"], ["image"])
     assert plan.label_values == [0, 1, 3] and any("[2]" in n for n in plan.notes)
-    out = ldt.get_val_transforms(cfg)(ldt.list_cases(str(root), "val")[0])
+    out = get_val_transforms(cfg)(list_cases(str(root), "val")[0])
     assert out["image"].shape[0] == 1
     # non-negative intensities (MRI-like) are z-scored per volume
     mri = tmp_path / "mri"
@@ -183,7 +202,7 @@ def test_monai_folder_classes_from_label_values_and_guessed_ct(tmp_path):
         image, label = phantom((16, 16, 16), seed=i, ct=False)
         save(mri / "imagesTr" / f"m{i}.nii.gz", image)
         save(mri / "labelsTr" / f"m{i}.nii.gz", label, dtype=np.uint8)
-    cfg, plan = ldt.resolve_dataset(None, str(mri))
+    cfg, plan = resolve_dataset(None, str(mri))
     assert plan.modalities == ["MRI"] and cfg.intensity == "zscore" and cfg.channel_norms() == [{"scheme": "zscore"}]
 
 
@@ -199,22 +218,22 @@ def test_anisotropic_plan_takes_the_10th_percentile_on_the_coarse_axis(tmp_path)
         image, label = phantom((32, 32, 8), seed=i, ct=False)
         save(root / "imagesTr" / f"a{i}.nii.gz", image, affine((0.8, 0.8, dz)))
         save(root / "labelsTr" / f"a{i}.nii.gz", label, affine((0.8, 0.8, dz)), np.uint8)
-    plan = planning.plan_dataset(str(root))
+    plan = plan_dataset(str(root))
     expected_z = float(np.percentile(z_spacings, 10))  # 3.85, not the median 5
     assert plan.spacing[:2] == [0.8, 0.8] and plan.spacing[2] == pytest.approx(expected_z)
     assert "anisotropic" in plan.spacing_rule and plan.median_spacing[2] == 5.0
     # the ROI follows the median resampled shape (32 x 32 x ~10), in multiples of 16
-    assert plan.roi == [32, 32, 16] and planning.plan_roi(plan.median_resampled_shape, roi_multiple=8) == [32, 32, 16]
-    assert planning.plan_roi([200, 150, 40], (96, 96, 96), 16) == [96, 96, 48]
+    assert plan.roi == [32, 32, 16] and plan_roi(plan.median_resampled_shape, roi_multiple=8) == [32, 32, 16]
+    assert plan_roi([200, 150, 40], (96, 96, 96), 16) == [96, 96, 48]
 
     # the rule itself: median when the coarse axis is not 3x coarser, or not 3x shorter in voxels
     sp = np.array([[0.8, 0.8, 5.0]] * 9 + [[0.8, 0.8, 2.0]])
-    assert planning.target_spacing(sp, np.array([[32, 32, 8]] * 10))[0] == pytest.approx([0.8, 0.8, 2.0 + 0.9 * 3.0])  # 10th percentile, linear
-    assert planning.target_spacing(sp, np.array([[32, 32, 30]] * 10)) == ([0.8, 0.8, 5.0], "median spacing")
-    assert planning.target_spacing(np.array([[1.0, 1.0, 2.5]] * 4), np.array([[64, 64, 8]] * 4))[1] == "median spacing"
+    assert target_spacing(sp, np.array([[32, 32, 8]] * 10))[0] == pytest.approx([0.8, 0.8, 2.0 + 0.9 * 3.0])  # 10th percentile, linear
+    assert target_spacing(sp, np.array([[32, 32, 30]] * 10)) == ([0.8, 0.8, 5.0], "median spacing")
+    assert target_spacing(np.array([[1.0, 1.0, 2.5]] * 4), np.array([[64, 64, 8]] * 4))[1] == "median spacing"
     # the 10th percentile is never finer than the other axes
     sp = np.array([[0.8, 0.8, 5.0]] * 8 + [[0.8, 0.8, 0.5]] * 2)
-    assert planning.target_spacing(sp, np.array([[32, 32, 8]] * 10))[0][2] == pytest.approx(0.8, abs=1e-4)
+    assert target_spacing(sp, np.array([[32, 32, 8]] * 10))[0][2] == pytest.approx(0.8, abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,14 +253,14 @@ def _fake_prediction_written_back(cfg, path, out_path):
     """Pre-process ``path`` as inference does, draw a prediction, invert it and write it back."""
     from monai.data import decollate_batch, list_data_collate
 
-    test_tf = ldt.get_test_transforms(cfg)
+    test_tf = get_test_transforms(cfg)
     batch = list_data_collate([test_tf({"image": path})])
     x = batch["image"][:, :1]
     bright = (x > x.mean()).float()
     batch["pred"] = torch.cat([1 - bright, bright], dim=1)
-    post = ldt.get_post_transforms(test_tf, cfg)
+    post = get_post_transforms(test_tf, cfg)
     [result] = [post(d) for d in decollate_batch(batch)]
-    return image_io.write_like(result["pred"], path, out_path)
+    return write_like(result["pred"], path, out_path)
 
 
 def test_nrrd_inputs_planned_loaded_and_written_back(tmp_path):
@@ -257,19 +276,19 @@ def test_nrrd_inputs_planned_loaded_and_written_back(tmp_path):
         nrrd.write(str(root / "imagesTr" / f"n{i}.nrrd"), image.astype(np.int16), hdr, index_order="F")
         nrrd.write(str(root / "labelsTr" / f"n{i}.nrrd"), label, hdr, index_order="F")
     nrrd.write(str(root / "n_detached.nhdr"), phantom((20, 16, 10), seed=9)[0].astype(np.int16), hdr, index_order="F", detached_header=True)
-    cfg, plan = ldt.resolve_dataset(None, str(root))
+    cfg, plan = resolve_dataset(None, str(root))
     assert plan.modalities == ["CT"] and cfg.num_classes == 2
     assert plan.spacing == pytest.approx([0.9, 1.1, 2.5])
-    out = ldt.get_val_transforms(cfg)(ldt.list_cases(str(root), "val")[0])
+    out = get_val_transforms(cfg)(list_cases(str(root), "val")[0])
     assert out["image"].shape[0] == 1 and out["image"].shape == out["label"].shape
 
     for src in (str(root / "imagesTr" / "n0.nrrd"), str(root / "n_detached.nhdr")):
-        written = _fake_prediction_written_back(cfg, src, image_io.output_path_like(src, str(tmp_path / "pred")))
+        written = _fake_prediction_written_back(cfg, src, output_path_like(src, str(tmp_path / "pred")))
         assert written.endswith("_seg.nrrd") or written.endswith("_seg.nhdr")
         a, b = nrrd.read_header(src), nrrd.read_header(written)
         assert list(a["sizes"]) == list(b["sizes"]) and a["space"] == b["space"]
         assert np.array_equal(a["space directions"], b["space directions"]) and np.array_equal(a["space origin"], b["space origin"])
-        seg = image_io.read_array(written)
+        seg = read_array(written)
         assert set(np.unique(seg)) == {0, 1}  # the bright slab came back on the native grid
 
 
@@ -294,14 +313,14 @@ def test_mha_inputs_planned_loaded_and_written_back(tmp_path):
         image, label = phantom((20, 16, 10), seed=i, num_classes=2)
         write_mha(str(root / "imagesTr" / f"m{i}.mha"), image.astype(np.int16))
         write_mha(str(root / "labelsTr" / f"m{i}.mha"), label)
-    cfg, plan = ldt.resolve_dataset(None, str(root))
+    cfg, plan = resolve_dataset(None, str(root))
     assert plan.spacing == pytest.approx(spacing.tolist()) and cfg.num_classes == 2
-    case = ldt.list_cases(str(root), "val")[0]
-    out = ldt.get_val_transforms(cfg)(case)
+    case = list_cases(str(root), "val")[0]
+    out = get_val_transforms(cfg)(case)
     assert out["image"].shape[0] == 1 and out["image"].shape == out["label"].shape
 
     src = case["image"]
-    written = _fake_prediction_written_back(cfg, src, image_io.output_path_like(src, str(tmp_path / "pred")))
+    written = _fake_prediction_written_back(cfg, src, output_path_like(src, str(tmp_path / "pred")))
     assert written.endswith("_seg.mha")
 
     def geometry(path):
@@ -311,9 +330,9 @@ def test_mha_inputs_planned_loaded_and_written_back(tmp_path):
         return ([io.GetDimensions(i) for i in range(3)], [io.GetOrigin(i) for i in range(3)], [io.GetSpacing(i) for i in range(3)], [io.GetDirection(i) for i in range(3)])
 
     assert geometry(written) == geometry(src)
-    h = image_io.read_header(written)
-    assert np.array_equal(h.affine, image_io.read_header(src).affine) and h.shape == (20, 16, 10)
-    assert set(np.unique(image_io.read_array(written))) == {0, 1}
+    h = read_header(written)
+    assert np.array_equal(h.affine, read_header(src).affine) and h.shape == (20, 16, 10)
+    assert set(np.unique(read_array(written))) == {0, 1}
 
 
 def test_write_like_nifti_keeps_header_geometry_and_refuses_wrong_shapes(tmp_path):
@@ -325,13 +344,13 @@ def test_write_like_nifti_keeps_header_geometry_and_refuses_wrong_shapes(tmp_pat
     nib.save(img, ref)
     labels = np.zeros((12, 10, 6), np.uint8)
     labels[2:5, 3:7, 1:4] = 2
-    out = image_io.write_like(torch.as_tensor(labels)[None], ref, image_io.output_path_like(ref, str(tmp_path), name="ct"))
+    out = write_like(torch.as_tensor(labels)[None], ref, output_path_like(ref, str(tmp_path), name="ct"))
     assert out.endswith("ct_seg.nii.gz")
     back = nib.load(out)
     assert np.array_equal(back.affine, nib.load(ref).affine) and back.header.get_qform(coded=True)[1] == 1
     assert np.array_equal(np.asarray(back.dataobj), labels) and back.get_data_dtype() == np.uint8
     with pytest.raises(ValueError, match="differs from"):
-        image_io.write_like(labels[:, :, :5], ref, str(tmp_path / "x.nii.gz"))
+        write_like(labels[:, :, :5], ref, str(tmp_path / "x.nii.gz"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +370,7 @@ def test_every_problem_named_in_one_message(tmp_path):
     # dataset.json declares 2 classes, the label files hold 0, 1 and 2
 
     with pytest.raises(DataError) as e:
-        ldt.resolve_dataset(None, root)
+        resolve_dataset(None, root)
     text = str(e.value)
     expected = [
         (os.path.join(img, "case_001_0001.nii.gz"), "lacks channel 0001 (ADC)"),
@@ -367,24 +386,24 @@ def test_every_problem_named_in_one_message(tmp_path):
 
     # the same data with a preset: the same problems from the checks, in one message too
     with pytest.raises(DataError) as e2:
-        ldt.check_dataset(ldt.get_dataset_config("pancreas"), root)
+        check_dataset(get_dataset_config("pancreas"), root)
     assert sum("lacks channel" in p for p in e2.value.problems) == 1
 
 
 def test_missing_folder_reported_as_such_whatever_else_is_missing(tmp_path):
     typo = str(tmp_path / "Datset001")
     with pytest.raises(DataError) as e:
-        ldt.resolve_dataset(None, typo)
+        resolve_dataset(None, typo)
     assert e.value.problems == [f"{typo}: dataset folder not found. Fix: pass an existing folder to --root"]
     with pytest.raises(DataError) as e:
-        ldt.resolve_dataset("custom", typo)  # and the flags it lacks, in the same message
+        resolve_dataset("custom", typo)  # and the flags it lacks, in the same message
     assert e.value.problems[0].startswith(f"{typo}: dataset folder not found") and "--spacing" in e.value.problems[1]
     with pytest.raises(DataError, match="datalist file not found"):
-        planning.plan_dataset(None, datalist=str(tmp_path / "none.json"))
+        plan_dataset(None, datalist=str(tmp_path / "none.json"))
 
 
 def test_inference_inputs_checked_for_the_trained_channels(tmp_path):
-    cfg = ldt.get_dataset_config("custom", spacing=(1, 1, 1), intensity="zscore", num_classes=2, channel_names=["T2", "ADC"])
+    cfg = get_dataset_config("custom", spacing=(1, 1, 1), intensity="zscore", num_classes=2, channel_names=["T2", "ADC"])
     assert cfg.in_channels == 2
     folder = tmp_path / "in"
     image, _ = phantom((16, 16, 16), ct=False)
@@ -392,34 +411,34 @@ def test_inference_inputs_checked_for_the_trained_channels(tmp_path):
         save(folder / f"p1_{c:04d}.nii.gz", image)
     save(folder / "p2_0000.nii.gz", image)
     with pytest.raises(DataError, match=r"p2_0001.nii.gz: case 'p2' lacks channel 0001"):
-        ldt.list_images(str(folder), channels=2)
+        list_images(str(folder), channels=2)
     # a single channel file brings its siblings along
-    assert ldt.list_images(str(folder / "p1_0000.nii.gz")) == [{"image": [str(folder / "p1_0000.nii.gz"), str(folder / "p1_0001.nii.gz")]}]
-    assert ldt.check_input_channels(ldt.list_images(str(folder / "p1_0000.nii.gz")), cfg) == []
-    [problem] = ldt.check_input_channels([{"image": str(folder / "p2_0000.nii.gz")}], cfg)
+    assert list_images(str(folder / "p1_0000.nii.gz")) == [{"image": [str(folder / "p1_0000.nii.gz"), str(folder / "p1_0001.nii.gz")]}]
+    assert check_input_channels(list_images(str(folder / "p1_0000.nii.gz")), cfg) == []
+    [problem] = check_input_channels([{"image": str(folder / "p2_0000.nii.gz")}], cfg)
     assert problem.startswith(str(folder / "p2_0000.nii.gz")) and "missing channel 1 'ADC' (expected " + str(folder / "p2_0001.nii.gz") in problem
     four_d = save(tmp_path / "three.nii.gz", np.stack([image] * 3, axis=-1))
-    assert "has 3 channels" in ldt.check_input_channels([four_d], cfg)[0]
+    assert "has 3 channels" in check_input_channels([four_d], cfg)[0]
     with pytest.raises(DataError, match="takes 2 channels"):
-        ldt.check_cases([{"image": str(folder / "p2_0000.nii.gz")}], cfg)
+        check_cases([{"image": str(folder / "p2_0000.nii.gz")}], cfg)
 
 
 def test_dataset_config_channels_and_old_format(tmp_path):
     old = {"name": "custom", "spacing": [2, 2, 2], "intensity": "window", "a_min": -100, "a_max": 300, "num_classes": 3,
            "class_names": ["background", "a", "b"], "roi": [32, 32, 32], "cache_rate": 0.1}
-    cfg = ldt.DatasetConfig(**old)  # a checkpoint / --dataset_config of before
-    assert cfg.in_channels == 1 and cfg.normalization is None and cfg == ldt.get_dataset_config("amos", **{k: v for k, v in old.items() if k != "name"}).__class__(**old)
+    cfg = DatasetConfig(**old)  # a checkpoint / --dataset_config of before
+    assert cfg.in_channels == 1 and cfg.normalization is None and cfg == get_dataset_config("amos", **{k: v for k, v in old.items() if k != "name"}).__class__(**old)
     f = tmp_path / "cfg.json"
     f.write_text(json.dumps({**{k: v for k, v in old.items() if k != "name"}, "channel_names": ["CT", "PET"],
                              "normalization": [{"scheme": "ct", "lower": -50, "upper": 250, "mean": 80, "std": 60}, {"scheme": "zscore"}]}))
-    cfg = ldt.get_dataset_config("custom", str(f))
+    cfg = get_dataset_config("custom", str(f))
     assert cfg.in_channels == 2 and cfg.intensity == "mixed" and cfg.a_min is None
     with pytest.raises(ValueError, match="normalization has 1 entries but there are 2 channels"):
-        ldt.get_dataset_config("custom", str(f), normalization=[{"scheme": "zscore"}])
+        get_dataset_config("custom", str(f), normalization=[{"scheme": "zscore"}])
     with pytest.raises(ValueError, match=r"needs numbers for \['std'\]"):
-        ldt.get_dataset_config("custom", str(f), normalization=[{"scheme": "ct", "lower": 0, "upper": 1, "mean": 0}, {"scheme": "zscore"}])
+        get_dataset_config("custom", str(f), normalization=[{"scheme": "ct", "lower": 0, "upper": 1, "mean": 0}, {"scheme": "zscore"}])
     for name in ("amos", "kits", "demo"):
-        preset = ldt.get_dataset_config(name)
+        preset = get_dataset_config(name)
         assert preset.in_channels == 1 and preset.channel_norms() == [{"scheme": "window", "a_min": preset.a_min, "a_max": preset.a_max}]
 
 
@@ -445,14 +464,14 @@ def test_dicom_series_folders_listed_planned_and_labels_written_as_nifti(tmp_pat
         image, label = phantom((16, 14, 8), seed=i, num_classes=2)
         series = str(root / "imagesTr" / f"patient{i}")
         write_series(series, image.astype(np.int16).transpose(2, 1, 0))
-        assert image_io.is_dicom_dir(series)
+        assert is_dicom_dir(series)
         # labels drawn on the series' grid, written as NIfTI with the affine MONAI reads from it
-        image_io.write_like(label, series, str(root / "labelsTr" / f"patient{i}.nii.gz"))
-    assert image_io.output_path_like(series, "/out") == "/out/patient2_seg.nii.gz"
-    cases = ldt.list_cases(str(root), "train") + ldt.list_cases(str(root), "val")
-    assert sorted(ldt.case_name(c["image"]) for c in cases) == ["patient0", "patient1", "patient2"]
-    cfg, plan = ldt.resolve_dataset(None, str(root))
+        write_like(label, series, str(root / "labelsTr" / f"patient{i}.nii.gz"))
+    assert output_path_like(series, "/out") == "/out/patient2_seg.nii.gz"
+    cases = list_cases(str(root), "train") + list_cases(str(root), "val")
+    assert sorted(case_name(c["image"]) for c in cases) == ["patient0", "patient1", "patient2"]
+    cfg, plan = resolve_dataset(None, str(root))
     assert plan.spacing == pytest.approx([0.8, 0.9, 2.5]) and plan.modalities == ["CT"] and cfg.num_classes == 2
-    out = ldt.get_val_transforms(cfg)(cases[0])
+    out = get_val_transforms(cfg)(cases[0])
     assert out["image"].shape[0] == 1 and out["image"].shape == out["label"].shape
     assert set(torch.unique(out["label"]).tolist()) == {0, 1}

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import main_train
-from configs import RunConfig
-from tests.test_own_data import affine, nnunet_v2, phantom, save
+import test_seg
+from rep3d.config import RunConfig
+from rep3d.data.image_io import read_header, write_like
+from tests.test_own_data import nnunet_v2, phantom, save
 
 # itk's SWIG bindings warn on import under Python 3.11+; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
@@ -61,7 +63,6 @@ def test_root_alone_trains_on_two_channels_and_stores_the_plan(tmp_path, layout)
     weight = ckpt["state_dict"]
     assert any(v.ndim == 5 and v.shape[1] == 2 for v in weight.values())  # the stem takes 2 channels
     # ... and predicts the test cases with --root alone, on each input's own grid
-    import test_seg
 
     pred = str(tmp_path / "pred")
     assert test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--root", root, "--output", pred, "--gpu", "-1"]) == 0
@@ -72,7 +73,6 @@ def test_root_alone_trains_on_two_channels_and_stores_the_plan(tmp_path, layout)
 
 
 def test_two_channel_model_predicts_with_root_alone(tmp_path):
-    import test_seg
 
     root = nnunet_v2(str(tmp_path / "data"))
     out = str(tmp_path / "run")
@@ -94,8 +94,6 @@ def test_two_channel_model_predicts_with_root_alone(tmp_path):
 def test_predictions_in_the_inputs_own_format_and_geometry(tmp_path, ending):
     import importlib.util
 
-    import image_io
-    import test_seg
     from tests.test_own_data import _oblique_lps
 
     if ending == ".mha" and importlib.util.find_spec("itk") is None:
@@ -114,10 +112,10 @@ def test_predictions_in_the_inputs_own_format_and_geometry(tmp_path, ending):
     lps[:3, :3], lps[:3, 3] = directions, origin
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     nifti = save(str(tmp_path / "src" / "scan.nii.gz"), image, aff=ras)
-    scan = image_io.write_like(image.astype(np.int16), nifti, str(tmp_path / "in" / f"scan{ending}"), dtype=np.int16)
+    scan = write_like(image.astype(np.int16), nifti, str(tmp_path / "in" / f"scan{ending}"), dtype=np.int16)
     pred = str(tmp_path / "pred")
     assert test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--input", scan, "--output", pred, "--gpu", "-1"]) == 0
     written = os.path.join(pred, f"scan_seg{ending}")
-    got, want = image_io.read_header(written), image_io.read_header(scan)
+    got, want = read_header(written), read_header(scan)
     assert got.shape == want.shape == image.shape
     np.testing.assert_allclose(got.affine, want.affine, atol=1e-5)

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import networks
-from networks import build_deploy_network, build_network, load_network_weights, reparameterize_model
+from networks import (
+    build_deploy_network,
+    build_network,
+    load_network_weights,
+    reparameterize_model,
+)
 from networks.Rep3D import (
     KernelModulation,
     LRBMConfig,

@@ -16,12 +16,15 @@ import sys
 import pytest
 import torch
 
-import demo_data
-import engine
 import main_train
 import networks
-from configs import RunConfig
-from trainer import Trainer, TrainingError
+from rep3d.cli import network_overrides
+from rep3d.commands.train import DEMO_DEFAULTS
+from rep3d.config import RunConfig, default_warmup
+from rep3d.data.demo import DEMO_CLASS_NAMES, make_demo_dataset
+from rep3d.training.distributed import sync_buffers_from_rank0
+from rep3d.training.schedule import lr_factor
+from rep3d.training.trainer import Trainer, TrainingError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NET = ["--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1", "--kernel_size", "5", "--hidden_size", "32"]
@@ -30,7 +33,7 @@ TINY_NET = ["--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("demo"))
-    return demo_data.make_demo_dataset(root, n_train=2, n_val=1, size=(32, 32, 32))
+    return make_demo_dataset(root, n_train=2, n_val=1, size=(32, 32, 32))
 
 
 def tiny_argv(root: str, output: str, *extra: str) -> list[str]:
@@ -88,7 +91,7 @@ def test_short_run_writes_checkpoints_logs_args_and_plot(demo_root, tmp_path):
     assert last["step"] == 3 and net_cfg["name"] == "REP3D" and net_cfg["in_channels"] == 1 and net_cfg["out_channels"] == 5
     assert net_cfg["options"] == {"kernel_size": 5, "feature_size": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "hidden_size": 32}
     dataset = last["config"]["data"]["dataset"]
-    assert dataset["class_names"] == list(demo_data.DEMO_CLASS_NAMES) and dataset["roi"] == [32, 32, 32]
+    assert dataset["class_names"] == list(DEMO_CLASS_NAMES) and dataset["roi"] == [32, 32, 32]
     for key in ("optimizer", "scheduler", "scaler", "rng", "history", "best_metric", "config"):
         assert key in last, key
     assert len(last["history"]["loss"]) == 3 and last["history"]["val_step"] == [2, 3]
@@ -246,7 +249,7 @@ def _free_port() -> int:
 
 def test_two_process_gloo_ddp_run_completes(tmp_path):
     # 3 validation cases over 2 ranks: uneven shards, each case must be counted once after the reduction.
-    root = demo_data.make_demo_dataset(str(tmp_path / "demo"), n_train=2, n_val=3, size=(32, 32, 32))
+    root = make_demo_dataset(str(tmp_path / "demo"), n_train=2, n_val=3, size=(32, 32, 32))
     out = str(tmp_path / "ddp")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [
@@ -292,20 +295,20 @@ def test_flag_defaults_paper_and_demo():
     assert main_train.parse_args(["--pretrain", "no"]).pretrain is False
     assert main_train.parse_args(["--pretrain", "1"]).pretrain is True
     demo = main_train.parse_args(["--max_iter", "7"])
-    assert demo.demo and demo.max_iter == 7 and demo.output == main_train.DEMO_DEFAULTS["output"]
-    assert demo.feature_size == main_train.DEMO_DEFAULTS["feature_size"] and demo.kernel_size == main_train.DEMO_DEFAULTS["kernel_size"]
+    assert demo.demo and demo.max_iter == 7 and demo.output == DEMO_DEFAULTS["output"]
+    assert demo.feature_size == DEMO_DEFAULTS["feature_size"] and demo.kernel_size == DEMO_DEFAULTS["kernel_size"]
     swin = main_train.parse_args(["--network", "swinunetr"])
     assert swin.network == "SwinUNETR" and swin.feature_size is None  # REP3D-shaped demo widths do not apply
     assert "feature_size" not in swin.demo_defaults and "max_iter" in swin.demo_defaults
-    assert engine.network_overrides(swin.network, vars(swin)) == {}
+    assert network_overrides(swin.network, vars(swin)) == {}
 
 
 def test_warmup_cosine_schedule():
-    f = [main_train.lr_factor(s, 100, 10, "warmup_cosine") for s in range(100)]
+    f = [lr_factor(s, 100, 10, "warmup_cosine") for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01
-    assert main_train.lr_factor(50, 100, 10, "constant") == 1.0
-    assert main_train.default_warmup(60000) == 1000 and main_train.default_warmup(400) == 20
+    assert lr_factor(50, 100, 10, "constant") == 1.0
+    assert default_warmup(60000) == 1000 and default_warmup(400) == 20
 
 
 def _sync_buffers_worker(rank: int, init_file: str, results: dict) -> None:
@@ -313,7 +316,7 @@ def _sync_buffers_worker(rank: int, init_file: str, results: dict) -> None:
     try:
         bn = torch.nn.BatchNorm3d(2)
         bn.running_mean.fill_(float(rank + 1))  # ranks' statistics drifted apart
-        main_train.sync_buffers_from_rank0(bn)
+        sync_buffers_from_rank0(bn)
         results[rank] = bn.running_mean.tolist()
     finally:
         torch.distributed.destroy_process_group()

@@ -12,10 +12,12 @@ import torch
 
 import main_train
 import networks
-from configs import FORMAT_VERSION, ConfigError, RunConfig, TrainConfig
-from load_datasets_transforms import get_dataset_config
-from tests.test_train import demo_root, tiny_argv as argv  # noqa: F401 - demo_root is a fixture
-from trainer import Trainer
+from rep3d.config import FORMAT_VERSION, ConfigError, RunConfig, TrainConfig
+from rep3d.data.dataset_config import get_dataset_config
+from rep3d.data.transforms import get_train_transforms
+from rep3d.training.trainer import Trainer
+from tests.test_train import demo_root  # noqa: F401 - demo_root is a fixture
+from tests.test_train import tiny_argv as argv
 
 TINY = {"feature_size": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "kernel_size": 5, "hidden_size": 32}
 
@@ -167,7 +169,6 @@ def test_class_ratio_crops_hit_the_rare_class_at_its_ratio(tmp_path):
     import nibabel as nib
     import numpy as np
 
-    import load_datasets_transforms as ldt
 
     image = np.full((48, 48, 48), -1000.0, np.float32)
     image[6:42, 6:42, 6:42] = 40.0  # the body: background crop centres lie inside it
@@ -177,8 +178,8 @@ def test_class_ratio_crops_hit_the_rare_class_at_its_ratio(tmp_path):
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     nib.save(nib.Nifti1Image(image, aff), str(tmp_path / "img.nii.gz"))
     nib.save(nib.Nifti1Image(label, aff), str(tmp_path / "lab.nii.gz"))
-    cfg = ldt.get_dataset_config("custom", spacing=[2, 2, 2], a_min=-125, a_max=275, num_classes=3, roi=[16, 16, 16])
-    tf = ldt.get_train_transforms(cfg, roi=(16, 16, 16), crop_sample=100, crop_ratios=[1, 1, 4], augment=False)
+    cfg = get_dataset_config("custom", spacing=[2, 2, 2], a_min=-125, a_max=275, num_classes=3, roi=[16, 16, 16])
+    tf = get_train_transforms(cfg, roi=(16, 16, 16), crop_sample=100, crop_ratios=[1, 1, 4], augment=False)
     tf.set_random_state(seed=0)
     centres = []
     for _ in range(3):
@@ -190,7 +191,7 @@ def test_class_ratio_crops_hit_the_rare_class_at_its_ratio(tmp_path):
     tolerance = 4 * np.sqrt(expected * (1 - expected) / len(centres))  # 4 binomial standard deviations
     assert np.all(np.abs(share - expected) < tolerance), share
     # without ratios the rare class is centred far less often (1:1 foreground/background by volume)
-    tf = ldt.get_train_transforms(cfg, roi=(16, 16, 16), crop_sample=300, augment=False)
+    tf = get_train_transforms(cfg, roi=(16, 16, 16), crop_sample=300, augment=False)
     tf.set_random_state(seed=0)
     rare = np.mean([int(torch.as_tensor(c["label"])[0, 8, 8, 8]) == 2 for c in tf({"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")})])
     assert rare < 0.2

@@ -22,7 +22,7 @@ import main_train
 import networks
 import test_seg
 from networks.dwconv import DepthwiseConv3d
-from trainer import Trainer
+from rep3d.training.trainer import Trainer
 
 TINY = dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32)
 

@@ -22,26 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "EXTRA_HINT",
-    "Header",
-    "strip_ext",
-    "image_ext",
-    "is_dicom_dir",
-    "read_header",
-    "read_array",
-    "missing_library",
-    "output_path_like",
-    "write_like",
-    "load_image_transform",
-]
-
 #: File endings read as images, longest first so that ".nii.gz" wins over ".gz".
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
 #: What to install for the formats that need the optional ``itk`` package (~270 MB of wheels).
 EXTRA_HINT = "pip install -r requirements-formats.txt (the 'itk' package)"
+
+
 _ITK_EXTS = (".mha", ".mhd")
+
+
 _NRRD_EXTS = (".seg.nrrd", ".nrrd", ".nhdr")
 
 

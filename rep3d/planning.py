@@ -1,32 +1,4 @@
-"""Plan the pre-processing of a dataset from its fingerprint, as nnU-Net does, for ``--root`` alone.
-
-The fingerprint of the labelled training cases is read from their headers (shape, spacing,
-channels) and a bounded sample of voxels (the label values of every case; at most
-``samples_per_case`` foreground intensities per CT channel from at most ``max_intensity_cases``
-cases). The plan derived from it:
-
-* **target spacing**: the median spacing per axis; when the data are strongly anisotropic (the
-  coarsest axis' median spacing more than 3x the next one's, and that axis more than 3x shorter
-  in voxels), the coarse axis takes the 10th percentile of its spacings instead (nnU-Net's
-  rule: resampling every case to the median slice thickness would interpolate most of them).
-* **normalisation per channel**: CT channels are clipped to the 0.5 / 99.5 percentiles of the
-  foreground (label > 0) intensities pooled over the cases, then z-scored with the foreground
-  mean / std; every other channel is z-scored per volume. A channel is CT when dataset.json
-  names it so (``channel_names`` / ``modality``); without a dataset.json, when its lowest
-  intensities look like air in Hounsfield units (0.5th percentile at or below -500).
-* **classes**: from dataset.json's ``labels`` (MSD value -> name, nnU-Net v2 name -> value), else
-  ``0..max`` of the values found in the label files, named ``background, class_1, ...``.
-* **ROI**: 96^3 by default, reduced on an axis where the median resampled shape is smaller, to
-  that shape rounded up to a multiple of ``roi_multiple`` (the network's down-sampling factor).
-
-The plan is written as ``plan.json`` (:meth:`Plan.save`) and gives the
-:class:`~load_datasets_transforms.DatasetConfig` to train with (:meth:`Plan.dataset_config`).
-Example::
-
-    plan = plan_dataset("Dataset004_Hippocampus")
-    print(plan.describe())
-    cfg = plan.dataset_config()
-"""
+"""Planning from the data (fingerprint -> plan) and the choice between a preset and a plan."""
 
 from __future__ import annotations
 
@@ -39,16 +11,128 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-import image_io
-import load_datasets_transforms as ldt
+from rep3d.data.cases import (
+    dataset_json_channels,
+    dataset_json_classes,
+    dataset_json_labels,
+    image_paths,
+    read_dataset_json,
+    training_pool,
+)
+from rep3d.data.checks import dataset_json_problems, inspect_cases
+from rep3d.data.dataset_config import DataError, DatasetConfig, get_dataset_config
+from rep3d.data.image_io import read_array
+from rep3d.runtime import thread_map
 
-__all__ = ["Plan", "plan_dataset", "load_plan", "ANISOTROPY_RATIO", "CT_PERCENTILES"]
+
+def resolve_dataset(
+    name: str | None,
+    root: str | None = None,
+    datalist: str | None = None,
+    config_file: str | None = None,
+    *,
+    fold: int = 0,
+    num_workers: int = 2,
+    roi_multiple: int = 16,
+    **overrides,
+):
+    """The :class:`DatasetConfig` selected by the data flags, and the plan it came from (or None).
+
+    * no ``name``, no ``root``, no ``datalist``: the ``demo`` preset;
+    * no ``name`` but ``root`` or ``datalist``: planned from the training cases
+      (:func:`planning.plan_dataset`; nnU-Net v2, MSD, folder layout or datalist), then
+      ``config_file`` and ``overrides`` applied on top (a window given with ``a_min``/``a_max``
+      replaces the planned normalisation of the CT channels, see :func:`get_dataset_config`);
+    * ``name``: the preset (or ``custom``) with ``config_file`` and ``overrides``; for ``custom``
+      without ``num_classes`` the classes of ``<root>/dataset.json`` and its channel names are used.
+
+    A ``root`` or ``datalist`` that does not exist is reported as such, together with anything
+    else wrong with the flags, in one :class:`DataError`.
+
+    Args:
+        name: ``--dataset``.
+        root: ``--root``.
+        datalist: ``--datalist``.
+        config_file: ``--dataset_config``.
+        fold: ``--fold`` (which cases are listed as validation; the plan uses them all).
+        num_workers: threads reading files while planning.
+        roi_multiple: every planned ROI side is a multiple of this (the network's factor).
+        **overrides: ``spacing, intensity, a_min, a_max, num_classes, class_names, roi`` (None = not given).
+
+    Returns:
+        ``(config, plan)``; ``plan`` is a :class:`planning.Plan` when planned, else None.
+
+    Raises:
+        DataError: a missing folder / file (with every other flag problem), or problems in the data
+            found while planning (every one listed).
+        ValueError: inconsistent flags, with a message naming the flag to fix.
+    """
+    missing = []
+    if root is not None and not os.path.isdir(root):
+        missing.append(f"{root}: dataset folder not found. Fix: pass an existing folder to --root")
+    if datalist is not None and not os.path.isfile(datalist):
+        missing.append(f"{datalist}: datalist file not found. Fix: pass the path of a MONAI datalist JSON to --datalist")
+    overrides = dict(overrides)
+    if name is None and root is None and datalist is None:
+        name = "demo"
+    if missing and name is None:
+        raise DataError(missing)
+    if missing:
+        # A named config does not need the data to be built (the listing reports a missing
+        # folder later); when it cannot be built, the missing folder is the first thing to fix.
+        try:
+            return get_dataset_config(name, config_file, **overrides), None
+        except ValueError as e:
+            raise DataError(missing + [str(e)]) from None
+    if name is None:
+
+        roi = overrides.get("roi")
+        plan = plan_dataset(
+            root, datalist=datalist, fold=fold, roi=tuple(roi) if roi is not None else (96, 96, 96),
+            roi_multiple=roi_multiple, num_workers=num_workers,
+        )
+        return get_dataset_config("planned", config_file, base=plan.dataset_config(), **overrides), plan
+    if name == "custom" and root and config_file is None:
+        if overrides.get("num_classes") is None and overrides.get("class_names") is None:
+            labels = dataset_json_labels(os.path.join(root, "dataset.json"))
+            if labels:
+                overrides["num_classes"] = len(labels)
+                overrides["class_names"] = labels
+        channels = dataset_json_channels(os.path.join(root, "dataset.json"))
+        if channels and overrides.get("channel_names") is None:
+            overrides["channel_names"] = channels
+    return get_dataset_config(name, config_file, **overrides), None
+
+
+def resolve_dataset_config(
+    name: str | None,
+    root: str | None = None,
+    datalist: str | None = None,
+    config_file: str | None = None,
+    **overrides,
+) -> DatasetConfig:
+    """The :class:`DatasetConfig` of :func:`resolve_dataset` (without the plan).
+
+    ``name`` defaults to ``"demo"`` when neither ``root`` nor ``datalist`` is given, and to a
+    plan made from the data when one of them is.
+
+    Raises:
+        DataError / ValueError: as :func:`resolve_dataset`.
+    """
+    return resolve_dataset(name, root, datalist, config_file, **overrides)[0]
+
 
 PLAN_VERSION = 1
+
+
 #: Coarse-axis spacing over the next coarsest above which the data count as anisotropic.
 ANISOTROPY_RATIO = 3.0
+
+
 #: Foreground intensity percentiles a CT channel is clipped to.
 CT_PERCENTILES = (0.5, 99.5)
+
+
 # A channel whose 0.5th percentile is at or below this looks like CT (air is about -1000 HU);
 # MRI, PET and most other intensities are non-negative.
 _AIR_HU = -500.0
@@ -120,9 +204,9 @@ class Plan:
         os.replace(tmp, path)
         return path
 
-    def dataset_config(self, name: str = "planned", cache_rate: float = 0.1) -> ldt.DatasetConfig:
+    def dataset_config(self, name: str = "planned", cache_rate: float = 0.1) -> DatasetConfig:
         """The :class:`~load_datasets_transforms.DatasetConfig` this plan describes."""
-        return ldt.DatasetConfig(
+        return DatasetConfig(
             name=name,
             spacing=tuple(self.spacing),
             intensity="zscore",  # derived from normalization by DatasetConfig
@@ -217,10 +301,10 @@ def _case_samples(case: dict, n_channels: int, samples_per_case: int, seed: int,
     (random subsets of at most ``samples_per_case``); or a problem."""
     try:
         arrays = []
-        for f in ldt._image_paths(case["image"]):
-            a = np.asarray(image_io.read_array(f), dtype=np.float32)
+        for f in image_paths(case["image"]):
+            a = np.asarray(read_array(f), dtype=np.float32)
             arrays += [a[..., c] for c in range(a.shape[3])] if a.ndim == 4 else [a]
-        label = np.asarray(image_io.read_array(case["label"]))
+        label = np.asarray(read_array(case["label"]))
         if label.ndim == 4:
             label = label[..., 0]
     except Exception as e:  # the checks name broken files; planning only skips them
@@ -241,7 +325,7 @@ def _case_samples(case: dict, n_channels: int, samples_per_case: int, seed: int,
 def _layout(root: str | None, datalist: str | None) -> str:
     if datalist is not None:
         return "datalist"
-    data = ldt._read_dataset_json(os.path.join(root, "dataset.json")) if root else None
+    data = read_dataset_json(os.path.join(root, "dataset.json")) if root else None
     if data is None:
         return "folder"
     return "msd" if "training" in data else ("nnunet_v2" if "channel_names" in data or "file_ending" in data else "folder")
@@ -291,36 +375,36 @@ def plan_dataset(
     for path, what in ((root, "dataset folder"), (datalist, "datalist file")):
         if path is not None and not os.path.exists(path):
             flag = "--root" if what.startswith("dataset") else "--datalist"
-            raise ldt.DataError([f"{path}: {what} not found. Fix: pass an existing {'folder' if flag == '--root' else 'file'} to {flag}"])
+            raise DataError([f"{path}: {what} not found. Fix: pass an existing {'folder' if flag == '--root' else 'file'} to {flag}"])
     problems: list[str] = []
     if cases is None:
-        cases, listing = ldt._training_pool(root, datalist, fold)
+        cases, listing = training_pool(root, datalist, fold)
         problems += listing
     json_path = os.path.join(root, "dataset.json") if root else None
-    declared_channels = ldt.dataset_json_channels(json_path) if json_path else None
-    pairs, class_problem = ldt._dataset_json_classes(json_path) if json_path else (None, None)
+    declared_channels = dataset_json_channels(json_path) if json_path else None
+    pairs, class_problem = dataset_json_classes(json_path) if json_path else (None, None)
     if class_problem:
         problems.append(class_problem)
     if not cases:
         if not problems:
             problems.append(f"{root or datalist}: no labelled training cases found. Fix: put images in imagesTr and labels in labelsTr (or list them in dataset.json / --datalist)")
-        raise ldt.DataError(problems)
+        raise DataError(problems)
     n_declared = len(declared_channels) if declared_channels else None
-    case_problems, infos = ldt.inspect_cases(cases, None, n_declared, declared_channels, True, num_workers)
+    case_problems, infos = inspect_cases(cases, None, n_declared, declared_channels, True, num_workers)
     problems += case_problems
     counts = Counter(i["channels"] for i in infos if i is not None)
     n_channels = n_declared or (counts.most_common(1)[0][0] if counts else 1)
     if n_declared is None:
         for case, info in zip(cases, infos):
             if info is not None and info["channels"] != n_channels:
-                problems.append(f"{ldt._image_paths(case['image'])[0]}: {info['channels']} channel(s) while most cases have {n_channels}. Fix: give every case the same channels")
+                problems.append(f"{image_paths(case['image'])[0]}: {info['channels']} channel(s) while most cases have {n_channels}. Fix: give every case the same channels")
     good = [(c, i) for c, i in zip(cases, infos) if i is not None and i["channels"] == n_channels]
     # numTraining is compared only when nothing else is wrong: a case left out for a missing
     # channel would be counted twice.
     n_train = len(cases) if _layout(root, datalist) == "nnunet_v2" and not problems else None
-    problems += [p for p in ldt._dataset_json_problems(root, None, infos, n_train) if p not in problems]
+    problems += [p for p in dataset_json_problems(root, None, infos, n_train) if p not in problems]
     if problems or not good:
-        raise ldt.DataError(problems or [f"{root or datalist}: no usable case to plan from"])
+        raise DataError(problems or [f"{root or datalist}: no usable case to plan from"])
 
     spacings = np.array([i["spacing"] for _, i in good], dtype=np.float64)
     shapes = np.array([i["shape"] for _, i in good], dtype=np.float64)
@@ -347,7 +431,7 @@ def plan_dataset(
     names = declared_channels or (["image"] if n_channels == 1 else [f"channel_{k}" for k in range(n_channels)])
     if modalities is not None:
         if len(modalities) != n_channels:
-            raise ldt.DataError([f"modalities {list(modalities)} name {len(modalities)} channels but the cases have {n_channels}"])
+            raise DataError([f"modalities {list(modalities)} name {len(modalities)} channels but the cases have {n_channels}"])
         mods, mod_source = [str(m) for m in modalities], "given"
     elif declared_channels:
         mods, mod_source = list(declared_channels), "dataset.json"
@@ -361,7 +445,7 @@ def plan_dataset(
         pick = np.unique(np.linspace(0, len(good) - 1, num=min(len(good), max_intensity_cases)).round().astype(int))
         whole = mod_source == "guessed from intensities"
 
-        results = ldt.thread_map(lambda k: _case_samples(good[k][0], n_channels, samples_per_case, seed + int(k), whole), list(pick), num_workers)
+        results = thread_map(lambda k: _case_samples(good[k][0], n_channels, samples_per_case, seed + int(k), whole), list(pick), num_workers)
         for fg, anywhere, problem in results:
             if problem:
                 notes.append(problem)
