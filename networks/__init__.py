@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .dwconv import DWCONV_IMPLS, DepthwiseConv3d, set_dwconv_impl
-from .Rep3D.lrbm import LRBMConfig
+from .Rep3D.lrbm import LRBMConfig, ModulatedDepthwiseConv3d
 
 __all__ = [
     "DWCONV_IMPLS",
@@ -293,8 +293,6 @@ def _from_reference_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch
 def _unfold_loaded_kernels(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Folded kernels (W * M) loaded into a model that modulates its kernels: store W = W_eff / M,
     so that the model's effective kernels start equal to the loaded ones instead of being masked twice."""
-    from .Rep3D.lrbm import ModulatedDepthwiseConv3d
-
     for name, module in model.named_modules():
         if isinstance(module, ModulatedDepthwiseConv3d) and module.modulation is not None and f"{name}.weight" in state:
             with torch.no_grad():

@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import fftconv
+
 DWCONV_IMPLS = ("auto", "native", "fft")
 
 # Generation of parameter updates: bumped after every optimizer step of any optimizer in the process.
@@ -72,8 +74,6 @@ def depthwise_conv3d(
     """
     if not _use_fft(impl, x, weight):
         return native_depthwise_conv3d(x, weight, bias)
-    from . import fftconv
-
     return fftconv.fft_depthwise_conv3d(x, weight, bias)
 
 
@@ -82,8 +82,6 @@ def _use_fft(impl: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     check_impl(impl)
     if impl != "auto":
         return impl == "fft"
-    from . import fftconv  # local import: the native path does not need it
-
     return fftconv.fft_is_faster(x, weight)
 
 
@@ -123,8 +121,6 @@ class DepthwiseConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if weight is None and self._may_cache() and _use_fft(self.impl, x, self.weight):
-            from . import fftconv
-
             spectrum = self._cached_spectrum(x)
             return fftconv.fft_depthwise_conv3d(x, self.weight, self.bias, kernel_spectrum=spectrum)
         w = self.weight if weight is None else weight
@@ -140,8 +136,6 @@ class DepthwiseConv3d(nn.Conv3d):
         )
 
     def _cached_spectrum(self, x: torch.Tensor) -> torch.Tensor:
-        from . import fftconv
-
         w = self.weight
         size = tuple(x.shape[2:])
         # Inference-mode tensors cannot be saved for a backward pass later: keep them apart.

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import networks
 from networks.Rep3D import MODULATIONS
 from rep3d.data.dataset_config import PRESETS
+from rep3d.data.intensity import UNIFORM_SCHEMES
 from rep3d.runtime import AMP_CHOICES
 
 
@@ -135,7 +136,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, training: bool = True) -> 
     add_flag(parser, "--dataset", type=str, default=None, help=f"preset: {', '.join(PRESETS)}, or 'custom' (give --spacing/--num_classes/... or --dataset_config). Default: 'demo' without --root.")
     add_flag(parser, "--dataset_config", type=str, default=None, help="JSON file with spacing, intensity, a_min, a_max, num_classes, class_names, roi; overrides the preset")
     add_flag(parser, "--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="target voxel spacing in mm (overrides the preset)")
-    add_flag(parser, "--intensity", type=str, choices=("window", "zscore"), default=None, help="'window' (CT: clip [a_min, a_max] -> [0, 1]) or 'zscore' (MRI: per-volume normalisation)")
+    add_flag(parser, "--intensity", type=str, choices=UNIFORM_SCHEMES, default=None, help="'window' (CT: clip [a_min, a_max] -> [0, 1]) or 'zscore' (MRI: per-volume normalisation)")
     add_flag(parser, "--a_min", type=float, default=None, help="lower intensity window bound (HU for CT)")
     add_flag(parser, "--a_max", type=float, default=None, help="upper intensity window bound")
     add_flag(parser, "--num_classes", type=int, default=None, help="number of classes including background; not for picking network outputs of a preset (it sets them)")

@@ -3,7 +3,6 @@ over DDP ranks), HD95, per-class summaries, tables and the metrics CSV files."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import warnings
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric
 
-from rep3d.fileio import write_json
+from rep3d.fileio import write_csv, write_json
 
 
 def _as_label_map(x: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -47,6 +46,16 @@ def dice_scores(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> to
     metric = DiceMetric(include_background=False, reduction="none", num_classes=num_classes, ignore_empty=True)
     # Label maps (not one-hot): DiceMetric compares class by class, no (C x volume) one-hot copies.
     return metric(y_pred=y_pred, y=y).detach().float().cpu()
+
+
+def class_dice(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, classes: Sequence[int], num_classes: int | None = None) -> list[float]:
+    """Dice of one case's class maps (same shape) for each class in ``classes``, by :func:`dice_scores`;
+    NaN where the label lacks the class."""
+    p = torch.as_tensor(np.asarray(pred) if not torch.is_tensor(pred) else pred).long()
+    y = torch.as_tensor(np.asarray(label) if not torch.is_tensor(label) else label).long()
+    n = int(num_classes or max(int(p.max()), int(y.max()), *classes) + 1)
+    scores = dice_scores(p.reshape((1, 1) + tuple(p.shape[-3:])), y.reshape((1, 1) + tuple(y.shape[-3:])), max(n, 2))[0]
+    return [float(scores[c - 1]) for c in classes]
 
 
 class DiceAccumulator:
@@ -269,18 +278,10 @@ def write_metrics(rows: list[dict], summary: dict, output: str) -> dict[str, str
     """Write ``metrics.csv`` (per case and class), ``summary.csv`` and ``summary.json``; returns their paths."""
     paths = {k: os.path.join(output, f) for k, f in (("metrics", "metrics.csv"), ("summary_csv", "summary.csv"), ("summary_json", "summary.json"))}
     cols = ["case", "class", "name", "dice", "hd95", "gt_voxels", "pred_voxels"]
-    with open(paths["metrics"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in rows:
-            w.writerow([_csv_value(r[c]) for c in cols])
+    write_csv([cols] + [[_csv_value(r[c]) for c in cols] for r in rows], paths["metrics"])
     scols = ["class", "name", "dice", "dice_std", "hd95", "n", "hd95_inf"]
-    with open(paths["summary_csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(scols)
-        for c in summary["classes"]:
-            w.writerow([_csv_value(c[k]) for k in scols])
-        w.writerow(["", "mean (foreground)", _csv_value(summary["mean_dice"]), "", _csv_value(summary["mean_hd95"]), summary["cases"], ""])
+    foot = ["", "mean (foreground)", _csv_value(summary["mean_dice"]), "", _csv_value(summary["mean_hd95"]), summary["cases"], ""]
+    write_csv([scols] + [[_csv_value(c[k]) for k in scols] for c in summary["classes"]] + [foot], paths["summary_csv"])
 
     def clean(o):
         if isinstance(o, float) and not math.isfinite(o):

@@ -22,6 +22,7 @@ from rep3d.data.cases import (
 from rep3d.data.checks import dataset_json_problems, inspect_cases
 from rep3d.data.dataset_config import DataError, DatasetConfig, get_dataset_config
 from rep3d.data.image_io import read_array
+from rep3d.data.intensity import CT, CT_PERCENTILES, ZSCORE, get_scheme
 from rep3d.runtime import thread_map
 
 
@@ -129,10 +130,6 @@ PLAN_VERSION = 1
 ANISOTROPY_RATIO = 3.0
 
 
-#: Foreground intensity percentiles a CT channel is clipped to.
-CT_PERCENTILES = (0.5, 99.5)
-
-
 # A channel whose 0.5th percentile is at or below this looks like CT (air is about -1000 HU);
 # MRI, PET and most other intensities are non-negative.
 _AIR_HU = -500.0
@@ -209,7 +206,7 @@ class Plan:
         return DatasetConfig(
             name=name,
             spacing=tuple(self.spacing),
-            intensity="zscore",  # derived from normalization by DatasetConfig
+            intensity=ZSCORE.name,  # derived from normalization by DatasetConfig
             a_min=None,
             a_max=None,
             num_classes=self.num_classes,
@@ -224,12 +221,7 @@ class Plan:
         """The plan in a few lines, for the start of a run."""
         lines = [f"plan of {self.source} ({self.layout}, {self.n_cases} labelled cases):"]
         for name, mod, norm in zip(self.channel_names, self.modalities, self.normalization):
-            if norm["scheme"] == "ct":
-                how = f"CT: clip [{norm['lower']:.4g}, {norm['upper']:.4g}] (foreground p{CT_PERCENTILES[0]}/p{CT_PERCENTILES[1]}), z-score with mean {norm['mean']:.4g}, std {norm['std']:.4g}"
-            elif norm["scheme"] == "window":
-                how = f"window [{norm['a_min']:.4g}, {norm['a_max']:.4g}] -> [0, 1]"
-            else:
-                how = "z-score per volume"
+            how = get_scheme(norm["scheme"]).describe(norm)
             lines.append(f"  channel {name!r} ({mod}, {self.modality_source}): {how}")
         lines.append(f"  spacing {_fmt(self.spacing)} mm ({self.spacing_rule}); median shape {_fmt(self.median_shape, 0)} -> {_fmt(self.median_resampled_shape, 0)} resampled")
         lines.append(f"  roi {'x'.join(str(r) for r in self.roi)} (multiples of {self.roi_multiple})")
@@ -462,7 +454,7 @@ def plan_dataset(
     stats: list[dict | None] = []
     for c in range(n_channels):
         if str(mods[c]).strip().upper() != "CT":
-            norms.append({"scheme": "zscore"})
+            norms.append(ZSCORE.params())
             stats.append(None)
             continue
         fg = np.concatenate(fg_pool[c]) if fg_pool[c] else np.empty(0)
@@ -470,7 +462,7 @@ def plan_dataset(
             fg = np.concatenate(any_pool[c]) if any_pool[c] and sum(a.size for a in any_pool[c]) > 1 else fg
             notes.append(f"channel {names[c]!r}: no foreground voxels to sample; CT statistics from the whole image")
         if fg.size < 2:
-            norms.append({"scheme": "zscore"})
+            norms.append(ZSCORE.params())
             stats.append(None)
             notes.append(f"channel {names[c]!r}: no voxels sampled; z-scored per volume instead")
             continue
@@ -478,7 +470,7 @@ def plan_dataset(
         mean, std = float(fg.mean()), float(fg.std())
         if not hi > lo:
             hi = lo + 1.0
-        norms.append({"scheme": "ct", "lower": lo, "upper": hi, "mean": mean, "std": std if std > 0 else 1.0})
+        norms.append(CT.params(lower=lo, upper=hi, mean=mean, std=std if std > 0 else 1.0))
         stats.append({"percentile_00_5": lo, "percentile_99_5": hi, "mean": mean, "std": std, "median": float(np.median(fg)),
                       "min": float(fg.min()), "max": float(fg.max()), "n_samples": int(fg.size), "n_cases": n_read})
     return Plan(

@@ -18,16 +18,30 @@ import networks
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
-def select_device(gpu: int | None) -> torch.device:
-    """The device to run on.
+def select_device(gpu: int | str | None) -> torch.device:
+    """The device to run on: the one rule of every script.
 
     Args:
-        gpu: CUDA index, ``-1`` for CPU, ``None`` for "cuda:0 if available". When no GPU is visible the
-            CPU is used (with a warning if a GPU index was asked for explicitly other than 0).
+        gpu: CUDA index, ``-1`` for CPU, ``None`` for "cuda:0 if available" (``--gpu``); or a name
+            (``--device``): ``"auto"`` (the same as None), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. When no
+            GPU is visible an index falls back to the CPU (with a warning if one other than 0 was asked
+            for explicitly); the name ``cuda`` is refused.
 
     Raises:
-        ValueError: an index beyond the visible GPUs.
+        ValueError: an index beyond the visible GPUs, or ``cuda`` asked for by name without one.
     """
+    if isinstance(gpu, str):
+        name = gpu.strip().lower()
+        if name == "auto":
+            gpu = None
+        elif name == "cpu":
+            return torch.device("cpu")
+        elif name == "cuda" or name.startswith("cuda:"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {gpu}: no CUDA device is visible; use --device cpu.")
+            gpu = int(name.partition(":")[2] or 0)
+        else:
+            raise ValueError(f"--device {gpu!r}: use auto, cpu, cuda or cuda:N")
     if gpu is not None and gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -24,21 +24,21 @@ from rep3d.analysis.kernels import (
     encoder_stages,
     kernel_statistics,
 )
+from rep3d.checkpoints import build_model, read_run
 from rep3d.config import RunConfig
 from rep3d.data.cases import list_cases
 from rep3d.data.dataset_config import get_dataset_config
 from rep3d.data.transforms import get_val_transforms
 from rep3d.fileio import jsonable, write_json
+from rep3d.runtime import select_device
 
 # Standard checkpoint names: a checkpoint is labelled by its run folder instead.
 _RUN_FILES = ("best_metric_model.pth", "checkpoint_last.pth")
 
 
-def _run_config(checkpoint: Any, path: str) -> dict:
-    """Network and dataset settings of a checkpoint of ours, in any format, through the shared reader
-    (:meth:`configs.RunConfig.from_checkpoint`)."""
-
-    run = RunConfig.from_checkpoint(checkpoint, path)
+def _run_config(run: RunConfig | None, path: str) -> dict:
+    """Network and dataset settings of a checkpoint of ours, in any format (its :class:`RunConfig` as
+    :func:`rep3d.checkpoints.read_run` gives it)."""
     if run is None:
         raise ValueError(
             f"{path}: the checkpoint does not say which network it holds (a bare state dict, or the authors' "
@@ -115,10 +115,9 @@ def _label(source: str) -> str:
 def _load_model(source: str, cfg: ErfConfig) -> tuple[nn.Module, dict, bool]:
     """The network of one source, its settings and whether its masks are the trained ones."""
     if os.path.isfile(source):
-        ckpt = networks.read_checkpoint(source)
-        run = _run_config(ckpt, source)
-        model = networks.build_network(run["name"], run["in_channels"], run["out_channels"], **run["options"])
-        networks.load_network_weights(model, ckpt)
+        ckpt, run_config = read_run(source)
+        run = _run_config(run_config, source)
+        model = build_model(run["name"], run["in_channels"], run["out_channels"], run["options"], ckpt)
         state = ckpt.get("state_dict", {}) if isinstance(ckpt, Mapping) else {}
         learned_masks = any(".modulation." in k for k in state)
         return model, run, learned_masks
@@ -129,17 +128,9 @@ def _load_model(source: str, cfg: ErfConfig) -> tuple[nn.Module, dict, bool]:
     return model, run, True
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu.")
-    return torch.device(name)
-
-
 def analyse_source(source: str, cfg: ErfConfig, log: Callable[[str], None] = print) -> dict:
     """ERF and kernel statistics of one checkpoint or untrained network (one entry of ``erf.json``)."""
-    device = _device(cfg.device)
+    device = select_device(cfg.device)
     model, run, learned_masks = _load_model(source, cfg)
     model = model.to(device).eval()
     encoder, stages = encoder_stages(model)

@@ -24,6 +24,7 @@ from rep3d.data.cases import (
 )
 from rep3d.data.dataset_config import DataError, DatasetConfig
 from rep3d.data.image_io import (
+    Header,
     image_ext,
     missing_library,
     read_array,
@@ -46,61 +47,46 @@ def _gzip_isize_ok(path: str, expected: int) -> bool:
     return isize == expected % (1 << 32)
 
 
-def _load_header(path: str, role: str, problems: list[str]):
-    """``(handle, shape, affine)`` of an image or label file, or None with the problem recorded.
+def _load_header(path: str, role: str, problems: list[str]) -> Header | None:
+    """The :class:`~rep3d.data.image_io.Header` of an image or label file (any format), or None
+    with the problem recorded.
 
-    ``shape`` includes a trailing channel axis for 4-D files (NIfTI as stored; other formats
-    as their channel count); ``affine`` is RAS+ mm in every format; ``handle`` is the nibabel
-    image for NIfTI (read lazily), None for the other formats.
+    Its ``array_shape`` has a trailing channel axis for 4-D files (NIfTI as stored; other formats
+    as their channel count); its ``affine`` is RAS+ mm in every format. Where the reader gives the
+    data's offset (NIfTI), a cheap truncation test runs too.
     """
-    if image_ext(path) not in NIFTI_EXTENSIONS:
-        if not os.path.exists(path):
-            problems.append(f"{path}: {role} file not found. Fix: check the path (or the datalist entry)")
-            return None
-        need = missing_library(path)
-        if need:
-            problems.append(f"{path}: {need}")
-            return None
-        try:
-            h = read_header(path)
-        except Exception as e:  # each library raises its own types for broken files
-            problems.append(f"{path}: unreadable or corrupt {role} ({type(e).__name__}: {e}). Fix: re-export or re-download the file")
-            return None
-        shape = tuple(h.shape) + ((h.channels,) if h.channels > 1 or h.ndim > len(h.shape) else ())
-        return None, shape, h.affine
-    import nibabel as nib
-
-    if not os.path.isfile(path):
+    exists = os.path.isfile(path) if image_ext(path) in NIFTI_EXTENSIONS else os.path.exists(path)
+    if not exists:
         problems.append(f"{path}: {role} file not found. Fix: check the path (or the datalist entry)")
         return None
+    need = missing_library(path)
+    if need:
+        problems.append(f"{path}: {need}")
+        return None
     try:
-        img = nib.load(path)
-        shape = tuple(int(s) for s in img.shape)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as e:  # nibabel raises several types for broken headers
+        h = read_header(path)
+    except Exception as e:  # each library raises its own types for broken files
         problems.append(f"{path}: unreadable or corrupt {role} ({type(e).__name__}: {e}). Fix: re-export or re-download the file")
         return None
-    # Data are read lazily; a truncated file shows up as a short gzip stream or a short file.
-    hdr = img.header
-    try:
-        nbytes = int(np.prod(shape)) * np.dtype(hdr.get_data_dtype()).itemsize
-        offset = int(getattr(img.dataobj, "offset", 0) or hdr.get_data_offset())
-    except Exception:
-        nbytes, offset = 0, 0
-    suspect = False
-    if nbytes:
-        if path.lower().endswith(".gz"):
-            suspect = not _gzip_isize_ok(path, offset + nbytes)
-        else:
-            suspect = os.path.getsize(path) < offset + nbytes
-    if suspect:
+    if _truncated(path, h):
         # The size test can misjudge multi-member gzip files; reading the data decides.
         try:
-            np.asanyarray(img.dataobj)
+            read_array(path)
         except Exception as e:
             problems.append(f"{path}: corrupt {role}: the voxel data cannot be read ({type(e).__name__}: {e}). Fix: re-export or re-download the file")
             return None
-    return img, shape, affine
+    return h
+
+
+def _truncated(path: str, h: Header) -> bool:
+    """Whether the file looks shorter than its header says (a short gzip stream or a short file);
+    only tested where the header gives the data's offset (NIfTI)."""
+    nbytes = h.data_bytes
+    if not nbytes or h.data_offset is None:
+        return False
+    if path.lower().endswith(".gz"):
+        return not _gzip_isize_ok(path, h.data_offset + nbytes)
+    return os.path.getsize(path) < h.data_offset + nbytes
 
 
 def _spatial_shape(shape: tuple[int, ...], path: str, role: str, problems: list[str], channels_ok: bool = False) -> tuple[int, int, int] | None:
@@ -125,11 +111,14 @@ def _label_values(data: np.ndarray) -> np.ndarray:
     return np.unique(flat)
 
 
-def _voxels(path: str, handle) -> np.ndarray:
-    if handle is not None:
-        return np.asanyarray(handle.dataobj)
+def _voxels(path: str) -> np.ndarray:
     data = read_array(path)
     return data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
+
+
+def _channel_count(h: Header) -> int:
+    """Channels of a file: the last axis of a 4-D array, else 1."""
+    return h.array_shape[3] if len(h.array_shape) == 4 else 1
 
 
 def _same_grid(a: np.ndarray, b: np.ndarray) -> bool:
@@ -147,24 +136,24 @@ def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_chan
     info = None
     files = image_paths(case["image"])
     heads = [_load_header(f, "image", problems) for f in files]
-    spatial = [_spatial_shape(h[1], f, "image", problems, channels_ok=True) if h else None for f, h in zip(files, heads)]
+    spatial = [_spatial_shape(h.array_shape, f, "image", problems, channels_ok=True) if h else None for f, h in zip(files, heads)]
     ishape = spatial[0]
-    affine = heads[0][2] if heads[0] is not None else None
-    total = sum((h[1][3] if len(h[1]) == 4 else 1) for h in heads if h is not None)
+    affine = heads[0].affine if heads[0] is not None else None
+    total = sum(_channel_count(h) for h in heads if h is not None)
     for i, (f, h, shp) in enumerate(zip(files[1:], heads[1:], spatial[1:]), start=1):
         if h is None or shp is None or ishape is None:
             continue
         name = f" ({channel_names[i]})" if channel_names and i < len(channel_names) else ""
         if shp != ishape:
             problems.append(f"{f}: channel {i}{name} has shape {shp}, channel 0 ({files[0]}) {ishape}. Fix: every channel of a case must be on the same voxel grid; resample it to channel 0")
-        elif not _same_grid(affine, h[2]):
-            diff = float(np.abs(affine[:3] - h[2][:3]).max())
+        elif not _same_grid(affine, h.affine):
+            diff = float(np.abs(affine[:3] - h.affine[:3]).max())
             problems.append(f"{f}: channel {i}{name} geometry (affine) differs from channel 0's ({files[0]}) by up to {diff:.4g} mm. Fix: resample it onto channel 0 (or re-save it with channel 0's header if the voxels do correspond)")
     complete = all(h is not None for h in heads)
     if complete and in_channels is not None and total != in_channels and all(s is not None for s in spatial):
         want = _channels_text(channel_names, in_channels)
-        if len(files) == 1 and len(heads[0][1]) == 4:
-            problems.append(f"{files[0]}: image is 4-D with {total} channels {heads[0][1]} but the dataset takes {want}. Fix: pass images with those channels, or a --dataset / plan with {total}")
+        if len(files) == 1 and len(heads[0].array_shape) == 4:
+            problems.append(f"{files[0]}: image is 4-D with {total} channels {heads[0].array_shape} but the dataset takes {want}. Fix: pass images with those channels, or a --dataset / plan with {total}")
         else:
             lacking = f"; missing: {', '.join(channel_names[total:])}" if channel_names and total < len(channel_names) else ""
             problems.append(f"{files[0]}: case {case_name(files, 'image')!r} has {total} channel{'s' if total != 1 else ''} ({len(files)} file{'s' if len(files) != 1 else ''}) but the dataset takes {want}{lacking}. Fix: give every case the same channels (nnU-Net naming case_0000, case_0001, ...)")
@@ -177,12 +166,12 @@ def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_chan
     if "label" not in case:
         return problems, info
     label = _load_header(case["label"], "label", problems)
-    lshape = _spatial_shape(label[1], case["label"], "label", problems) if label else None
+    lshape = _spatial_shape(label.array_shape, case["label"], "label", problems) if label else None
     if heads[0] is not None and label is not None and ishape is not None and lshape is not None:
         if ishape != lshape:
             problems.append(f"{case['label']}: label shape {lshape} differs from image shape {ishape} ({files[0]}). Fix: the label must be drawn on the image's voxel grid; resample it to the image")
-        elif not _same_grid(affine, label[2]):
-            diff = float(np.abs(affine[:3] - label[2][:3]).max())
+        elif not _same_grid(affine, label.affine):
+            diff = float(np.abs(affine[:3] - label.affine[:3]).max())
             problems.append(
                 f"{case['label']}: label affine differs from the image's ({files[0]}) by up to {diff:.4g} mm. "
                 "Fix: if the voxels do correspond, re-save the label with the image's header (nibabel.Nifti1Image(label_data, image.affine)); otherwise resample the label onto the image"
@@ -190,7 +179,7 @@ def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_chan
     if check_labels and label is not None and lshape is not None:
         top = f"0..{num_classes - 1}" if num_classes else "0, 1, 2, ..."
         try:
-            data = _voxels(case["label"], label[0])
+            data = _voxels(case["label"])
         except Exception as e:
             problems.append(f"{case['label']}: corrupt label: the voxel data cannot be read ({type(e).__name__}: {e}). Fix: re-export the file")
             return problems, info
@@ -304,7 +293,7 @@ def check_input_channels(cases: list[dict] | list[str], cfg: DatasetConfig) -> l
         counts = []
         for f in files:
             h = _load_header(f, "image", problems)
-            counts.append(None if h is None else (h[1][3] if len(h[1]) == 4 else 1))
+            counts.append(None if h is None else _channel_count(h))
         if None in counts:
             continue
         total = sum(counts)

@@ -45,6 +45,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rep3d.data.demo import DEMO_CLASS_NAMES, DEMO_ROI, DEMO_SPACING, DEMO_WINDOW
+from rep3d.data.intensity import (
+    SCHEMES,
+    UNIFORM_SCHEMES,
+    WINDOW,
+    IntensityScheme,
+    get_scheme,
+    scheme_of,
+)
 
 
 @dataclass
@@ -71,9 +79,11 @@ class DatasetConfig:
             ``{"scheme": "ct", "lower": l, "upper": u, "mean": m, "std": s}`` (clip to the
             dataset's foreground percentiles, then ``(x - m) / s``, as nnU-Net normalises CT),
             ``{"scheme": "zscore"}`` (per volume, non-zero voxels) or
-            ``{"scheme": "window", "a_min": a, "a_max": b}`` (clip and map to [0, 1]).
+            ``{"scheme": "window", "a_min": a, "a_max": b}`` (clip and map to [0, 1]). Each scheme
+            is a class of :mod:`rep3d.data.intensity`, looked up by name.
 
-    The number of input channels is :attr:`in_channels`.
+    The number of input channels is :attr:`in_channels`; the scheme all channels share is
+    :attr:`scheme`.
     """
 
     name: str
@@ -99,10 +109,14 @@ class DatasetConfig:
             self.normalization = [dict(n) if isinstance(n, dict) else n for n in self.normalization]
             schemes = {n.get("scheme") for n in self.normalization if isinstance(n, dict)}
             self.intensity = schemes.pop() if len(schemes) == 1 else "mixed"
-            if self.intensity != "window":
+            # The config's a_min / a_max mirror channel 0's parameters when the shared scheme is a
+            # uniform one that has them (a window), else they are None.
+            scheme = self.scheme
+            fields = scheme.required_keys if scheme is not None and scheme.uniform else ()
+            if not fields:
                 self.a_min = self.a_max = None
             elif self.normalization and isinstance(self.normalization[0], dict):
-                self.a_min, self.a_max = self.normalization[0].get("a_min"), self.normalization[0].get("a_max")
+                self.a_min, self.a_max = (self.normalization[0].get(k) if k in fields else None for k in ("a_min", "a_max"))
         self.validate()
 
     @property
@@ -110,30 +124,33 @@ class DatasetConfig:
         """Number of input channels (network input channels)."""
         return len(self.channel_names)
 
+    @property
+    def scheme(self) -> IntensityScheme | None:
+        """The intensity scheme every channel shares, or None when they differ (``"mixed"``)."""
+        return SCHEMES.get(self.intensity) if isinstance(self.intensity, str) else None
+
     def channel_norms(self) -> list[dict]:
         """The normalisation of each channel, one dict per channel (see ``normalization``)."""
         if self.normalization is not None:
             return [dict(n) for n in self.normalization]
-        if self.intensity == "window":
-            return [{"scheme": "window", "a_min": self.a_min, "a_max": self.a_max} for _ in self.channel_names]
-        return [{"scheme": "zscore"} for _ in self.channel_names]
+        scheme = get_scheme(self.intensity)  # a uniform scheme: its parameters are this config's fields
+        return [scheme.params(**{k: getattr(self, k) for k in scheme.required_keys}) for _ in self.channel_names]
 
     def validate(self) -> None:
         """Raise ``ValueError`` saying what to pass when a field is inconsistent."""
         errors = []
         if len(self.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing):
             errors.append(f"spacing must be 3 positive numbers in mm (e.g. --spacing 1.5 1.5 2.0), got {self.spacing}")
-        if self.normalization is None and self.intensity not in ("window", "zscore"):
-            errors.append(f"intensity must be 'window' (CT) or 'zscore' (MRI), got {self.intensity!r}")
+        uniform = SCHEMES.get(self.intensity) if self.intensity in UNIFORM_SCHEMES else None
+        if self.normalization is None and uniform is None:
+            choices = " or ".join(f"{n!r} ({SCHEMES[n].modality})" for n in UNIFORM_SCHEMES)
+            errors.append(f"intensity must be {choices}, got {self.intensity!r}")
         if not self.channel_names or len(set(self.channel_names)) != len(self.channel_names):
             errors.append(f"channel_names must be distinct names, one per input channel, got {self.channel_names}")
         if self.normalization is not None:
             errors += _normalization_errors(self.normalization, self.channel_names)
-        elif self.intensity == "window":
-            if self.a_min is None or self.a_max is None:
-                errors.append("intensity 'window' needs both bounds: pass --a_min and --a_max (e.g. -125 275 for abdominal CT)")
-            elif not self.a_min < self.a_max:
-                errors.append(f"a_min ({self.a_min}) must be below a_max ({self.a_max})")
+        elif uniform is not None:
+            errors += uniform.config_problems({k: getattr(self, k) for k in uniform.required_keys})
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             errors.append(f"num_classes counts background too and must be >= 2, got {self.num_classes}")
         elif len(self.class_names) != self.num_classes:
@@ -157,9 +174,6 @@ class DatasetConfig:
         return d
 
 
-_SCHEME_KEYS = {"window": ("a_min", "a_max"), "ct": ("lower", "upper", "mean", "std"), "zscore": ()}
-
-
 def _normalization_errors(norms, channel_names: list[str]) -> list[str]:
     """What is wrong with a per-channel ``normalization`` list (empty when nothing is)."""
     if not isinstance(norms, (list, tuple)):
@@ -169,17 +183,11 @@ def _normalization_errors(norms, channel_names: list[str]) -> list[str]:
         errors.append(f"normalization has {len(norms)} entries but there are {len(channel_names)} channels {channel_names}: give one per channel")
     for i, n in enumerate(norms):
         where = f"normalization of channel {i} ({channel_names[i] if i < len(channel_names) else '?'})"
-        if not isinstance(n, dict) or n.get("scheme") not in _SCHEME_KEYS:
-            errors.append(f"{where}: expected {{'scheme': 'ct' | 'zscore' | 'window', ...}}, got {n!r}")
+        scheme = scheme_of(n)
+        if scheme is None:
+            errors.append(f"{where}: expected {{'scheme': {' | '.join(repr(s) for s in SCHEMES)}, ...}}, got {n!r}")
             continue
-        missing = [k for k in _SCHEME_KEYS[n["scheme"]] if not isinstance(n.get(k), (int, float)) or not math.isfinite(n[k])]
-        if missing:
-            errors.append(f"{where}: scheme {n['scheme']!r} needs numbers for {missing}")
-            continue
-        if n["scheme"] == "window" and not n["a_min"] < n["a_max"]:
-            errors.append(f"{where}: a_min ({n['a_min']}) must be below a_max ({n['a_max']})")
-        if n["scheme"] == "ct" and not (n["lower"] < n["upper"] and n["std"] > 0):
-            errors.append(f"{where}: needs lower < upper and std > 0, got {n}")
+        errors += [f"{where}: {p}" for p in scheme.validate(n)]
     return errors
 
 
@@ -310,9 +318,11 @@ def get_dataset_config(name: str, config_file: str | None = None, *, base: Datas
         v = values[key]
         if isinstance(v, (int, float)):
             values[key] = [v] * 3
-    if values.get("intensity") == "zscore":
-        values["a_min"] = values["a_min"] if "a_min" in given else None
-        values["a_max"] = values["a_max"] if "a_max" in given else None
+    scheme = SCHEMES.get(values["intensity"]) if isinstance(values.get("intensity"), str) else None
+    for key in ("a_min", "a_max"):
+        # A preset's window bounds do not carry over to a scheme without them (e.g. --intensity zscore).
+        if scheme is not None and key not in scheme.required_keys and key not in given:
+            values[key] = None
     if values.get("normalization") is not None and len(values.get("channel_names") or []) != len(values["normalization"]) and "channel_names" not in given:
         values["channel_names"] = [f"channel_{i}" for i in range(len(values["normalization"]))]
     try:
@@ -325,12 +335,12 @@ def _override_norms(base: DatasetConfig, given: dict) -> list[dict]:
     """The base's per-channel normalisation with ``--intensity/--a_min/--a_max`` applied to its
     CT channels (every channel when none is CT)."""
     norms = base.channel_norms()
-    targets = [i for i, n in enumerate(norms) if n["scheme"] == "ct"] or list(range(len(norms)))
-    intensity = given.get("intensity") or ("window" if given.get("a_min") is not None or given.get("a_max") is not None else None)
+    targets = [i for i, n in enumerate(norms) if get_scheme(n["scheme"]).planned] or list(range(len(norms)))
+    intensity = given.get("intensity") or (WINDOW.name if given.get("a_min") is not None or given.get("a_max") is not None else None)
+    scheme = SCHEMES.get(intensity) if isinstance(intensity, str) else None
+    if scheme is None or not scheme.uniform:
+        return norms
     for i in targets:
-        if intensity == "zscore":
-            norms[i] = {"scheme": "zscore"}
-        elif intensity == "window":
-            # Validation names what is missing when a bound was not given.
-            norms[i] = {"scheme": "window", "a_min": given.get("a_min"), "a_max": given.get("a_max")}
+        # Validation names what is missing when a bound was not given.
+        norms[i] = scheme.params(**{k: given.get(k) for k in scheme.required_keys})
     return norms

@@ -38,24 +38,44 @@ _NRRD_EXTS = (".seg.nrrd", ".nrrd", ".nhdr")
 
 @dataclass(frozen=True)
 class Header:
-    """Geometry of one image file (or DICOM series), as MONAI will load it.
+    """Geometry and storage of one image file (or DICOM series), as MONAI will load it.
 
     Attributes:
         shape: spatial shape (i, j, k) in the file's voxel order.
         channels: channels (or time points) stored in the file; 1 for a plain 3-D volume.
         affine: 4 x 4 voxel-to-world matrix, RAS+ mm.
         ndim: dimensions of the stored array including any channel axis (2 for a 2-D image).
+        array_shape: the stored array's shape, channels last: NIfTI's as stored (e.g. 5-D
+            kept 5-D); for the other formats ``shape`` plus ``(channels,)`` when the file has a
+            channel axis. Default: so derived from the fields above.
+        dtype: the voxel type stored on disk (per channel component), or None where the reader
+            does not say (DICOM series, NRRD ``block``).
+        data_offset: NIfTI: the byte offset of the voxel data in the (uncompressed) file, for
+            the truncation test of :mod:`checks`; None for the other formats.
     """
 
     shape: tuple[int, ...]
     channels: int
     affine: np.ndarray
     ndim: int
+    array_shape: tuple[int, ...] = ()
+    dtype: np.dtype | None = None
+    data_offset: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.array_shape:
+            extra = (self.channels,) if self.channels > 1 or self.ndim > len(self.shape) else ()
+            object.__setattr__(self, "array_shape", tuple(self.shape) + extra)
 
     @property
     def spacing(self) -> tuple[float, ...]:
         """Voxel size in mm along each voxel axis (column norms of the affine)."""
         return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    @property
+    def data_bytes(self) -> int | None:
+        """Bytes of the voxel data as stored, uncompressed (None when ``dtype`` is unknown)."""
+        return int(np.prod(self.array_shape)) * self.dtype.itemsize if self.dtype is not None else None
 
 
 def image_ext(path: str) -> str | None:
@@ -109,6 +129,22 @@ def missing_library(path: str) -> str | None:
     return None
 
 
+# NRRD "type" field values (the spec's synonyms) by numpy type; the byte order does not change the size.
+_NRRD_TYPES = {
+    "i1": ("signed char", "int8", "int8_t"),
+    "u1": ("uchar", "unsigned char", "uint8", "uint8_t"),
+    "i2": ("short", "short int", "signed short", "signed short int", "int16", "int16_t"),
+    "u2": ("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"),
+    "i4": ("int", "signed int", "int32", "int32_t"),
+    "u4": ("uint", "unsigned int", "uint32", "uint32_t"),
+    "i8": ("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64", "int64_t"),
+    "u8": ("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"),
+    "f4": ("float",),
+    "f8": ("double",),
+}
+_NRRD_DTYPE = {name: np.dtype(code) for code, names in _NRRD_TYPES.items() for name in names}
+
+
 def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
     out = np.array(affine, dtype=np.float64)
     out[:2] *= -1.0
@@ -154,6 +190,12 @@ def _itk_header(path: str) -> Header:
         affine[i, n] = io.GetOrigin(i)
     channels = int(io.GetNumberOfComponents())
     ndim = n + (1 if channels > 1 else 0)
+    kind = str(io.GetComponentTypeAsString(io.GetComponentType())).lower()
+    size = int(io.GetComponentSize())
+    try:
+        dtype = np.dtype(f"{'f' if kind in ('float', 'double') else 'u' if kind.startswith('unsigned') else 'i'}{size}")
+    except TypeError:
+        dtype = None
     if n == 4:  # a 4-D MetaImage: channels (or time) along the last axis, as MONAI reads it
         channels, shape = shape[3] * channels, shape[:3]
         spatial = np.eye(4)
@@ -161,11 +203,28 @@ def _itk_header(path: str) -> Header:
         affine = spatial
     if affine.shape == (4, 4):
         affine = _lps_to_ras(affine)
-    return Header(shape=shape[:3], channels=channels, affine=affine, ndim=ndim)
+    return Header(shape=shape[:3], channels=channels, affine=affine, ndim=ndim, dtype=dtype)
+
+
+def _nifti_header(path: str) -> Header:
+    import nibabel as nib
+
+    img = nib.load(path)
+    shape = tuple(int(s) for s in img.shape)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    try:
+        dtype = np.dtype(img.header.get_data_dtype())
+        offset = int(getattr(img.dataobj, "offset", 0) or img.header.get_data_offset())
+    except Exception:  # noqa: BLE001 - a header without them: no truncation test
+        dtype, offset = None, None
+    channels = shape[3] if len(shape) == 4 else 1
+    return Header(shape=shape[:3], channels=channels, affine=affine, ndim=len(shape), array_shape=shape, dtype=dtype, data_offset=offset)
 
 
 def read_header(path: str) -> Header:
-    """Read the geometry of an image file or DICOM series folder without its voxels (DICOM: with).
+    """Read the geometry (and stored voxel type) of an image file or DICOM series folder without
+    its voxels (DICOM: with). The one header reader of Rep3D: checks, planning and the cache
+    estimate all read headers through it, in every format.
 
     Raises:
         ValueError: unsupported file or missing reader library (the message says what to install).
@@ -176,12 +235,7 @@ def read_header(path: str) -> Header:
         raise ValueError(need)
     ext = image_ext(path)
     if ext in (".nii.gz", ".nii"):
-        import nibabel as nib
-
-        img = nib.load(path)
-        shape = tuple(int(s) for s in img.shape)
-        channels = shape[3] if len(shape) == 4 else 1
-        return Header(shape=shape[:3], channels=channels, affine=np.asarray(img.affine, dtype=np.float64), ndim=len(shape))
+        return _nifti_header(path)
     if ext in _NRRD_EXTS:
         import nrrd
 
@@ -189,7 +243,8 @@ def read_header(path: str) -> Header:
         sizes = [int(s) for s in hdr["sizes"]]
         affine, spatial = _nrrd_affine(hdr)
         others = [sizes[i] for i in range(len(sizes)) if i not in spatial]
-        return Header(shape=tuple(sizes[i] for i in spatial), channels=int(np.prod(others)) if others else 1, affine=affine, ndim=len(sizes))
+        dtype = _NRRD_DTYPE.get(str(hdr.get("type", "")).strip().lower())
+        return Header(shape=tuple(sizes[i] for i in spatial), channels=int(np.prod(others)) if others else 1, affine=affine, ndim=len(sizes), dtype=dtype)
     if ext in _ITK_EXTS:
         return _itk_header(path)
     if os.path.isdir(path):

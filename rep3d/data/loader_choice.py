@@ -13,6 +13,7 @@ import torch
 
 from rep3d.data.cases import list_cases
 from rep3d.data.dataset_config import DataError, DatasetConfig
+from rep3d.data.image_io import read_header
 from rep3d.runtime import default_num_workers
 
 # choose_loader: the GPU cache may take this share of the GPU memory free when the choice is made;
@@ -54,26 +55,16 @@ class LoaderChoice:
     cache_bytes: int | None = None
 
 
-def _header_voxels(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
-    """(spatial shape, voxel sizes in mm, channels) from a NIfTI header; the voxels are not read."""
-    import nibabel as nib
-
-    img = nib.load(path)
-    shape = tuple(int(s) for s in img.shape)
-    zooms = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-    channels = shape[3] if len(shape) == 4 else 1
-    return shape[:3], zooms, channels
-
-
 def estimate_cache_bytes(cfg: DatasetConfig, cases: Sequence[dict], roi: Sequence[int] | None = None) -> int:
     """Bytes the cached training / validation volumes take: float32 image channels + float32 label
     per voxel of the volume resampled to ``cfg.spacing`` and padded to ``roi``.
 
-    Read from the NIfTI headers alone (shape and voxel size), so it is an upper bound: the crop to
-    the foreground, done on the voxels, makes the real cache smaller (on the brain set of
-    benchmarks/RESULTS.md the cropped training volumes hold 56% of the voxels counted). Cases whose
-    header cannot be read count as the largest of the others. The crop-centre indices stay on the
-    CPU and are not counted.
+    Read from the headers alone (shape, voxel size and channels, through
+    :func:`image_io.read_header`: NIfTI, NRRD, MetaImage; a DICOM series is loaded to know them),
+    so it is an upper bound: the crop to the foreground, done on the voxels, makes the real cache
+    smaller (on the brain set of benchmarks/RESULTS.md the cropped training volumes hold 56% of the
+    voxels counted). Cases whose header cannot be read count as the largest of the others. The
+    crop-centre indices stay on the CPU and are not counted.
     """
     roi = tuple(int(r) for r in (roi or cfg.roi))
     sizes, unread = [], 0
@@ -82,8 +73,9 @@ def estimate_cache_bytes(cfg: DatasetConfig, cases: Sequence[dict], roi: Sequenc
             images = case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]
             channels, shape, zooms = 0, None, None
             for p in images:
-                shape, zooms, c = _header_voxels(str(p))
-                channels += c
+                h = read_header(str(p))
+                shape, zooms = h.shape, h.spacing
+                channels += h.channels
             resampled = [max(int(math.ceil(n * z / t)), r) for n, z, t, r in zip(shape, zooms, cfg.spacing, roi)]
             sizes.append(int(np.prod(resampled)) * 4 * (channels + (1 if "label" in case else 0)))
         except Exception:  # noqa: BLE001 - unreadable files are check_dataset's to report
@@ -121,7 +113,7 @@ def choose_loader(
 
     ``"auto"``: the GPU cache when training runs on CUDA, every case is to be cached, and the
     estimated cached dataset (:func:`estimate_cache_bytes`: the training and validation volumes
-    after resampling, float32 image + label, from the NIfTI headers only) fits in ``gpu_share``
+    after resampling, float32 image + label, from the image headers only) fits in ``gpu_share``
     (default 40%, :data:`GPU_CACHE_SHARE`) of the GPU memory free now; else CPU workers, caching
     every case when the estimate fits in half the available RAM (:data:`RAM_CACHE_SHARE`).
     ``"gpu"`` / ``"workers"`` take that path (the reason says it was asked for).

@@ -17,11 +17,9 @@ from monai.transforms import (
     FgBgToIndicesd,
     Invertd,
     MapTransform,
-    NormalizeIntensityd,
     Orientationd,
     RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
-    ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
     ToDeviced,
@@ -30,46 +28,10 @@ from monai.transforms import (
 from rep3d.data.augment import RandCropAugmentd
 from rep3d.data.dataset_config import DatasetConfig
 from rep3d.data.image_io import load_image_transform
-
-
-class NormalizeChannelsd(MapTransform):
-    """Per-channel intensity normalisation, one scheme per channel (see ``DatasetConfig.normalization``).
-
-    ``window``: clip to ``[a_min, a_max]`` and map to [0, 1]; ``ct``: clip to ``[lower, upper]``
-    then ``(x - mean) / std`` with the dataset's foreground statistics (nnU-Net's CT scheme);
-    ``zscore``: this volume's mean/std over its non-zero voxels.
-
-    Args:
-        keys: keys of channel-first images.
-        norms: one dict per channel.
-    """
-
-    def __init__(self, keys, norms: Sequence[dict]) -> None:
-        super().__init__(keys)
-        self.norms = [dict(n) for n in norms]
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            if img.shape[0] != len(self.norms):
-                raise ValueError(f"{key} has {img.shape[0]} channels but the normalisation {len(self.norms)}; the dataset config and the inputs disagree")
-            out = img.float().clone() if not img.is_floating_point() else img.clone()
-            for c, n in enumerate(self.norms):
-                x = out[c]
-                if n["scheme"] == "window":
-                    out[c] = (x.clamp(n["a_min"], n["a_max"]) - n["a_min"]) / (n["a_max"] - n["a_min"])
-                elif n["scheme"] == "ct":
-                    out[c] = (x.clamp(n["lower"], n["upper"]) - n["mean"]) / max(n["std"], 1e-8)
-                else:
-                    mask = x != 0
-                    if bool(mask.any()):
-                        v = x[mask]
-                        std = float(v.std()) if v.numel() > 1 else 0.0
-                        x[mask] = (v - v.mean()) / (std if std > 0 else 1.0)
-                        out[c] = x
-            d[key] = out
-        return d
+from rep3d.data.intensity import (  # NormalizeChannelsd also imported from here
+    NormalizeChannelsd,
+    get_scheme,
+)
 
 
 class _AboveThresholds:
@@ -85,29 +47,16 @@ class _AboveThresholds:
         return img > t.to(img.device).reshape((-1,) + (1,) * (img.ndim - 1))
 
 
-# Air is about -1000 HU, the body above about -200: the crop keeps the bounding box of what is
-# above this, unless the CT channel's own lower bound is lower (e.g. lung or airway targets).
-_CT_BODY_HU = -500.0
-
-
 def _crop_thresholds(cfg: DatasetConfig) -> list[float]:
-    out = []
-    for n in cfg.channel_norms():
-        if n["scheme"] == "window":
-            out.append(n["a_min"])
-        elif n["scheme"] == "ct":
-            out.append(min(n["lower"], _CT_BODY_HU))
-        else:
-            out.append(0.0)  # MRI-like: the background is 0
-    return out
+    """Per channel, the raw value above which a voxel is foreground (its scheme's threshold)."""
+    return [get_scheme(n["scheme"]).foreground_threshold(n) for n in cfg.channel_norms()]
 
 
 def _intensity(cfg: DatasetConfig) -> list:
     if cfg.normalization is not None:
         return [NormalizeChannelsd(keys="image", norms=cfg.normalization)]
-    if cfg.intensity == "window":
-        return [ScaleIntensityRanged(keys="image", a_min=cfg.a_min, a_max=cfg.a_max, b_min=0.0, b_max=1.0, clip=True)]
-    return [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
+    # One uniform scheme for every channel (window, zscore): its MONAI transform.
+    return [get_scheme(cfg.intensity).transform("image", cfg.channel_norms()[0])]
 
 
 def _preprocess(cfg: DatasetConfig, keys: list[str], modes: list[str]) -> list:
@@ -125,7 +74,7 @@ def _preprocess(cfg: DatasetConfig, keys: list[str], modes: list[str]) -> list:
         crop = CropForegroundd(keys=keys, source_key="image", select_fn=_AboveThresholds(_crop_thresholds(cfg)), allow_smaller=True)
         return chain + [crop] + _intensity(cfg)
     crop = CropForegroundd(keys=keys, source_key="image", allow_smaller=True)
-    if cfg.intensity == "window":
+    if get_scheme(cfg.intensity).normalise_then_crop:
         # After windowing, air is exactly 0, so "> 0" is the body.
         return chain + _intensity(cfg) + [crop]
     # z-scored volumes are negative inside the body; crop on the raw (non-negative) MRI first.
@@ -199,7 +148,7 @@ def get_train_transforms(
     chain += [SpatialPadd(keys=keys, spatial_size=roi, mode="constant"), EnsureTyped(keys=keys, track_meta=False)]
     # Windowed CT: background crops are centred inside the body (> a_min, i.e. > 0 after windowing),
     # not in air. z-scored MRI is negative in half the body, so there any background voxel may serve.
-    image_key = "image" if cfg.intensity == "window" else None
+    image_key = "image" if cfg.scheme is not None and cfg.scheme.positive_body else None
     if crop_ratios is None:
         chain.append(FgBgToIndicesd(keys="label", image_key=image_key, image_threshold=0))
         index_keys = [_INDEX_KEYS["fg"], _INDEX_KEYS["bg"]]

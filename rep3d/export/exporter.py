@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 
 import networks
+from networks import fftconv
+from rep3d.data.intensity import sidecar_normalisation, sidecar_steps
 from rep3d.fileio import write_json
 from rep3d.inference.checkpoint import load_model, resolve_checkpoint
 from rep3d.inference.exported import SIDECAR_VERSION, ExportError, export_runner
@@ -198,8 +200,6 @@ def _power_of_two_fft(model: nn.Module) -> Iterator[None]:
     {2, 3, 5, 7}-smooth length. Any length >= N + K // 2 gives the same exact convolution; ONNX Runtime's
     DFT is fast only for powers of two (one rfftn + irfftn of 48 x 48^3 at length 60: 19 s, at 64: 5 s,
     2 shared cores), while PyTorch's FFT prefers the smooth lengths (1.2 s against 1.6 s)."""
-    from networks import fftconv
-
     if not any(getattr(m, "impl", None) == "fft" for m in model.modules()):
         yield
         return
@@ -361,11 +361,7 @@ def _sha256(path: str) -> str:
 def describe(resolved: dict, model: nn.Module, files: dict) -> dict:
     """The sidecar: what a program outside this repository needs to feed the export and read its output."""
     cfg = resolved["cfg"]
-    if cfg.intensity == "window":
-        norm = {"type": "window", "a_min": cfg.a_min, "a_max": cfg.a_max, "b_min": 0.0, "b_max": 1.0, "clip": True,
-                "formula": "clip((x - a_min) / (a_max - a_min), 0, 1)"}  # fmt: skip
-    else:
-        norm = {"type": "zscore", "nonzero": True, "channel_wise": True, "formula": "(x - mean) / std over the non-zero voxels of each channel; zeros stay 0"}
+    norm = sidecar_normalisation(cfg.channel_norms())
     decision = None
     try:
 
@@ -395,8 +391,7 @@ def describe(resolved: dict, model: nn.Module, files: dict) -> dict:
                 "load the NIfTI volume (channel first)",
                 f"resample to spacing {list(cfg.spacing)} mm (bilinear)",
                 "re-orient to RAS",
-                *(["normalise intensities (input.normalisation)", "crop to the bounding box of voxels > 0 (the body after windowing)"]
-                  if cfg.intensity == "window" else ["crop to the bounding box of voxels > 0 (raw MRI)", "normalise intensities (input.normalisation)"]),
+                *sidecar_steps(cfg.channel_norms()),
                 "predict by sliding window (sliding_window), softmax over the class axis",
                 "undo the crop, orientation and resampling (nearest neighbour for labels) to return to the input's grid",
             ],  # fmt: skip

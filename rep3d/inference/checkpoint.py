@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 import networks
+from rep3d.checkpoints import build_model, read_run
 from rep3d.cli import network_overrides
-from rep3d.config import RunConfig, SlidingWindowConfig
+from rep3d.config import SlidingWindowConfig
 from rep3d.data.dataset_config import DatasetConfig
 from rep3d.planning import resolve_dataset_config
 
@@ -94,8 +95,7 @@ def resolve_checkpoint(path: str, flags: dict | None = None) -> dict:
         InferenceError: flags contradicting the checkpoint, or settings missing from both.
     """
     flags = dict(flags or {})
-    ckpt = networks.read_checkpoint(path)
-    run = RunConfig.from_checkpoint(ckpt, path)
+    ckpt, run = read_run(path)
     problems = []
 
     ck_net = run.network.name if run else None
@@ -224,9 +224,7 @@ def load_model(resolved: dict, device: torch.device | str = "cpu", path: str = "
         InferenceError: the weights do not fit (other network, options or class count).
     """
     try:
-        model = networks.build_deploy_network(
-            resolved["network"], resolved["in_channels"], resolved["out_channels"], checkpoint=resolved["checkpoint"], **resolved["network_kwargs"]
-        )
+        model = build_model(resolved["network"], resolved["in_channels"], resolved["out_channels"], resolved["network_kwargs"], resolved["checkpoint"], deploy=True)
     except networks.CheckpointError as err:
         raise InferenceError(f"{path} does not load into {resolved['network']} with {resolved['out_channels']} classes: {err}") from None
     return model.to(device).eval()

@@ -42,16 +42,6 @@ def keep_largest_component(seg: np.ndarray, classes: Sequence[int]) -> np.ndarra
     return np.asarray(out).astype(seg.dtype, copy=False)
 
 
-def class_dice(pred: np.ndarray, label: np.ndarray, classes: Sequence[int]) -> list[float]:
-    """Dice per class in ``classes`` (NaN where the label lacks the class)."""
-    out = []
-    for c in classes:
-        p, y = pred == c, label == c
-        n_y = int(y.sum())
-        out.append(float("nan") if n_y == 0 else 2.0 * float(np.logical_and(p, y).sum()) / (int(p.sum()) + n_y))
-    return out
-
-
 def decide_postprocessing(before: dict[int, list[float]], after: dict[int, list[float]], class_names: Sequence[str]) -> dict:
     """Per class: keep the largest component only where that raises the mean Dice over the cases in
     which the class is present (nnU-Net's rule); classes never present stay unprocessed.

@@ -64,6 +64,16 @@ def describe_precision(device: torch.device, amp_dtype: torch.dtype | None, expo
     return f"{where}, {precision}"
 
 
+#: Predictor options that only checkpoints take (an export is already built, folded and fixed).
+_CHECKPOINT_ONLY = ("dwconv", "compile", "flags")
+
+
+def _is_export(weights: str | os.PathLike | Sequence[str]) -> bool:
+    """Whether ``Predictor(weights)`` names an export's sidecar (one ``.json`` file) rather than checkpoints."""
+    items = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
+    return len(items) == 1 and os.fspath(items[0]).endswith(".json")
+
+
 class Predictor:
     """Predict label maps in each volume's native space: load once, predict many volumes.
 
@@ -72,6 +82,9 @@ class Predictor:
     ``export_model.py`` export (ONNX Runtime when installed, else the TorchScript file). The
     pre-processing (spacing, orientation, intensity, foreground crop) comes from the checkpoint or the
     sidecar; the result is inverted to the input's grid.
+
+    Build it with :meth:`from_checkpoints` or :meth:`from_export`; ``Predictor(weights, ...)`` takes either
+    (a ``.json`` file is an export) and the same keywords.
 
     Args:
         weights: checkpoint path(s), a run folder, or an export's ``model.json``.
@@ -96,15 +109,55 @@ class Predictor:
 
     Example::
 
-        predictor = Predictor(["fold_0/best_metric_model.pth", "fold_1/best_metric_model.pth"], threads=2)
+        predictor = Predictor.from_checkpoints(["fold_0/best_metric_model.pth", "fold_1/best_metric_model.pth"], threads=2)
+        exported = Predictor.from_export("export/model.json")
         labels = predictor.predict("case_0001.nii.gz")                       # (X, Y, Z) uint8
         labels, probs = predictor.predict(array, affine=affine, return_probabilities=True)  # probs (C, X, Y, Z)
         print(predictor.class_names)
     """
 
-    def __init__(
-        self,
+    def __init__(self, weights: str | Sequence[str], **options) -> None:
+        # Kept for ``Predictor(checkpoint_or_folder)`` and ``Predictor("model.json")``: the two named
+        # constructors below are the API; this one only tells them apart.
+        built = (Predictor.from_export if _is_export(weights) else Predictor.from_checkpoints)(weights, **options)
+        self.__dict__.update(built.__dict__)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
         weights: str | Sequence[str],
+        *,
+        dwconv: str = "auto",
+        compile: bool = False,
+        flags: dict | None = None,
+        postprocess: str | Sequence[int] = "none",
+        **options,
+    ) -> "Predictor":
+        """A predictor of one checkpoint, several (an ensemble), or a run folder (its own
+        ``best_metric_model.pth``, else one per fold sub-folder). ``options``: see the class."""
+        self = cls.__new__(cls)
+        self._setup(**options)
+        self._load_checkpoints(weights, flags, dwconv, compile)
+        self.post_classes = self._post_classes(postprocess)
+        return self
+
+    @classmethod
+    def from_export(cls, sidecar: str | os.PathLike | Sequence[str], *, postprocess: str | Sequence[int] = "none", **options) -> "Predictor":
+        """A predictor of an ``export_model.py`` export, from its ``model.json`` sidecar (ONNX Runtime when
+        installed, else the TorchScript file). ``options``: see the class; the checkpoint-only ones
+        (``dwconv``, ``compile``, ``flags``) do not apply to an export and are ignored."""
+        if not isinstance(sidecar, (str, os.PathLike)):
+            (sidecar,) = list(sidecar)
+        for key in _CHECKPOINT_ONLY:
+            options.pop(key, None)
+        self = cls.__new__(cls)
+        self._setup(**options)
+        self._load_export(os.fspath(sidecar), options.get("threads"))
+        self.post_classes = self._post_classes(postprocess)
+        return self
+
+    def _setup(
+        self,
         *,
         device: str | torch.device = "cpu",
         sw_batch_size: int | None = None,
@@ -112,13 +165,9 @@ class Predictor:
         mode: str = "gaussian",
         tta: bool = False,
         amp: str = "auto",
-        postprocess: str | Sequence[int] = "none",
         threads: int | None = None,
-        dwconv: str = "auto",
         resample_probabilities: bool = False,
-        compile: bool = False,
         stitch_on_cpu: bool = False,
-        flags: dict | None = None,
     ) -> None:
         if threads is not None:
             if threads < 1:
@@ -131,32 +180,31 @@ class Predictor:
         self.sw_batch_size, self.overlap, self.mode, self.tta = int(sw_batch_size), float(overlap), mode, bool(tta)
         self.resample_probabilities = bool(resample_probabilities)
         self.stitch_on_cpu = bool(stitch_on_cpu)
+        self.export: dict | None = None
+
+    def _load_export(self, sidecar: str, threads: int | None) -> None:
+        self.export, runner = load_export(sidecar, device=self.device, threads=threads)
+        self.checkpoints = [sidecar]
+        self.cfg = DatasetConfig(**self.export["dataset"])
+        self.out_channels = int(self.export["network"]["out_channels"])
+        self.models: list = [runner]
+        self.rois = [tuple(self.cfg.roi)]
+        self.names = [self.export["network"]["name"]]
+
+    def _load_checkpoints(self, weights: str | Sequence[str], flags: dict | None, dwconv: str, compile: bool) -> None:
         flags = dict(flags or {})
         flags.setdefault("dwconv", dwconv)
-        weights = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
-        self.export: dict | None = None
-        if len(weights) == 1 and str(weights[0]).endswith(".json"):
-
-            self.export, runner = load_export(str(weights[0]), device=self.device, threads=threads)
-            self.checkpoints = [str(weights[0])]
-            self.cfg = DatasetConfig(**self.export["dataset"])
-            self.out_channels = int(self.export["network"]["out_channels"])
-            self.models: list = [runner]
-            self.rois = [tuple(self.cfg.roi)]
-            self.names = [self.export["network"]["name"]]
-        else:
-            self.checkpoints = expand_weights(weights)
-            members = [resolve_checkpoint(p, flags) for p in self.checkpoints]
-            self.cfg = check_ensemble(members)
-            self.out_channels = members[0]["out_channels"]
-            self.models = []
-            for m in members:
-                model = load_model(m, self.device, m["path"])
-                self.models.append(compile_for_windows(model, self.sw_batch_size) if compile else model)
-            self.rois = [tuple(m["cfg"].roi) for m in members]
-            self.names = [m["network"] for m in members]
-            self.members = members
-        self.post_classes = self._post_classes(postprocess)
+        self.checkpoints = expand_weights(weights)
+        members = [resolve_checkpoint(p, flags) for p in self.checkpoints]
+        self.cfg = check_ensemble(members)
+        self.out_channels = members[0]["out_channels"]
+        self.models = []
+        for m in members:
+            model = load_model(m, self.device, m["path"])
+            self.models.append(compile_for_windows(model, self.sw_batch_size) if compile else model)
+        self.rois = [tuple(m["cfg"].roi) for m in members]
+        self.names = [m["network"] for m in members]
+        self.members = members
 
     # ----------------------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from rep3d.fileio import write_json
 from rep3d.inference.checkpoint import InferenceError, expand_weights
 from rep3d.inference.postprocess import (
     POSTPROCESS_FILE,
-    class_dice,
     decide_postprocessing,
     decision_path,
     keep_largest_component,
@@ -36,7 +35,13 @@ from rep3d.inference.writer import (
     voxel_sizes,
     write_prediction,
 )
-from rep3d.metrics import case_metrics, metrics_table, summarize_metrics, write_metrics
+from rep3d.metrics import (
+    case_metrics,
+    class_dice,
+    metrics_table,
+    summarize_metrics,
+    write_metrics,
+)
 from rep3d.runtime import default_num_workers, select_device
 
 logger = logging.getLogger(__name__)
@@ -219,8 +224,8 @@ def run_inference(args: argparse.Namespace) -> dict:
             if label_path is not None:
                 label = np.asarray(torch.as_tensor(item["label"]).cpu().numpy()).reshape(seg.shape)
                 if deciding:
-                    before_c = class_dice(seg, label, fg)
-                    after_c = class_dice(keep_largest_component(seg, fg), label, fg)
+                    before_c = class_dice(seg, label, fg, cfg.num_classes)
+                    after_c = class_dice(keep_largest_component(seg, fg), label, fg, cfg.num_classes)
                     for c, b, a in zip(fg, before_c, after_c):
                         before[c].append(b)
                         after[c].append(a)

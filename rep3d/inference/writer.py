@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
 from rep3d.data.image_io import image_ext, read_header, write_like
+from rep3d.fileio import atomic_path
 
 # Probabilities are stored as uint16 scaled to [0, 1] (NIfTI has no float16): 1.5e-5 resolution at a
 # quarter of float32's size. Read them back with nibabel's get_fdata().
@@ -41,10 +41,8 @@ def save_like(array: np.ndarray, reference: str, path: str, dtype: type = np.uin
     hdr["intent_code"] = 0
     # affine=None keeps the copied qform/sform fields unchanged.
     img = type(ref)(array, None, header=hdr)
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, "." + base + ".tmp.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
 
 
 def check_written(path: str, reference: str) -> None:

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 import networks
 from rep3d.analysis.kernels import KernelDynamics
+from rep3d.checkpoints import load_fitting_weights
 from rep3d.config import ConfigError, RunConfig
 from rep3d.data.cases import describe_validation, list_cases
 from rep3d.data.dataset_config import DataError
@@ -237,22 +238,10 @@ class Trainer:
     def load_pretrained(self, path: str) -> None:
         """Start from the weights of ``path``: every tensor whose name and shape fit is loaded; the others
         (an output head for another class count, ...) keep their initial values and are listed."""
-        ckpt = networks.read_checkpoint(path)
-        state = networks.checkpoint_state_dict(ckpt)
-        own = unwrap_model(self.model).state_dict()
-        skipped = {k: f"shape {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)}
-        kept = {k: v for k, v in state.items() if k not in skipped}
-        networks.load_network_weights(self.model, kept, strict=False)
-        loaded = [k for k in kept if k in own]
-        if not loaded:
+        report = load_fitting_weights(self.model, path)
+        if not report.loaded:
             raise networks.CheckpointError(f"--pretrained_weights {path}: no tensor fits {self.config.network.name} with these options; check --network and its options")
-        msg = f"weights loaded from {path}: {len(loaded)} of {len(own)} tensors (weights only: a new run from step 0)"
-        not_in_model = [k for k in state if k not in own and not networks.is_reference_layout(state)]
-        if skipped:
-            msg += "; re-initialised (shapes differ, e.g. another class count): " + ", ".join(f"{k} ({why})" for k, why in sorted(skipped.items()))
-        if not_in_model:
-            msg += f"; {len(not_in_model)} checkpoint tensors the model does not have were ignored (e.g. {not_in_model[:3]})"
-        self.log(msg)
+        self.log(report.describe(path))
 
     # ------------------------------------------------------------------ set-up and tear-down
 
