@@ -23,6 +23,7 @@ from rep3d.data.checks import dataset_json_problems, inspect_cases
 from rep3d.data.dataset_config import DataError, DatasetConfig, get_dataset_config
 from rep3d.data.image_io import read_array
 from rep3d.data.intensity import CT, CT_PERCENTILES, ZSCORE, get_scheme
+from rep3d.fileio import write_json
 from rep3d.runtime import thread_map
 
 
@@ -194,11 +195,7 @@ class Plan:
 
     def save(self, path: str) -> str:
         """Write the plan as JSON (``plan.json`` in a run's output folder); returns ``path``."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json(self.to_dict(), path)
         return path
 
     def dataset_config(self, name: str = "planned", cache_rate: float = 0.1) -> DatasetConfig:

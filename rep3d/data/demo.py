@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from rep3d.fileio import atomic_path, write_json
+
 DEMO_ROOT_DEFAULT = "./demo_data"
 
 
@@ -144,10 +146,8 @@ def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     img.set_sform(affine, code=1)
     # Written under a hidden name then renamed, so an interrupted run leaves no half file that
     # the case listing (which skips hidden files) would pick up.
-    folder, base = os.path.split(path)
-    tmp = os.path.join(folder, "." + base + ".tmp.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
 
 
 def _expected_files(root: str, n: dict[str, int]) -> list[tuple[str, int, str | None, str | None]]:
@@ -226,7 +226,5 @@ def make_demo_dataset(
         if lab_path:
             os.makedirs(os.path.dirname(lab_path), exist_ok=True)
             _save(label, aff, lab_path)
-    with open(manifest_path + ".tmp", "w") as f:
-        json.dump(params, f, indent=1)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    write_json(params, manifest_path)
     return root

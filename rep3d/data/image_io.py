@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rep3d.fileio import atomic_path
+
 #: File endings read as images, longest first so that ".nii.gz" wins over ".gz".
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -326,12 +328,6 @@ def output_path_like(reference: str, out_dir: str, postfix: str = "_seg", name: 
     return os.path.join(out_dir, f"{stem}{postfix}{ext}")
 
 
-def _moved(written: str, final: str) -> str:
-    if written != final:
-        os.replace(written, final)
-    return final
-
-
 def write_like(array, reference: str, out_path: str, dtype=np.uint8) -> str:
     """Write a label map on the exact voxel grid of ``reference``, in the format of ``out_path``.
 
@@ -364,11 +360,16 @@ def write_like(array, reference: str, out_path: str, dtype=np.uint8) -> str:
     out_ext = image_ext(out_path)
     if out_ext is None:
         raise ValueError(f"write_like: {out_path} has no image ending ({', '.join(IMAGE_EXTENSIONS)})")
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     final = out_path
-    if out_ext != ".nhdr":  # a detached header names its data file: written in place
-        # Written under a temporary name in the same folder, then renamed: a crash leaves no half file.
-        out_path = os.path.join(os.path.dirname(os.path.abspath(final)), f".{os.getpid()}.tmp.{os.path.basename(final)}")
+    if out_ext in (".nhdr", ".mhd"):  # a detached header names its data file: written in place
+        _write_like(arr, ref, reference, final, out_ext, dtype)
+    else:  # a temporary name in the same folder, then renamed: a crash leaves no half file
+        with atomic_path(final, suffix=out_ext) as tmp:
+            _write_like(arr, ref, reference, tmp, out_ext, dtype)
+    return final
+
+
+def _write_like(arr: np.ndarray, ref, reference: str, out_path: str, out_ext: str, dtype) -> None:
     ref_ext = image_ext(reference)
     if out_ext in (".nii.gz", ".nii"):
         import nibabel as nib
@@ -386,7 +387,7 @@ def write_like(array, reference: str, out_path: str, dtype=np.uint8) -> str:
         else:
             img = nib.Nifti1Image(arr, ref.affine)
         nib.save(img, out_path)
-        return _moved(out_path, final)
+        return
     if out_ext in _NRRD_EXTS:
         import nrrd
 
@@ -402,7 +403,7 @@ def write_like(array, reference: str, out_path: str, dtype=np.uint8) -> str:
             hdr = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T, "space origin": lps[:3, 3], "kinds": ["domain"] * 3}
         hdr["encoding"] = "gzip"
         nrrd.write(out_path, arr, hdr, index_order="F", detached_header=out_ext == ".nhdr")
-        return _moved(out_path, final)
+        return
     if out_ext in _ITK_EXTS:
         need = missing_library(out_path)
         if need:
@@ -425,5 +426,5 @@ def write_like(array, reference: str, out_path: str, dtype=np.uint8) -> str:
             direction = lps[:3, :3] / spacing
         img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
         itk.imwrite(img, out_path, compression=True)
-        return _moved(out_path, final)
+        return
     raise ValueError(f"write_like: cannot write {out_ext}")
