@@ -72,9 +72,7 @@ class WriteError(OSError):
     """A file or folder could not be written; the message names the path, the reason and the fix."""
 
     def __init__(self, path: str | os.PathLike, err: BaseException) -> None:
-        code = getattr(err, "errno", None)
-        if code is None and "No space left" in str(err):
-            code = errno.ENOSPC
+        code = _errno_of(err)
         reason = os.strerror(code) if code else str(err).splitlines()[0] if str(err) else type(err).__name__
         fix = _FIXES.get(code, "check the path, its folder's permissions and free space")
         super().__init__(code, f"cannot write {os.fspath(path)}: {reason}; {fix}")
@@ -82,6 +80,19 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return str(self.args[1])
+
+
+def _errno_of(err: BaseException | None) -> int | None:
+    """The errno behind ``err``: its own, or that of the OSError it was raised from (torch.save's zip
+    writer turns a full disk into a RuntimeError raised while handling the OSError)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if getattr(err, "errno", None):
+            return int(err.errno)
+        if "No space left" in str(err):
+            return errno.ENOSPC
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def _is_write_failure(err: BaseException) -> bool:

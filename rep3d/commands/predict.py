@@ -49,6 +49,7 @@ from rep3d.cli import (
     add_runtime_args,
 )
 from rep3d.data.dataset_config import DataError
+from rep3d.fileio import FolderLockedError, WriteError
 from rep3d.inference.checkpoint import InferenceError
 from rep3d.inference.postprocess import POSTPROCESS_CHOICES, POSTPROCESS_FILE
 from rep3d.inference.predictor import oom_message
@@ -85,7 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         "several, or a run folder whose sub-folders (e.g. fold_0 ... fold_4) each hold a best_metric_model.pth: an ensemble "
         "(softmax probabilities averaged)",
     )  # fmt: skip
-    io.add_argument("--output", default="./predictions", help="folder for <case>_seg.nii.gz, metrics.csv, summary.csv/json")
+    io.add_argument(
+        "--output", default="./predictions",
+        help="folder for <case>_seg.<ext> (the input's format), metrics.csv, summary.csv/json. It must not be an input or "
+        "label folder nor inside one (refused: predictions there could replace a file such as liver_seg.nii.gz and be "
+        "read as inputs next time); one test_seg.py at a time writes it (a lock)",
+    )  # fmt: skip
+    io.add_argument(
+        "--continue", dest="continue_prediction", action="store_true",
+        help="skip cases whose prediction is already in --output (written by an interrupted run: predictions are written "
+        "under a temporary name and renamed, so a file there is complete); they are scored from their files. Use it only "
+        "with the same model and flags as the interrupted run",
+    )  # fmt: skip
     io.add_argument("--input", default=None, help="a NIfTI file or a folder of them to predict (instead of --root's split)")
     io.add_argument("--labels", default=None, help="folder of ground-truth labels (matched by case name) to score the predictions against")
     io.add_argument("--split", choices=("test", "val", "train"), default="test", help="split of --root / --datalist to predict: test = imagesTs (else imagesVal) or the datalist's 'testing' list")
@@ -158,9 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = run_inference(args)
-    except (InferenceError, DataError, networks.CheckpointError) as err:
+    except (InferenceError, DataError, networks.CheckpointError, FolderLockedError) as err:
         print(f"test_seg.py: error: {err}", file=sys.stderr)
         return 2
+    except WriteError as err:  # the predictions and metrics written before are intact
+        print(f"test_seg.py: error: {err}; predictions written before are intact (add --continue to skip them next time)", file=sys.stderr)
+        return 1
     except ValueError as err:  # flag values refused by the data pipeline or engine (messages name the flag)
         print(f"test_seg.py: error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import argparse
 import copy
 import dataclasses
 import os
+import shlex
 import sys
 from typing import Any, Callable, Sequence
 
@@ -33,17 +34,21 @@ from rep3d.cli import (
     str2bool,
 )
 from rep3d.config import (
+    LOSSES,
+    LR_SCHEDULES,
     OPTIMIZERS,
+    RECIPES,
     ConfigError,
     DataConfig,
     NetworkConfig,
     RunConfig,
     SlidingWindowConfig,
     TrainConfig,
+    default_recipe,
 )
 from rep3d.data.dataset_config import DataError
 from rep3d.data.demo import DEMO_ROOT_DEFAULT
-from rep3d.fileio import jsonable
+from rep3d.fileio import FolderLockedError, WriteError, jsonable
 from rep3d.planning import resolve_dataset
 from rep3d.runtime import default_num_workers
 from rep3d.training.trainer import LAST_CKPT, Trainer, TrainingError
@@ -70,6 +75,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     **{k: ("training", k) for k in (
         "output", "max_iter", "eval_step", "lr", "optim", "weight_decay", "lr_schedule", "warmup_iters", "seed", "amp",
         "compile", "max_nonfinite", "loss", "class_weights", "pretrained_weights", "freeze_encoder", "gpu",
+        "recipe", "grad_clip", "deterministic",
     )},
     **{k: ("data", k) for k in ("root", "datalist", "fold", "batch_size", "crop_sample", "cache_rate", "num_workers", "loader", "crop_ratios")},
     "sw_batch_size": ("sliding_window", "sw_batch_size"),
@@ -101,11 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     t.add_argument("--optim", type=_optim_name, default="AdamW", choices=OPTIMIZERS, help="optimizer (AdamW: betas 0.9/0.999, eps 1e-8; SGD: momentum 0.99, Nesterov)")
     t.add_argument("--weight_decay", type=float, default=0.08, help="weight decay (the paper's AdamW value)")
-    t.add_argument("--lr_schedule", choices=("warmup_cosine", "constant"), default="warmup_cosine", help="warmup_cosine: linear warm-up to --lr, then cosine decay to 0 at --max_iter; constant: --lr throughout")
+    t.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="warmup_cosine", help="warmup_cosine: linear warm-up to --lr, then cosine decay to 0 at --max_iter; poly: (1 - progress)**0.9 after the warm-up (nnU-Net's); constant: --lr throughout")
     t.add_argument("--warmup_iters", type=int, default=None, help="warm-up iterations. Default: min(1000, 5%% of --max_iter), derived again when --max_iter changes")
     t.add_argument("--max_iter", type=int, default=60000, help="training iterations")
     t.add_argument("--eval_step", type=int, default=500, help="validate (and checkpoint) every this many iterations")
-    t.add_argument("--loss", choices=("dicece", "dice_focal", "ce"), default="dicece", help="dicece: Dice + cross-entropy (the paper's); dice_focal: Dice + focal; ce: cross-entropy")
+    t.add_argument("--loss", choices=LOSSES, default="dicece", help="dicece: Dice + cross-entropy (the paper's); dice_focal: Dice + focal; ce: cross-entropy; dicece_nnunet: nnU-Net's (Dice of the foreground classes per case, smooth 1e-5, + cross-entropy)")
+    t.add_argument(
+        "--recipe", choices=tuple(RECIPES), default=None,
+        help="a named set of defaults for --optim --lr --weight_decay --lr_schedule --warmup_iters --loss --grad_clip "
+        "--deep_supervision; every one of those flags given still wins. paper: AdamW lr 1e-4, wd 0.08, warm-up + cosine, "
+        "DiceCE; nnunet: nnU-Net's nnUNetTrainer: SGD (Nesterov, momentum 0.99) lr 1e-2, wd 3e-5, poly decay without warm-up, "
+        "dicece_nnunet, gradient norm clipped at 12, deep supervision on. Default: nnunet for --network nnUNet, paper otherwise",
+    )  # fmt: skip
+    t.add_argument("--deep_supervision", type=str2bool, default=None, metavar="on|off", help="supervise every decoder resolution with nnU-Net's loss weights (networks that have the heads: nnUNet). Default: the recipe's (nnunet: on)")
+    t.add_argument("--grad_clip", type=float, default=None, metavar="NORM", help="clip the gradient norm to NORM before each step. Default: the recipe's (paper: none; nnunet: 12)")
+    t.add_argument(
+        "--deterministic", action="store_true",
+        help="torch.use_deterministic_algorithms(True, warn_only=True) and deterministic cuDNN (slower on a GPU); the ops PyTorch "
+        "reports as having no deterministic implementation are listed at the end and in summary.json. Not needed for the seed: "
+        "--seed already fixes weights, crops and shuffling",
+    )  # fmt: skip
     t.add_argument("--class_weights", type=float, nargs="+", default=None, metavar="W", help="per-class weights of the cross-entropy / focal term, one per class, background first")
     t.add_argument("--seed", type=int, default=0, help="random seed (weights, crops, shuffling)")
     t.add_argument(
@@ -144,22 +165,39 @@ def _shaped(network: str) -> bool:
     return all(k in networks.network_options(network) for k in ("feature_size", "kernel_size"))
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _apply_recipe(args: argparse.Namespace) -> list[str]:
+    """Give every flag of ``args.recipe`` that the command line did not set the recipe's value
+    (``--deep_supervision`` only for networks that have the heads); returns the flags it changed."""
+    changed = []
+    for key, value in RECIPES[args.recipe].items():
+        if key in args.given or (key == "deep_supervision" and not networks.supports_deep_supervision(args.network)):
+            continue
+        if getattr(args, key) != value:
+            setattr(args, key, copy.deepcopy(value))
+            changed.append(key)
+    return changed
+
+
+def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) and fill the run-dependent defaults.
 
-    Without ``--root`` the :data:`DEMO_DEFAULTS` fill every flag the user did not give. The result
-    has ``given`` (the flags set on the command line), ``demo`` (bool) and ``demo_defaults`` (the
-    DEMO_DEFAULTS entries applied) attributes.
+    ``--recipe`` (default: the network's, :func:`configs.default_recipe`) fills the flags it names that
+    were not given; then, without ``--root``, the :data:`DEMO_DEFAULTS` fill every flag neither the user
+    nor the recipe set. The result has ``given`` (the flags set on the command line), ``demo`` (bool),
+    ``recipe_defaults`` (the flags the recipe changed) and ``demo_defaults`` (the DEMO_DEFAULTS entries
+    applied) attributes. ``parser``: a parser built on :func:`build_parser` (cross_validate.py's).
     """
-    parser = build_parser()
+    parser = parser or build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.given = _given_flags(parser, argv)
     args.demo = is_demo(args)
+    args.recipe = args.recipe or default_recipe(args.network)
+    args.recipe_defaults = _apply_recipe(args)
     args.demo_defaults = []
     if args.demo:
         for key, value in DEMO_DEFAULTS.items():
-            if key in args.given or (key in ("feature_size", "depths", "hidden_size", "kernel_size") and not _shaped(args.network)):
+            if key in args.given or key in args.recipe_defaults or (key in ("feature_size", "depths", "hidden_size", "kernel_size") and not _shaped(args.network)):
                 continue
             setattr(args, key, copy.deepcopy(value))
             args.demo_defaults.append(key)
@@ -177,6 +215,9 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--dataset {args.dataset} needs its data: pass --root FOLDER (or --datalist FILE); without them the demo dataset is used")
     if args.resume and args.pretrained_weights:
         problems.append("--resume continues a run with its own weights; do not combine it with --pretrained_weights")
+    if args.deep_supervision and not networks.supports_deep_supervision(args.network):
+        having = ", ".join(n for n in networks.NETWORK_NAMES if networks.supports_deep_supervision(n))
+        problems.append(f"--deep_supervision on: {args.network} has no deep-supervision heads (networks that have them: {having}); drop the flag")
     if args.cache_on_gpu and args.loader not in ("auto", "gpu"):
         problems.append(f"--cache_on_gpu is --loader gpu, but --loader {args.loader} was given: drop one of them")
     return problems
@@ -192,6 +233,8 @@ def _dataset_from_args(args: argparse.Namespace):
 
 def _network_from_args(args: argparse.Namespace, dataset) -> NetworkConfig:
     options = network_overrides(args.network, vars(args), roi=dataset.roi)
+    if args.deep_supervision and networks.supports_deep_supervision(args.network):
+        options["deep_supervision"] = True  # only when on: runs without it keep the options they always had
     return NetworkConfig(args.network, dataset.in_channels, dataset.num_classes, options)
 
 
@@ -284,6 +327,10 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict | None, str |
                 conflicts.append(f"{key} {getattr(dataset, key)} (checkpoint: {getattr(saved.data.dataset, key)})")
     if "optim" in given and args.optim != saved.training.optim:
         conflicts.append(f"--optim {args.optim} (checkpoint: {saved.training.optim})")
+    if "recipe" in given and args.recipe != saved.training.recipe:
+        conflicts.append(f"--recipe {args.recipe} (checkpoint: {saved.training.recipe})")
+    if "deep_supervision" in given and bool(args.deep_supervision) != bool(saved.network.options.get("deep_supervision")):
+        conflicts.append(f"--deep_supervision {'on' if args.deep_supervision else 'off'} (checkpoint: {'on' if saved.network.options.get('deep_supervision') else 'off'})")
     if conflicts:
         raise ConfigError(
             f"--resume {path}: these settings differ from the run being resumed: {', '.join(conflicts)}. "
@@ -321,7 +368,7 @@ def make_trainer(args: argparse.Namespace, trainer_class: type[Trainer] = Traine
         trainer.config_changes = [{"step": int(ckpt["step"]), "changes": changes}]
     say = log or (lambda m: print(m, flush=True))
     if int(os.environ.get("RANK", "0")) == 0:
-        if ckpt is not None:
+        if ckpt is not None and int(ckpt["step"]) < config.training.max_iter:
             earlier = list(ckpt.get("config_changes") or [])
             msg = f"resuming {path} at step {int(ckpt['step'])}/{config.training.max_iter} (best mean Dice {float(ckpt.get('best_metric', -1)):.4f} at step {int(ckpt.get('best_step', 0))})"
             if changes:
@@ -363,6 +410,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except TrainingError as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 1
+    except FolderLockedError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except WriteError as err:
+        # before anything trained (--output unwritable) or mid-run (disk full): every file written
+        # before is intact; the checkpoint of the last validation is the one to resume from
+        out = args.output or DEMO_DEFAULTS["output"]
+        more = f"; every file written before is intact: once fixed, continue with python3 main_train.py --output {shlex.quote(out)} --resume" if os.path.isfile(os.path.join(out, LAST_CKPT)) else ""
+        print(f"{prog}: error: {err}{more}", file=sys.stderr)
         return 1
     except ValueError as err:
         # Setting-level ValueErrors (dataset config, devices, AMP, ROI vs network) say what to pass.

@@ -461,6 +461,20 @@ def training_pool(root: str | None, datalist: str | None, fold: int = 0) -> tupl
     return (train + val if info.get("pooled") else train), problems
 
 
+def _without_predictions(files: list[str]) -> list[str]:
+    """``files`` less test_seg.py's outputs of another file of the list (``<case>_seg<ext>``,
+    ``<case>_prob<ext>`` beside ``<case><ext>``): a folder predicted into before is not read back as inputs."""
+    stems = {strip_ext(os.path.basename(f)) for f in files}
+    kept, skipped = [], []
+    for f in files:
+        stem = strip_ext(os.path.basename(f)) or ""
+        base = next((stem[: -len(s)] for s in ("_seg", "_prob") if stem.endswith(s)), None)
+        (skipped if base and base in stems else kept).append(f)
+    if skipped:
+        logger.warning("%d file(s) look like predictions of other inputs in the same folder (e.g. %s) and are not predicted", len(skipped), skipped[0])
+    return kept
+
+
 def list_images(path: str, channels: int | None = None) -> list[dict]:
     """Inputs for inference from one image file, a DICOM series folder or a folder of images:
     ``[{"image": path or [path per channel]}]``.
@@ -487,7 +501,7 @@ def list_images(path: str, channels: int | None = None) -> list[dict]:
     if is_dicom_dir(path):
         return [{"image": path}]
     if os.path.isdir(path):
-        files = image_files(path)
+        files = _without_predictions(image_files(path))
         if files:
             names = [f"channel_{i}" for i in range(channels)] if channels and channels > 1 else None
             cases = [{"image": image} for _, image in _group_channels(files, problems, names)]

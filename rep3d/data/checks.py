@@ -116,6 +116,26 @@ def _voxels(path: str) -> np.ndarray:
     return data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
 
 
+def _nonfinite_images(files: Sequence[str], heads: Sequence[Header | None]) -> list[str]:
+    """NaN / Inf voxels of the image files stored as floats (or of unknown type): each is read whole.
+    Integer-stored images (most CT) cannot hold them and are not read; that keeps the check cheap."""
+    problems = []
+    for f, h in zip(files, heads):
+        if h is None or (h.dtype is not None and h.dtype.kind not in "fc"):
+            continue
+        try:
+            data = np.asarray(read_array(f))
+        except Exception:  # noqa: BLE001 - unreadable voxels are reported by the other checks
+            continue
+        if data.dtype.kind not in "fc":
+            continue
+        n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+        if n_nan or n_inf:
+            what = ", ".join(x for x in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if x)
+            problems.append(f"{f}: image has {what} voxel(s) of {data.size}: training would see a NaN loss. Fix: replace them (e.g. numpy.nan_to_num with the background intensity) and re-save, or leave the case out")
+    return problems
+
+
 def _channel_count(h: Header) -> int:
     """Channels of a file: the last axis of a 4-D array, else 1."""
     return h.array_shape[3] if len(h.array_shape) == 4 else 1
@@ -163,6 +183,8 @@ def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_chan
             problems.append(f"{files[0]}: degenerate affine (voxel sizes {zooms.round(4).tolist()}). Fix: repair the header's qform/sform")
         elif ishape is not None:
             info = {"shape": tuple(ishape), "spacing": tuple(float(z) for z in zooms), "channels": total, "label_values": None}
+    if check_labels:
+        problems += _nonfinite_images(files, heads)
     if "label" not in case:
         return problems, info
     label = _load_header(case["label"], "label", problems)

@@ -17,7 +17,12 @@ from rep3d.data.checks import check_input_channels
 from rep3d.data.dataset_config import DataError, DatasetConfig
 from rep3d.data.demo import DEMO_ROOT_DEFAULT, make_demo_dataset
 from rep3d.data.image_io import output_path_like, read_array
-from rep3d.fileio import write_json
+from rep3d.fileio import (
+    FolderLock,
+    check_writable,
+    remove_stale_temporaries,
+    write_json,
+)
 from rep3d.inference.checkpoint import InferenceError, expand_weights
 from rep3d.inference.postprocess import (
     POSTPROCESS_FILE,
@@ -80,6 +85,12 @@ def resolve_inputs(args: argparse.Namespace, cfg: DatasetConfig | None = None) -
     elif args.datalist is not None or args.root is not None:
         cases = list_cases(args.root, args.split, args.datalist, fold=args.fold)
     else:
+        if cfg is not None and cfg.name != "demo":
+            raise InferenceError(
+                f"no input flag: the checkpoint was trained on dataset {cfg.name!r}, not the demo. Pass --root DATASET_FOLDER "
+                "(with --split val for its validation cases, as main_train.py's closing 'predict with' line shows), "
+                "--datalist FILE, or --input FILE_OR_FOLDER"
+            )
         root = DEMO_ROOT_DEFAULT
         if not os.path.isfile(os.path.join(root, "demo_manifest.json")):
             logger.info("no demo dataset in %s: generating it", root)
@@ -104,6 +115,42 @@ def resolve_inputs(args: argparse.Namespace, cfg: DatasetConfig | None = None) -
         if problems:
             raise DataError(problems, header=f"{len(problems)} input(s) lack the {cfg.in_channels} channel(s) the model was trained with ({', '.join(cfg.channel_names)}); nothing was predicted:")
     return cases
+
+
+def _first(image: str | list[str]) -> str:
+    return image if isinstance(image, str) else image[0]
+
+
+def _input_folders(args: argparse.Namespace, cases: list[dict]) -> list[str]:
+    """Every folder this run reads inputs or labels from."""
+    folders = set()
+    for c in cases:
+        for key in ("image", "label"):
+            for p in [c[key]] if isinstance(c.get(key), str) else list(c.get(key) or []):
+                folders.add(os.path.realpath(p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))))
+    for folder in (args.input, args.labels):
+        if folder and os.path.isdir(folder):
+            folders.add(os.path.realpath(folder))
+    return sorted(folders)
+
+
+def check_output_folder(args: argparse.Namespace, cases: list[dict]) -> None:
+    """Refuse an ``--output`` that is an input folder or inside one: predictions (``<case>_seg...``)
+    written among the inputs could replace a user's file (a label ``liver_seg.nii.gz`` beside
+    ``liver.nii.gz``) and be read back as inputs by the next run.
+
+    Raises:
+        InferenceError: naming the folder and the fix.
+    """
+    out = os.path.realpath(args.output)
+    for folder in _input_folders(args, cases):
+        if out == folder or os.path.commonpath([out, folder]) == folder:
+            where = "is" if out == folder else "is inside"
+            raise InferenceError(
+                f"--output {args.output} {where} the input folder {folder}: predictions written there could overwrite "
+                f"the inputs (a file named <case>_seg beside <case>) and be read as inputs next time. Pass an --output "
+                f"outside every input and label folder, e.g. {os.path.join(os.path.dirname(folder), os.path.basename(folder) + '_predictions')}"
+            )
 
 
 def _batches(loader: Any) -> Iterator[dict]:
@@ -142,9 +189,6 @@ def run_inference(args: argparse.Namespace) -> dict:
     Raises:
         InferenceError, DataError, networks.CheckpointError: problems the user can fix.
     """
-    from monai.data import decollate_batch
-    from tqdm import tqdm
-
     flags = vars(args)
     device = select_device(args.gpu)
     # auto post-processing without a stored decision decides on this run's labelled cases
@@ -165,7 +209,34 @@ def run_inference(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     cfg = predictor.cfg
     cases = resolve_inputs(args, cfg)
-    scored = any("label" in c for c in cases)
+    check_output_folder(args, cases)
+    check_writable(args.output)  # before any image is read
+    lock = FolderLock(args.output, "test_seg.py").acquire()  # one writer of the output folder
+    try:
+        return _predict_cases(args, predictor, cases, flags, device, deciding)
+    finally:
+        lock.release()
+
+
+def _predict_cases(args: argparse.Namespace, predictor: Predictor, cases: list[dict], flags: dict, device: torch.device, deciding: bool) -> dict:
+    from monai.data import decollate_batch
+    from tqdm import tqdm
+
+    cfg = predictor.cfg
+    remove_stale_temporaries(args.output)
+    done: list[tuple[dict, str]] = []
+    if getattr(args, "continue_prediction", False):
+        if deciding:
+            print("--continue: ignored while --postprocess auto decides (every case is predicted for the decision)")
+        else:
+            todo = []
+            for c in cases:
+                out_path = output_path_like(_first(c["image"]), args.output, "_seg", name=case_name(c["image"], "image"))
+                (done.append((c, out_path)) if os.path.isfile(out_path) else todo.append(c))
+            if done:
+                print(f"--continue: skipped {len(done)} case(s) whose prediction is already in {args.output} ({len(todo)} to predict)")
+            cases = todo
+    scored = any("label" in c for c in cases) or any("label" in c for c, _ in done)
     if deciding and not scored:
         raise InferenceError(
             f"--postprocess auto: no decision stored in {decision_path(predictor.checkpoints)} yet, and none of these inputs has a label "
@@ -189,7 +260,7 @@ def run_inference(args: argparse.Namespace) -> dict:
 
     print(f"{len(cases)} case(s) on {describe_precision(device, predictor.amp_dtype, predictor.export is not None)}")
     workers = default_num_workers() if args.num_workers is None else args.num_workers
-    loader, test_tf = predictor.loader(cases, num_workers=workers, keep_label=scored)
+    loader, test_tf = predictor.loader(cases, num_workers=workers, keep_label=scored) if cases else ([], None)
     result: dict[str, Any] = {"output": args.output, "predictions": [], "probabilities": [], "rows": [], "summary": None, "table": None,
                               "seconds": [], "timings": [], "postprocessing": None}  # fmt: skip
     fg = list(range(1, predictor.out_channels))
@@ -239,6 +310,12 @@ def run_inference(args: argparse.Namespace) -> dict:
             bar.update(1)
     finally:
         bar.close()
+    for c, out_path in done:  # predictions of an earlier run (--continue): scored from their files
+        result["predictions"].append(out_path)
+        if "label" in c:
+            seg = np.asarray(read_array(out_path))
+            seg = seg.reshape(seg.shape[:3])
+            _score(result["rows"], case_name(c["image"], "image"), seg, np.asarray(read_array(c["label"])), c["label"], cfg, not args.no_hd95)
 
     if deciding:
         result["postprocessing"] = _apply_decision(result, predictor, before, after, labelled, args)

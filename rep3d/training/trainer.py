@@ -24,8 +24,10 @@ Example, a trainer with another loss::
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -43,7 +45,15 @@ from rep3d.data.dataset_config import DataError
 from rep3d.data.demo import DEMO_ROOT_DEFAULT, make_demo_dataset
 from rep3d.data.loader_choice import choose_loader
 from rep3d.data.loaders import get_loaders
-from rep3d.fileio import jsonable, save_checkpoint_atomic, write_csv, write_json
+from rep3d.fileio import (
+    FolderLock,
+    check_writable,
+    jsonable,
+    remove_stale_temporaries,
+    save_checkpoint_atomic,
+    write_csv,
+    write_json,
+)
 from rep3d.inference.sliding_window import sliding_window_predict
 from rep3d.metrics import DiceAccumulator, dice_table
 from rep3d.planning import Plan
@@ -59,6 +69,7 @@ from rep3d.runtime import (
 )
 from rep3d.training.distributed import _Dist, sync_buffers_from_rank0
 from rep3d.training.monitor import LoopTimer, plot_curves
+from rep3d.training.reproducibility import NondeterminismLog, describe_environment, enable_determinism, environment
 from rep3d.training.schedule import lr_factor
 
 LAST_CKPT = "checkpoint_last.pth"
@@ -173,7 +184,33 @@ class Trainer:
             from monai.losses import DiceFocalLoss
 
             return DiceFocalLoss(to_onehot_y=True, softmax=True, weight=weight)
+        if t.loss == "dicece_nnunet":
+            from monai.losses import DiceCELoss
+
+            # nnU-Net's DC_and_CE_loss (3d_fullres: batch_dice off): soft Dice of the foreground classes per case + CE
+            return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, weight=weight)
         return _CrossEntropy(weight)
+
+    def deep_supervision_loss(self, loss: nn.Module) -> nn.Module:
+        """``loss`` applied to every output of a deeply supervised network (nnUNet with ``--deep_supervision
+        on``) and summed with :meth:`deep_supervision_weights`: MONAI's ``DeepSupervisionLoss``, which
+        downsamples the labels to each output by nearest neighbour ("nearest-exact", as nnU-Net's
+        DownsampleSegForDSTransform does). Other networks: ``loss`` itself."""
+        if not self.config.network.options.get("deep_supervision"):
+            return loss
+        from monai.losses import DeepSupervisionLoss
+
+        levels = 1 + int(networks.unwrap_model(self.model).deep_supr_num)
+        return DeepSupervisionLoss(loss, weights=self.deep_supervision_weights(levels))
+
+    @staticmethod
+    def deep_supervision_weights(levels: int) -> list[float]:
+        """nnU-Net's loss weights of ``levels`` outputs, full resolution first: 1 / 2**i, the lowest
+        resolution 0 (it is computed but not trained), normalised to sum 1 (5 levels: 8/15, 4/15, 2/15, 1/15, 0)."""
+        weights = [0.5**i for i in range(levels)]
+        if levels > 1:
+            weights[-1] = 0.0
+        return [w / sum(weights) for w in weights]
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimizer of ``--optim`` over all trainable parameters (the paper's AdamW settings) and
@@ -248,16 +285,28 @@ class Trainer:
     def setup(self) -> None:
         """Device, process group, model, loss, optimizer, state (resume or pretrained), data, logs."""
         t = self.config.training
+        self.device = select_device(t.gpu)
+        self.dist = _Dist(use_cuda=self.device.type == "cuda")
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.main:
+            # One writer per run folder, checked before any data is read: rank 0 holds the lock for the
+            # run's life (the kernel drops it when the process dies, kill -9 included).
+            check_writable(self.output)
+            self._lock = FolderLock(self.output, "main_train.py").acquire()
+            stale = remove_stale_temporaries(self.output)
+            if stale:
+                self.log(f"removed {len(stale)} temporary file(s) left by an interrupted write in {self.output}")
         if self.resume_from is None and os.path.isfile(self.path(LAST_CKPT)):
             raise ConfigError(
                 f"{self.output} already holds a run ({LAST_CKPT}). Pass --resume to continue it, another --output "
                 "to start a new one, or delete the folder"
             )
-        self.device = select_device(t.gpu)
-        self.dist = _Dist(use_cuda=self.device.type == "cuda")
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = resolve_amp(t.amp, self.device)
+        self.environment = environment()
+        self.nondeterminism = NondeterminismLog().start() if t.deterministic else None
+        if t.deterministic:
+            enable_determinism()
         if self.config.data.is_demo:
 
             if self.dist.main:
@@ -269,7 +318,7 @@ class Trainer:
         if t.pretrained_weights and self.resume_from is None:
             self.load_pretrained(t.pretrained_weights)
         self.model.to(self.device)
-        self.loss_fn = self.build_loss().to(self.device)
+        self.loss_fn = self.deep_supervision_loss(self.build_loss()).to(self.device)
         self.optimizer, self.scheduler = self.configure_optimizers()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         if self.resume_from is not None:
@@ -286,7 +335,8 @@ class Trainer:
         self.writer = None
         if self.dist.main:
             os.makedirs(self.output, exist_ok=True)
-            write_json(self.config.to_dict(), self.path("config.json"))
+            # the software it ran on beside the run's settings (RunConfig.from_dict ignores the extra key)
+            write_json({**self.config.to_dict(), "environment": self.environment}, self.path("config.json"))
             if self.command_line is not None:
                 write_json(self.command_line, self.path("args.json"))
             self.write_plan_and_splits()
@@ -329,7 +379,10 @@ class Trainer:
             f"({d.dataset.num_classes} classes), roi {list(d.roi)}, {len(self.train_loader.dataset)} training / "
             f"{len(self.val_loader.dataset)} validation cases{' on rank 0' if self.dist.enabled else ''}; data: {self.loader_reason}; "
             f"{t.optim} lr {t.lr:g} ({t.lr_schedule}, warm-up {t.warmup}), loss {t.loss}, {t.max_iter} iterations, "
-            f"validation every {t.eval_step}; output {os.path.abspath(self.output)}"
+            f"validation every {t.eval_step}; output {os.path.abspath(self.output)}; recipe {t.recipe}"
+            f"{f', gradient norm clipped at {t.grad_clip:g}' if t.grad_clip is not None else ''}"
+            f"{', deep supervision' if c.network.options.get('deep_supervision') else ''}; {describe_environment(self.environment)}; "
+            f"deterministic algorithms {'on (warn_only; ops without one are listed at the end)' if t.deterministic else 'off'}"
         )
         if self.frozen:
             line += f"; encoder frozen for the first {t.freeze_encoder} iterations"
@@ -348,6 +401,11 @@ class Trainer:
             self.writer.close()
         if getattr(self, "dist", None) is not None:
             self.dist.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
+        if getattr(self, "nondeterminism", None) is not None:
+            self.nondeterminism.stop()
 
     # ------------------------------------------------------------------ state
 
@@ -414,13 +472,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
             logits = self.train_model(image)
-        loss = self.loss_fn(logits.float(), label)  # float32 loss: softmax/log of bf16 logits is coarse
+        # float32 loss: softmax/log of bf16 logits is coarse (DeepSupervisionLoss casts each output of a list)
+        loss = self.loss_fn(logits if isinstance(logits, (list, tuple)) else logits.float(), label)
         value, finite = self._loss_consensus(loss)
         if finite:
             self.scaler.scale(loss).backward()
             if self.frozen and self.step < self.config.training.freeze_encoder:
                 for p in self.frozen:
                     p.grad = None  # the optimizer skips parameters without a gradient
+            if self.config.training.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the AMP-scaled one
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.training.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.nonfinite = 0
@@ -550,9 +612,51 @@ class Trainer:
                     "if the cached volumes fit; with CPU workers, raise --num_workers (one per free core) and --cache_rate"
                 )
             lines.append(line)
+        if s.get("nondeterministic_ops") is not None:
+            ops = s["nondeterministic_ops"]
+            lines.append(
+                f"--deterministic: {len(ops)} op(s) ran without a deterministic implementation (PyTorch's warn_only reports): {', '.join(ops)}"
+                if ops else "--deterministic: PyTorch reported no op without a deterministic implementation"
+            )
         lines.append(f"best checkpoint: {s['best_checkpoint']}")
-        lines.append(f"predict with: python3 test_seg.py --trained_weights {self.path(BEST_CKPT)} --output {self.path('predictions')}")
+        lines.append(f"predict with: {self.predict_command()}")
         self.log("\n".join(lines))
+
+    def predict_command(self) -> str:
+        """The test_seg.py command that predicts and scores this run's own validation cases: the data
+        flags of the run (where the cases are listed; the pre-processing is read from the checkpoint),
+        quoted for the shell."""
+        d = self.config.data
+        argv = ["python3", "test_seg.py", "--trained_weights", os.path.abspath(self.path(BEST_CKPT))]
+        if d.root is not None:
+            argv += ["--root", os.path.abspath(d.root)]
+        if d.datalist is not None:
+            argv += ["--datalist", os.path.abspath(d.datalist)]
+        if d.root is not None or d.datalist is not None:
+            argv += ["--split", "val", "--fold", str(d.fold)]
+        argv += ["--output", os.path.abspath(self.path("predictions"))]
+        return shlex.join(argv)
+
+    def finished_already(self) -> bool:
+        """Whether this is a ``--resume`` of a run that already reached ``max_iter``."""
+        return self.resume_from is not None and int(self.resume_from.get("step", 0)) >= self.config.training.max_iter
+
+    def report_finished(self) -> dict:
+        """For a finished run resumed: say so, change nothing, return its recorded summary."""
+        step, max_iter = int(self.resume_from.get("step", 0)), self.config.training.max_iter
+        best = os.path.abspath(self.path(BEST_CKPT))
+        if int(os.environ.get("RANK", "0")) == 0:
+            self._log(
+                f"{self.output}: the run is already finished (step {step} of {max_iter}); best mean foreground Dice "
+                f"{float(self.resume_from.get('best_metric', -1)):.4f} at step {int(self.resume_from.get('best_step', 0))}, "
+                f"best checkpoint {best}. Nothing was changed. To train on, pass --resume --max_iter M with M > {step}."
+            )
+        summary_path = self.path("summary.json")
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                return json.load(f)
+        return {"output": os.path.abspath(self.output), "steps": step, "steps_this_session": 0, "best_metric": float(self.resume_from.get("best_metric", -1)),
+                "best_step": int(self.resume_from.get("best_step", 0)), "best_checkpoint": best, "finished_already": True}
 
     # ------------------------------------------------------------------ the loop
 
@@ -576,6 +680,8 @@ class Trainer:
         """Set up, train to ``max_iter`` with validation every ``eval_step`` iterations, return the summary."""
         from tqdm import tqdm
 
+        if self.finished_already():
+            return self.report_finished()
         t_start = time.time()
         try:
             self.setup()
@@ -653,6 +759,9 @@ class Trainer:
             "loader": self.loader_reason,
             "timing": timing,
             **{k: v for k, v in timing.items() if k in ("loop_ms_per_iter", "step_ms_per_iter", "outside_step_fraction")},
+            "environment": self.environment,
+            # None: --deterministic off; else the ops PyTorch reported as run without a deterministic implementation
+            "nondeterministic_ops": sorted(self.nondeterminism.ops) if self.nondeterminism is not None else None,
         }
 
 
