@@ -156,3 +156,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def slow_conv3d_warning(device: torch.device) -> str | None:
+    """A warning for PyTorch builds known to run 3-D convolutions several times slower under AMP, else None.
+
+    torch 2.9.0 disables cuDNN for conv3d and falls back to vol2col (about 4x slower with AMP and several
+    times the memory: pytorch#166122, reported from nnU-Net, nnU-Net#3002); 2.9.1 re-enables cuDNN only
+    with cuDNN >= 9.15 (its wheels pin 9.13). requirements.txt excludes 2.9.0.
+    """
+    version = torch.__version__.split("+")[0]
+    if version == "2.9.0":
+        return "torch 2.9.0 runs 3-D convolutions about 4x slower under AMP (cuDNN disabled for conv3d, pytorch#166122): install torch 2.8 or >= 2.9.1"
+    if version.startswith("2.9.") and device.type == "cuda":
+        cudnn = torch.backends.cudnn.version() or 0
+        if cudnn < 91500:
+            return f"torch {version} with cuDNN {cudnn} leaves 3-D convolutions on the slow vol2col path (pytorch#166122): install nvidia-cudnn >= 9.15, or torch >= 2.10"
+    return None

@@ -11,6 +11,8 @@ spatially varying learning rate, faster at the kernel centre. Folding for deploy
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,10 +192,15 @@ class KernelModulation(nn.Module):
             LRBMGenerator(config.generator_kernel_size, config.generator_depth) if config.modulation == "lrbm" else None
         )
 
+    #: M computed for this forward pass by :func:`batched_masks` (set and cleared by :func:`precomputed_masks`).
+    precomputed: torch.Tensor | None = None
+
     def forward(self) -> torch.Tensor:
         """Return M, a (K, K, K) float32 tensor."""
         if self.generator is None:
             return self.prior
+        if self.precomputed is not None:
+            return self.precomputed
         # The mask is tiny and scales every kernel element: compute it in float32 even under autocast.
         with torch.autocast(device_type=self.prior.device.type, enabled=False):
             prior = self.prior if self.prior.dtype == torch.float64 else self.prior.float()
@@ -201,6 +208,72 @@ class KernelModulation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"modulation={self.modulation}, kernel_size={self.prior.shape[0]}"
+
+
+def _generator_signature(m: KernelModulation) -> tuple:
+    g = m.generator
+    return (tuple(m.prior.shape), m.prior.device, g.depth, g.prior_conv.kernel_size, g.norm_w.eps)
+
+
+def batched_masks(modulations: Sequence[KernelModulation]) -> list[torch.Tensor]:
+    """M = P + f(P) of several blocks' LRBM generators in one pass: their single-channel convolutions
+    become one grouped convolution (one group per block), their map LayerNorms one ``layer_norm`` over
+    the stacked maps. The same function as calling each module (up to float32 rounding), with a handful
+    of kernel launches instead of a handful per block; gradients reach every generator.
+
+    Args:
+        modulations: modules with generators of one signature (prior size, generator kernel and depth).
+    """
+    if not modulations:
+        return []
+    first = modulations[0]
+    if any(m.generator is None or _generator_signature(m) != _generator_signature(first) for m in modulations):
+        raise ValueError("batched_masks needs LRBM generators of one signature (prior size, generator kernel and depth)")
+    n, depth = len(modulations), first.generator.depth
+    with torch.autocast(device_type=first.prior.device.type, enabled=False):
+        prior = torch.stack([m.prior.float() for m in modulations])  # (n, K, K, K)
+        x = prior[None]  # (1, n, K, K, K): one channel per block
+        for i in range(1, depth + 1):
+            suffix = "" if i == 1 else str(i)
+            if i > 1:
+                x = torch.sigmoid(x)
+            convs = [getattr(m.generator, f"prior_conv{suffix}") for m in modulations]
+            norms = [getattr(m.generator, f"norm_w{suffix}") for m in modulations]
+            weight = torch.cat([c.weight.float() for c in convs])  # (n, 1, g, g, g)
+            x = F.conv3d(x, weight, padding=convs[0].padding, groups=n)
+            x = F.layer_norm(x, x.shape[-3:], eps=norms[0].eps)
+            gain = torch.cat([nm.weight.float() for nm in norms]).view(1, n, 1, 1, 1)
+            bias = torch.cat([nm.bias.float() for nm in norms]).view(1, n, 1, 1, 1)
+            x = x * gain + bias
+        masks = prior + x[0]
+    return list(masks.unbind(0))
+
+
+@contextlib.contextmanager
+def precomputed_masks(module: nn.Module) -> Iterator[None]:
+    """For the forward pass run inside: every LRBM mask of ``module`` computed at once by
+    :func:`batched_masks` (per generator signature), then used by its block; cleared on exit.
+
+    Eager mode only (inside ``torch.compile`` each block computes its own mask, which the compiler
+    fuses); nothing to do for folded (deployed) or fixed-prior models.
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    groups: dict[tuple, list[KernelModulation]] = {}
+    for m in module.modules():
+        if isinstance(m, KernelModulation) and m.generator is not None:
+            groups.setdefault(_generator_signature(m), []).append(m)
+    batched = [mods for mods in groups.values() if len(mods) > 1]
+    try:
+        for mods in batched:
+            for m, mask in zip(mods, batched_masks(mods)):
+                m.precomputed = mask
+        yield
+    finally:
+        for mods in batched:
+            for m in mods:
+                m.precomputed = None
 
 
 def modulated_kernel(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from monai.networks.layers import DropPath
 
 from ..blocks import HierarchicalEncoder, LayerNormChannelsFirst, check_positive_int
-from ..Rep3D.lrbm import LRBMConfig, ModulatedDepthwiseConv3d
+from ..Rep3D.lrbm import LRBMConfig, ModulatedDepthwiseConv3d, precomputed_masks
 
 __all__ = ["UXNET_KERNEL", "UXNetBlock", "UXNetEncoder"]
 
@@ -128,3 +128,7 @@ class UXNetEncoder(HierarchicalEncoder):
 
         super().__init__(in_channels, depths, feature_size, make_block)
         self.config = config
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with precomputed_masks(self):  # the LRBM ablation's masks in one batched pass
+            return super().forward(x)

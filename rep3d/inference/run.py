@@ -47,7 +47,7 @@ from rep3d.metrics import (
     summarize_metrics,
     write_metrics,
 )
-from rep3d.runtime import default_num_workers, select_device
+from rep3d.runtime import default_num_workers, select_device, slow_conv3d_warning
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +259,9 @@ def _predict_cases(args: argparse.Namespace, predictor: Predictor, cases: list[d
     )
 
     print(f"{len(cases)} case(s) on {describe_precision(device, predictor.amp_dtype, predictor.export is not None)}")
+    slow = slow_conv3d_warning(device)
+    if slow:
+        print(f"WARNING: {slow}")
     workers = default_num_workers() if args.num_workers is None else args.num_workers
     loader, test_tf = predictor.loader(cases, num_workers=workers, keep_label=scored) if cases else ([], None)
     result: dict[str, Any] = {"output": args.output, "predictions": [], "probabilities": [], "rows": [], "summary": None, "table": None,

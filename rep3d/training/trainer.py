@@ -45,6 +45,7 @@ from rep3d.data.dataset_config import DataError
 from rep3d.data.demo import DEMO_ROOT_DEFAULT, make_demo_dataset
 from rep3d.data.loader_choice import choose_loader
 from rep3d.data.loaders import get_loaders
+from rep3d.data.store import OFF as STORE_OFF
 from rep3d.fileio import (
     FolderLock,
     check_writable,
@@ -65,11 +66,17 @@ from rep3d.runtime import (
     select_device,
     set_rng_state,
     set_seed,
+    slow_conv3d_warning,
     unwrap_model,
 )
 from rep3d.training.distributed import _Dist, sync_buffers_from_rank0
 from rep3d.training.monitor import LoopTimer, plot_curves
-from rep3d.training.reproducibility import NondeterminismLog, describe_environment, enable_determinism, environment
+from rep3d.training.reproducibility import (
+    NondeterminismLog,
+    describe_environment,
+    enable_determinism,
+    environment,
+)
 from rep3d.training.schedule import lr_factor
 
 LAST_CKPT = "checkpoint_last.pth"
@@ -240,7 +247,7 @@ class Trainer:
         try:
             return choose_loader(
                 d.dataset, root=self._root(), datalist=d.datalist, fold=d.fold, device=self.device,
-                cache_rate=d.cache_rate, requested=requested, num_workers=d.num_workers,
+                cache_rate=d.cache_rate, requested=requested, num_workers=d.num_workers, store=str(d.preprocessed).lower() != STORE_OFF,
             )  # fmt: skip
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -253,16 +260,24 @@ class Trainer:
     def build_data(self) -> tuple[Any, Any]:
         """Training and validation loaders (every case checked first; one DataError lists all problems).
 
-        A resumed run reseeds the crops with the step, so that it does not replay the first ones."""
+        A resumed run reseeds the crops with the step, so that it does not replay the first ones. The
+        pre-processed store (``--preprocessed``) is built or updated first (rank 0; the other ranks wait);
+        what it did goes into the loader's reason, hence the start line and ``summary.json``."""
         d = self.config.data
         choice = self.choose_loader()
         self.loader_reason = choice.reason
-        return get_loaders(
+        loaders = get_loaders(
             d.dataset, self._root(), roi=d.roi, crop_sample=d.crop_sample, batch_size=d.batch_size, cache_rate=choice.cache_rate,
             num_workers=choice.num_workers, datalist=d.datalist, fold=d.fold, device=choice.device, distributed=self.dist.enabled,
             seed=self.config.training.seed + self.step, crop_ratios=d.crop_ratios,
-            augment_device=self.device if self.device.type == "cuda" else None,
+            augment_device=self.device if self.device.type == "cuda" else None, preprocessed=d.preprocessed, log=self.log,
         )  # fmt: skip
+        store = getattr(loaders[0], "store", None)
+        if store is not None and store.report is not None:
+            self.loader_reason += "; " + store.report.describe()
+        elif str(d.preprocessed).lower() == STORE_OFF:
+            self.loader_reason += "; no pre-processed store (--preprocessed off): the cases are pre-processed in memory (the cached share at start, the others at every draw)"
+        return loaders
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the network's encoder (for ``--freeze_encoder``)."""
@@ -386,6 +401,9 @@ class Trainer:
         )
         if self.frozen:
             line += f"; encoder frozen for the first {t.freeze_encoder} iterations"
+        slow = slow_conv3d_warning(self.device)
+        if slow:
+            line += f"\nWARNING: {slow}"
         return line
 
     def kernel_dynamics(self):
