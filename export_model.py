@@ -1,7 +1,8 @@
-"""Export a trained checkpoint (folded) to ONNX and/or TorchScript with a JSON sidecar.
+"""Export a trained checkpoint (folded) to ONNX and/or TorchScript with a JSON sidecar, or as a MONAI
+bundle (``--format bundle``: one checkpoint, or a run folder's folds as an ensemble).
 
-The command line of :mod:`rep3d.commands.export` (also installed as ``rep3d-export``); the exporter is
-:mod:`rep3d.export.exporter`."""
+The command line of :mod:`rep3d.commands.export` (also installed as ``rep3d-export``); the exporters are
+:mod:`rep3d.export.exporter` and :mod:`rep3d.export.bundle`."""
 
 from __future__ import annotations
 

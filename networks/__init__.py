@@ -38,7 +38,9 @@ __all__ = [
     "load_network_weights",
     "network_accepts",
     "network_options",
+    "network_target",
     "reparameterize_model",
+    "supports_deep_supervision",
     "set_dwconv_impl",
     "unwrap_model",
 ]
@@ -58,6 +60,8 @@ class _Entry:
     fixed_input_size: bool = False
     #: Has re-parameterisable (foldable) blocks and a ``deploy`` flag (set by build_deploy_network).
     deployable: bool = False
+    #: Takes ``deep_supervision=True`` (extra segmentation heads; a list of outputs in training mode).
+    deep_supervision: bool = False
 
 
 # The large-kernel networks: encoder shape, decoder bottleneck, and the kernel / LRBM settings that make
@@ -82,7 +86,7 @@ _REGISTRY: dict[str, _Entry] = {
     "nnFormer": _Entry("networks.nnFormer.nnFormer:nnFormer", {}, "nnFormer, crop 96, embed 192", ("img_size",), fixed_input_size=True),
     "TransBTS": _Entry("networks.TransBTS.TransBTS:TransBTS", {}, "TransBTS, img 96, embed 512", ("img_size",), fixed_input_size=True),
     # img_size plans the topology; the network then takes any multiple of its total stride.
-    "nnUNet": _Entry("networks.monai_nets:build_nnunet", {}, "nnU-Net 3d_fullres topology for the ROI (MONAI DynUNet)", ("img_size",)),
+    "nnUNet": _Entry("networks.monai_nets:build_nnunet", {}, "nnU-Net 3d_fullres topology for the ROI (MONAI DynUNet)", ("img_size",), deep_supervision=True),
     "UNet3D": _Entry("networks.monai_nets:build_unet3d", {}, "3D U-Net (MONAI UNet, 16-256 channels, 2 residual units)"),
     "MedNeXt": _Entry("networks.monai_nets:build_mednext", {}, "MONAI MedNeXt, variant B, kernel 3", ("variant", "kernel_size")),
 }
@@ -116,6 +120,16 @@ def fixed_input_size(name: str) -> bool:
     nnFormer, TransBTS), so that sliding-window inference must use that window. Networks that list
     ``img_size`` in :func:`network_options` without being fixed-size use it to check or plan for the ROI."""
     return _REGISTRY[canonical_name(name)].fixed_input_size
+
+
+def network_target(name: str) -> tuple[str, str, dict[str, Any]]:
+    """Where network ``name``'s constructor lives and the defaults the registry gives it:
+    ``(module, attribute, defaults)``, e.g. ``("networks.Rep3D.network_backbone", "REP3D",
+    {"modulation": "lrbm"})``. ``build_network(name, ...)`` calls ``module.attribute(in_channels=...,
+    out_channels=..., **{**defaults, **overrides})``; a MONAI bundle's ``network_def`` names the same."""
+    entry = _REGISTRY[canonical_name(name)]
+    module, attr = entry.target.split(":")
+    return module, attr, dict(entry.defaults)
 
 
 def _accepted_keywords(ctor) -> set[str] | None:
@@ -181,6 +195,11 @@ def check_roi(model: nn.Module, roi: Sequence[int], in_channels: int = 1) -> Non
     check = getattr(unwrap_model(model), "check_input", None)
     if check is not None:
         check(torch.empty((1, in_channels, *[int(r) for r in roi]), device="meta"))
+
+
+def supports_deep_supervision(name: str) -> bool:
+    """Whether network ``name`` can be built with ``deep_supervision=True`` (nnUNet)."""
+    return _REGISTRY[canonical_name(name)].deep_supervision
 
 
 def is_deployable(name: str) -> bool:
