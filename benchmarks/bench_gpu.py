@@ -16,9 +16,10 @@ One run prints, each timed as the median of several repetitions after warm-up (C
 * cuts:    the REP3D fft iteration with fused AdamW, cudnn.benchmark, channels_last_3d, a CUDA graph of
            the whole step, torch.compile; and SwinUNETR / 3DUXNET with the settings that paid.
 
-Usage (on the GPU machine)::
+Usage (on the GPU machine, from the repository root; ``python3 benchmarks/bench_gpu.py`` works the same
+once the package is installed, ``pip install -e .``)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu.py --json $OUT/bench.json 2>&1 | tee $OUT/bench.log
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.bench_gpu --json $OUT/bench.json 2>&1 | tee $OUT/bench.log
 
 ``--quick`` runs tiny shapes on any device (a smoke test of the script, numbers meaningless).
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -36,15 +36,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine import compile_for_windows  # noqa: E402
-from networks import build_network  # noqa: E402
-from networks.dwconv import native_depthwise_conv3d, set_dwconv_impl  # noqa: E402
-from networks.fftconv import _fft_cost, _native_cost, fft_depthwise_conv3d, fft_is_faster, fft_plan  # noqa: E402
+from networks import build_network
+from networks.dwconv import native_depthwise_conv3d
+from networks.fftconv import (
+    _fft_cost,
+    _native_cost,
+    fft_depthwise_conv3d,
+    fft_is_faster,
+    fft_plan,
+)
+from rep3d.inference.sliding_window import compile_for_windows
 
 RESULTS: dict[str, Any] = {}
 JSON_PATH: Path | None = None
@@ -561,7 +564,7 @@ def section_profile(device, roi, batch, classes, tiny, steps=3):
     model = build_network("REP3D", 1, classes, dwconv="fft", deploy=True, **tiny.get("REP3D", {})).to(device).eval()
     x = torch.randn(4, 1, *roi, device=device)
 
-    def infer():
+    def infer(model=model):  # bound now: the name is deleted and rebound below
         with torch.no_grad(), autocast(device, NET_AMP):
             return model(x)
 
@@ -831,7 +834,7 @@ def section_layout(device, roi, volume, batch, classes, reps, tiny, do_compile=T
         model.decoder_channels_last = cl
         x = torch.randn(sw_batch, 1, *roi, device=device)
 
-        def infer():
+        def infer(model=model, x=x):  # this iteration's model and input, bound now
             with torch.inference_mode(), autocast(device, NET_AMP):
                 return model(x)
 

@@ -1,7 +1,10 @@
 """CPU inference timing: REP3D against SwinUNETR and 3D UX-Net, PyTorch (native or FFT depthwise) against
 ONNX Runtime, per 96^3 window and for one 256 x 256 x 160 volume.
 
-    python benchmarks/cpu_infer.py --threads 2 --output benchmarks/cpu_infer.json
+    python3 -m benchmarks.cpu_infer --threads 2 --output benchmarks/cpu_infer.json
+
+(from the repository root; ``python3 benchmarks/cpu_infer.py`` works the same once the package is installed,
+``pip install -e .``).
 
 Every network is built at the paper's size (16 classes, random weights: speed does not depend on them)
 and folded (deploy form). Paths:
@@ -11,7 +14,7 @@ and folded (deploy form). Paths:
 * ``torch-native-bf16`` / ``torch-fft-bf16`` (``torch-bf16`` for networks without the choice): the
   same under bf16 autocast, which is what ``test_seg.py --amp auto`` runs on a CPU with native bf16
   (the decoders of REP3D and 3D UX-Net then run channels-last); the FFT itself stays float32;
-* ``onnx-native``: the ``export_model.export_onnx`` export with dynamic axes, in ONNX Runtime;
+* ``onnx-native``: the ``rep3d.export.exporter.export_onnx`` export with dynamic axes, in ONNX Runtime;
 * ``onnx-fft``: the FFT path exported for the 96^3 window (ONNX ``DFT``), in ONNX Runtime.
 
 Per window: every path is built (and exported) and warmed up first, then timed round-robin, one window
@@ -40,11 +43,22 @@ import time
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import engine  # noqa: E402
-import export_model  # noqa: E402
-import networks  # noqa: E402
+import networks
+from rep3d.cli import network_overrides
+from rep3d.commands.predict import parse_args as predict_args
+from rep3d.config import (
+    DataConfig,
+    NetworkConfig,
+    RunConfig,
+    SlidingWindowConfig,
+    TrainConfig,
+)
+from rep3d.data.dataset_config import get_dataset_config
+from rep3d.export.exporter import export_checkpoint, export_onnx
+from rep3d.inference.exported import export_runner
+from rep3d.inference.run import run_inference
+from rep3d.inference.sliding_window import sliding_window_predict
+from rep3d.runtime import autocast, cpu_has_native_bf16
 
 
 def cpu_name() -> str:
@@ -91,7 +105,7 @@ def parse_path(path: str) -> tuple[str, str | None, bool]:
 
 def torch_runner(model: nn.Module, amp_dtype: torch.dtype | None = None):
     def run(x):
-        with torch.no_grad(), engine.autocast(torch.device("cpu"), amp_dtype):
+        with torch.no_grad(), autocast(torch.device("cpu"), amp_dtype):
             return model(x).float()
 
     return run
@@ -100,21 +114,19 @@ def torch_runner(model: nn.Module, amp_dtype: torch.dtype | None = None):
 def onnx_runner(model: nn.Module, roi, impl: str | None, threads: int, folder: str, name: str):
     path = os.path.join(folder, f"{name}_{impl or 'plain'}.onnx")
     t = time.perf_counter()
-    info = export_model.export_onnx(model, path, torch.randn(1, 1, *roi), dynamic=True, dynamic_spatial=impl != "fft")
+    info = export_onnx(model, path, torch.randn(1, 1, *roi), dynamic=True, dynamic_spatial=impl != "fft")
     export_s = time.perf_counter() - t
-    run = export_model._runner("onnx", path, threads=threads)
+    run = export_runner("onnx", path, threads=threads)
     return run, {"export_s": export_s, "dynamic_axes": info["dynamic_axes"], "mb": os.path.getsize(path) / 2**20}
 
 
 def write_checkpoint(name: str, folder: str, roi, spacing=(1.5, 1.5, 1.5), num_classes: int = 16) -> str:
     """A format-2 checkpoint (as main_train.py writes) of ``name`` at the paper's size with random weights."""
-    import configs
-    from load_datasets_transforms import DatasetConfig
-
     torch.manual_seed(0)
-    model = networks.build_network(name, 1, num_classes, **engine.network_overrides(name, {}, roi))
-    ds = DatasetConfig("custom", tuple(spacing), "window", -175.0, 250.0, num_classes, [f"c{i}" for i in range(num_classes)], roi=tuple(roi), cache_rate=0.0)
-    run = configs.RunConfig(configs.NetworkConfig(name, 1, num_classes, {}), configs.DataConfig(dataset=ds), configs.TrainConfig(), configs.SlidingWindowConfig())
+    model = networks.build_network(name, 1, num_classes, **network_overrides(name, {}, roi))
+    ds = get_dataset_config("custom", spacing=tuple(spacing), intensity="window", a_min=-175.0, a_max=250.0, num_classes=num_classes,
+                            class_names=[f"c{i}" for i in range(num_classes)], roi=tuple(roi), cache_rate=0.0)  # fmt: skip
+    run = RunConfig(NetworkConfig(name, 1, num_classes, {}), DataConfig(dataset=ds), TrainConfig(), SlidingWindowConfig())
     path = os.path.join(folder, f"{name}.pth")
     torch.save(run.checkpoint(model.state_dict(), step=1), path)
     return path
@@ -127,28 +139,26 @@ def time_test_seg(name: str, use_export: bool, folder: str, roi, volume, threads
     import nibabel as nib
     import numpy as np
 
-    import test_seg
-
     ckpt = write_checkpoint(name, folder, roi)
     weights = ckpt
     if use_export:
-        export_model.export_checkpoint(ckpt, os.path.join(folder, f"{name}_export"), formats=["onnx"])
+        export_checkpoint(ckpt, os.path.join(folder, f"{name}_export"), formats=["onnx"])
         weights = os.path.join(folder, f"{name}_export", "model.json")
     image = os.path.join(folder, "volume", "ct_0000.nii.gz")
     if not os.path.exists(image):
         os.makedirs(os.path.dirname(image), exist_ok=True)
         rng = np.random.default_rng(0)
         nib.save(nib.Nifti1Image(rng.normal(0, 300, volume).astype(np.float32), np.diag([1.5, 1.5, 1.5, 1.0])), image)
-    args = test_seg.parse_args(["--trained_weights", weights, "--input", image, "--output", os.path.join(folder, f"pred_{name}"), "--threads", str(threads), "--num_workers", "0"])
+    args = predict_args(["--trained_weights", weights, "--input", image, "--output", os.path.join(folder, f"pred_{name}"), "--threads", str(threads), "--num_workers", "0"])
     t = time.perf_counter()
-    res = test_seg.run_inference(args)
+    res = run_inference(args)
     total = time.perf_counter() - t
     return {"network": name, "weights": "ONNX export (model.json)" if use_export else "checkpoint", "test_seg_s": total,
             "predict_s": res["timings"][0]["predict"], "load": load_average()[0]}  # fmt: skip
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--networks", nargs="+", default=["REP3D", "SwinUNETR", "3DUXNET"])
     p.add_argument("--paths", nargs="+", default=["torch-native", "torch-fft", "torch-native-bf16", "torch-fft-bf16", "onnx-native", "onnx-fft"])
     p.add_argument("--threads", type=int, default=2)
@@ -174,7 +184,7 @@ def main(argv=None) -> int:
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_name(), "cores_visible": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "python": platform.python_version(), "load_average_start": load_average(),
-        "cpu_native_bf16": engine.cpu_has_native_bf16(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
     }  # fmt: skip
     try:
@@ -228,7 +238,7 @@ def main(argv=None) -> int:
         trivial = nn.Conv3d(1, 16, 1).eval()
         vol = torch.randn(1, 1, *volume)
         t = time.perf_counter()
-        engine.sliding_window_predict(torch_runner(trivial), vol, roi, 1, args.overlap, "gaussian")
+        sliding_window_predict(torch_runner(trivial), vol, roi, 1, args.overlap, "gaussian")
         overhead = time.perf_counter() - t
         print(json.dumps({"windows": windows, "stitch_overhead_s": overhead}), flush=True)
 
@@ -249,7 +259,7 @@ def main(argv=None) -> int:
             if run is None:
                 continue
             t = time.perf_counter()
-            engine.sliding_window_predict(run, vol, roi, 1, args.overlap, "gaussian")
+            sliding_window_predict(run, vol, roi, 1, args.overlap, "gaussian")
             measured = time.perf_counter() - t
             for r in results:
                 if r["network"] == name and r["path"] == path:

@@ -6,9 +6,10 @@ size and the windows cover exactly that grid) and a full-size REP3D with random 
 overlap 0.5: the defaults). Prints test_seg's own per-case ``predict`` time (sliding window + softmax
 on the GPU) and its median over the cases after the first (the first includes warm-up / compilation).
 
-Usage (on a GPU machine, from the repository root)::
+Usage (on a GPU machine, from the repository root; ``python3 benchmarks/infer_check.py`` works the same once
+the package is installed, ``pip install -e .``)::
 
-    python3 benchmarks/infer_check.py --out /tmp/infer_check --cases 5
+    python3 -m benchmarks.infer_check --out /tmp/infer_check --cases 5
 """
 
 from __future__ import annotations
@@ -16,17 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import test_seg  # noqa: E402
-from networks import build_network  # noqa: E402
+from networks import build_network
+from rep3d.commands.predict import parse_args as predict_args
+from rep3d.inference.run import run_inference
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "--output", str(out / f"pred_{setting}"), "--num_workers", "2", "--no_hd95"]
         if setting == "compile":
             argv_seg.append("--compile")
-        res = test_seg.run_inference(test_seg.parse_args(argv_seg))
+        res = run_inference(predict_args(argv_seg))
         times = [t["predict"] for t in res["timings"]]
         warm = times[1:] or times
         results[setting] = {"predict_s": times, "median_after_first_s": statistics.median(warm)}

@@ -10,7 +10,7 @@ iters=${2:-60}
 data=$out/data
 mkdir -p "$out"
 # 8 training cases of 192 x 192 x 144 voxels at 2 mm: a large abdominal CT field of view
-python3 -c "import demo_data; demo_data.make_demo_dataset('$data', n_train=8, n_val=1, size=(192, 192, 144))"
+python3 demo_data.py --root "$data" --n_train 8 --n_val 1 --size 192 192 144
 common=(--root "$data" --dataset demo --roi 96 96 96 --network REP3D --max_iter "$iters" --eval_step 100000 --amp bf16)
 for setting in "--num_workers 2 --cache_rate 0.1" "--num_workers 8 --cache_rate 0.1" "--num_workers 8 --cache_rate 1.0"; do
   name=$(echo "$setting" | tr -d ' -')

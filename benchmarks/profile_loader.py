@@ -1,23 +1,24 @@
 """Where does the training data path spend its time? (issue 12, item 1)
 
 On the synthetic brain MRI set of :mod:`brain_data` (8 + 2 cases of 197 x 233 x 189 voxels at 1 mm,
-z-scored), with the training chain of ``load_datasets_transforms.get_train_transforms`` as it stands:
+z-scored), with the training chain of ``rep3d.data.transforms.get_train_transforms`` as it stands:
 
 * ``transforms``: each step of the random part timed alone, per batch of ``crop_sample`` crops, in one
   thread (as a DataLoader worker runs it): the cache copy that ``CacheDataset`` makes of a cached case,
   every random transform (``RandCropByPosNegLabeld``, ``RandShiftIntensityd``, ``RandAffined``, ...),
   the collation, pinning and the host-to-device copy. With ``--device cuda`` the same again with the
   cache on the GPU (the ``--cache_on_gpu`` chain), synchronising after each step.
-* ``workers``: the CPU path's loader alone (``get_loaders``, ``cache_rate=1``, pinned memory), ms per
-  batch for several ``num_workers``.
+* ``workers``: the CPU path's loader alone (``rep3d.data.loaders.get_loaders``, ``cache_rate=1``, pinned
+  memory), ms per batch for several ``num_workers``.
 * ``gpu``: the GPU path's loader alone (``get_loaders(device="cuda")``), ms per batch.
 * ``loop`` (CUDA only): a training loop like main_train's (REP3D, AMP bf16, fused AdamW, DiceCE, the
   loss read back every step) fed by each path: wall ms per iteration and CUDA-event ms of the step,
   next to the same step repeated on one fixed batch.
 
-Usage (GPU machine, repository root)::
+Usage (GPU machine, repository root; ``python3 benchmarks/profile_loader.py`` works the same once the
+package is installed, ``pip install -e .``)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/profile_loader.py --data /tmp/brain --device cuda --json $OUT/profile.json
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.profile_loader --data /tmp/brain --device cuda --json $OUT/profile.json
 
 On a CPU machine ``--device cpu --sections transforms,workers`` gives the CPU-side numbers.
 """
@@ -29,18 +30,22 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import networks
+from rep3d.data.cases import list_cases
+from rep3d.data.dataset_config import DatasetConfig, get_dataset_config
+from rep3d.data.loaders import get_loaders
+from rep3d.data.transforms import get_train_transforms
 
-import load_datasets_transforms as ldt  # noqa: E402
-from brain_data import BRAIN_CLASSES, make_brain_dataset  # noqa: E402
+if __package__:  # python3 -m benchmarks.profile_loader
+    from .brain_data import BRAIN_CLASSES, make_brain_dataset
+else:  # python3 benchmarks/profile_loader.py: this folder is sys.path[0]
+    from brain_data import BRAIN_CLASSES, make_brain_dataset
 
 RESULTS: dict[str, Any] = {}
 JSON_PATH: Path | None = None
@@ -52,8 +57,9 @@ def log(msg: str = "") -> None:
         JSON_PATH.write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
-def brain_config(roi: tuple[int, int, int]) -> ldt.DatasetConfig:
-    return ldt.get_dataset_config("custom", spacing=(1, 1, 1), intensity="zscore", num_classes=len(BRAIN_CLASSES), class_names=list(BRAIN_CLASSES), roi=roi)
+def brain_config(roi: tuple[int, int, int]) -> DatasetConfig:
+    """The dataset config of the brain set (``brain_data.BRAIN_FLAGS`` as a config)."""
+    return get_dataset_config("custom", spacing=(1, 1, 1), intensity="zscore", num_classes=len(BRAIN_CLASSES), class_names=list(BRAIN_CLASSES), roi=roi)
 
 
 def sync(device: torch.device) -> None:
@@ -85,7 +91,7 @@ def profile_transforms(cfg, cases: list[dict], roi, crop_sample: int, device: to
     from monai.data import list_data_collate
     from monai.transforms import Randomizable
 
-    tf = ldt.get_train_transforms(cfg, roi, crop_sample, device=str(device) if device is not None else None)
+    tf = get_train_transforms(cfg, roi, crop_sample, device=str(device) if device is not None else None)
     ts = list(tf.transforms)
     k = next(i for i, t in enumerate(ts) if isinstance(t, Randomizable))
     det, rand = ts[:k], ts[k:]
@@ -190,7 +196,6 @@ class Step:
     """main_train's training step: AMP bf16 forward, float32 DiceCE, backward, fused AdamW, loss read back."""
 
     def __init__(self, network: str, num_classes: int, device: torch.device) -> None:
-        import networks
         from monai.losses import DiceCELoss
 
         torch.backends.cudnn.benchmark = True
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS["env"]["monai"] = monai.__version__
     log(f"env: {RESULTS['env']}")
     cfg = brain_config(roi)
-    cases = ldt.list_cases(a.data, "train")
+    cases = list_cases(a.data, "train")
     cuda = device if device.type == "cuda" else None
 
     if "transforms" in sections:
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"GPU chain (cache on the GPU), ms per batch: {r['ms_per_batch']}")
 
     if "workers" in sections:
-        train_loader, _ = ldt.get_loaders(cfg, a.data, roi, a.crop_sample, 1, 1.0, 8, check=False)
+        train_loader, _ = get_loaders(cfg, a.data, roi, a.crop_sample, 1, 1.0, 8, check=False)
         ds = train_loader.dataset
         RESULTS["workers"] = {}
         for n in [int(w) for w in a.workers.split(",") if w]:
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
             del loader
 
     if "gpu" in sections and cuda is not None:
-        train_loader, _ = ldt.get_loaders(cfg, a.data, roi, a.crop_sample, 1, 1.0, 8, device=str(cuda), check=False)
+        train_loader, _ = get_loaders(cfg, a.data, roi, a.crop_sample, 1, 1.0, 8, device=str(cuda), check=False)
         r = time_loader(train_loader, a.batches, warmup=3, device=cuda)
         RESULTS["gpu_loader"] = r
         log(f"GPU path loader alone: {r['median_ms']} ms/batch median, {r['mean_ms']} mean")
@@ -335,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         warm = min(20, a.iters // 4)
         for path in ("gpu", "workers"):
             dev = str(device) if path == "gpu" else None
-            train_loader, _ = ldt.get_loaders(cfg, a.data, roi, a.crop_sample, 1, 1.0, 8, device=dev, check=False)
+            train_loader, _ = get_loaders(cfg, a.data, roi, a.crop_sample, 1, 1.0, 8, device=dev, check=False)
             if path == "gpu":
                 fixed = next(iter(train_loader))
                 RESULTS["loop"]["fixed_batch"] = fixed_batch_step(step, fixed)

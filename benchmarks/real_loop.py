@@ -15,12 +15,15 @@
    each network on one fixed batch (no loader running), and what ``choose_loader`` picks for this
    data when the user passes no loader flag.
 
-``--old_module DIR`` runs main_train with the ``load_datasets_transforms.py`` found in DIR instead
-(e.g. the version before issue 12, for a before/after table on the same machine).
+``--old_tree DIR`` runs the ``main_train.py`` of another checkout instead (``git worktree add DIR COMMIT``,
+e.g. the tree before a change), for a before/after table on the same machine; parts 1 and 3 use this tree.
+(``--old_module DIR`` is the same flag: it used to put one older ``load_datasets_transforms.py`` first on
+the path, which main_train no longer imports.)
 
-Usage (GPU machine, repository root)::
+Usage (GPU machine, repository root; ``python3 benchmarks/real_loop.py`` works the same once the package
+is installed, ``pip install -e .``)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/real_loop.py --out $OUT/real_loop
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.real_loop --out $OUT/real_loop
 """
 
 from __future__ import annotations
@@ -37,11 +40,19 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rep3d.data.loader_choice import choose_loader
+from rep3d.data.loaders import get_loaders
+from rep3d.runtime import default_num_workers
 
-from brain_data import BRAIN_FLAGS, make_brain_dataset  # noqa: E402
+if __package__:  # python3 -m benchmarks.real_loop
+    from .brain_data import BRAIN_FLAGS, make_brain_dataset
+    from .profile_loader import Step, brain_config, fixed_batch_step
+else:  # python3 benchmarks/real_loop.py: this folder is sys.path[0]
+    from brain_data import BRAIN_FLAGS, make_brain_dataset
+    from profile_loader import Step, brain_config, fixed_batch_step
+
+# main_train.py runs from here (its working directory), or from --old_tree.
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS: dict[str, Any] = {"runs": {}, "loader_alone": {}, "fixed_step": {}}
 
@@ -51,23 +62,19 @@ def save(path: Path | None) -> None:
         path.write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
-def run_main_train(data: str, out: Path, network: str, path: str, max_iter: int, old_module: str | None, log_dir: Path, roi: list[int], extra: list[str]) -> dict:
-    """One main_train.py run; its summary's timing fields, the start line's loader reason, wall time."""
-    run_dir = out / (f"run_{network}_{path}" + ("_before" if old_module else ""))
+def run_main_train(data: str, out: Path, network: str, path: str, max_iter: int, old_tree: str | None, log_dir: Path, roi: list[int], extra: list[str]) -> dict:
+    """One main_train.py run (this tree's, or ``old_tree``'s); its summary's timing fields, the start line's
+    loader reason, wall time. ``data`` and ``out`` must be absolute: the run's working directory is a tree."""
+    run_dir = out / (f"run_{network}_{path}" + ("_before" if old_tree else ""))
     argv = ["--root", data, *BRAIN_FLAGS, "--roi", *map(str, roi), "--network", network, "--max_iter", str(max_iter),
             "--eval_step", "100000", "--amp", "bf16", "--output", str(run_dir), *extra]  # fmt: skip
     # "default": no loader flag and no --cache_rate, what a user who passes none gets.
     argv += ["--loader", path, "--cache_rate", "1.0"] if path != "default" else []
-    if old_module:
-        # The old loader module first on the path: main_train, trainer and configs all import it.
-        code = f"import sys, runpy; sys.path.insert(0, {old_module!r}); sys.argv = ['main_train.py'] + {argv!r}; runpy.run_path('main_train.py', run_name='__main__')"
-        cmd = [sys.executable, "-c", code]
-    else:
-        cmd = [sys.executable, "main_train.py", *argv]
+    cmd = [sys.executable, "main_train.py", *argv]
     t0 = time.perf_counter()
-    log = log_dir / f"main_train_{network}_{path}{'_before' if old_module else ''}.log"
+    log = log_dir / f"main_train_{network}_{path}{'_before' if old_tree else ''}.log"
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(cmd, cwd=old_tree or REPO, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - t0
     text = log.read_text()
     res: dict = {"rc": proc.returncode, "wall_s": round(wall, 1), "command": "python3 main_train.py " + " ".join(argv)}
@@ -87,10 +94,8 @@ def run_main_train(data: str, out: Path, network: str, path: str, max_iter: int,
 
 def loader_alone(cfg, data: str, path: str, batches: int, warmup: int, device: torch.device) -> dict:
     """ms per training batch of the loader alone (mean over ``batches`` after ``warmup``), synchronised."""
-    import load_datasets_transforms as ldt
-
     kw: dict = {"device": str(device)} if path == "gpu" else {}
-    train, _ = ldt.get_loaders(cfg, data, cfg.roi, 2, 1, 1.0, ldt.default_num_workers(), check=False, **kw)
+    train, _ = get_loaders(cfg, data, cfg.roi, 2, 1, 1.0, default_num_workers(), check=False, **kw)
 
     def forever():
         while True:
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--networks", default="REP3D,SwinUNETR")
     p.add_argument("--paths", default="gpu,workers", help="loader paths to run main_train with: gpu, workers (both with --cache_rate 1.0), default (no loader flags)")
     p.add_argument("--max_iter", type=int, default=400)
-    p.add_argument("--old_module", default=None, help="folder holding another load_datasets_transforms.py for the main_train runs")
+    p.add_argument("--old_tree", "--old_module", dest="old_tree", default=None, metavar="DIR",
+                   help="another checkout of the repository (git worktree add DIR COMMIT) whose main_train.py runs instead, for a before/after table")  # fmt: skip
     p.add_argument("--batches", type=int, default=100, help="batches timed for the loader alone")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: train, loader, step")
     p.add_argument("--log_dir", default=None, help="where main_train's logs go (default OUT)")
@@ -131,13 +137,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--roi", type=int, nargs=3, default=(96, 96, 96))
     p.add_argument("--extra", default="", help="extra main_train flags, e.g. '--gpu -1 --depths 1 1 1 1' for a CPU smoke test")
     a = p.parse_args(argv)
-    out = Path(a.out)
+    if a.old_tree and not (Path(a.old_tree) / "main_train.py").is_file():
+        p.error(f"--old_tree {a.old_tree}: no main_train.py there; give a checkout of the repository (git worktree add DIR COMMIT), "
+                "not a folder holding one module")  # fmt: skip
+    old_tree = str(Path(a.old_tree).resolve()) if a.old_tree else None
+    out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log_dir = Path(a.log_dir) if a.log_dir else out
     log_dir.mkdir(parents=True, exist_ok=True)
     json_path = Path(a.json) if a.json else out / "results.json"
     skip = set(a.skip.split(","))
-    data = a.data or str(out / "brain")
+    data = str(Path(a.data).resolve()) if a.data else str(out / "brain")
     t0 = time.perf_counter()
     make_brain_dataset(data, 8, 2, **({"shape": tuple(a.shape)} if a.shape else {}))
     import monai
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS["env"] = {
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "monai": monai.__version__, "python": sys.version.split()[0],
-        "cpus": len(os.sched_getaffinity(0)), "data_s": round(time.perf_counter() - t0, 1), "old_module": a.old_module,
+        "cpus": len(os.sched_getaffinity(0)), "data_s": round(time.perf_counter() - t0, 1), "old_tree": old_tree,
     }  # fmt: skip
     print(f"env: {RESULTS['env']}", flush=True)
     networks = [n for n in a.networks.split(",") if n]
@@ -154,19 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
     if "train" not in skip:
         for net in networks:
             for path in paths:
-                r = run_main_train(data, out, net, path, a.max_iter, a.old_module, log_dir, list(a.roi), a.extra.split())
-                RESULTS["runs"][f"{net}/{path}" + ("/before" if a.old_module else "")] = r
+                r = run_main_train(data, out, net, path, a.max_iter, old_tree, log_dir, list(a.roi), a.extra.split())
+                RESULTS["runs"][f"{net}/{path}" + ("/before" if old_tree else "")] = r
                 save(json_path)
                 print(f"main_train {net} {path}: {json.dumps({k: v for k, v in r.items() if k != 'command'})}", flush=True)
 
-    import load_datasets_transforms as ldt
-    from profile_loader import Step, brain_config, fixed_batch_step
-
     cfg = brain_config(tuple(a.roi))
-    if hasattr(ldt, "choose_loader"):
-        c = ldt.choose_loader(cfg, root=data, device=device)
-        RESULTS["choose_loader"] = {"path": c.path, "cache_rate": c.cache_rate, "reason": c.reason}
-        print(f"choose_loader with no loader flags: {c.path}: {c.reason}", flush=True)
+    c = choose_loader(cfg, root=data, device=device)
+    RESULTS["choose_loader"] = {"path": c.path, "cache_rate": c.cache_rate, "reason": c.reason}
+    print(f"choose_loader with no loader flags: {c.path}: {c.reason}", flush=True)
     if "loader" not in skip:
         for path in ("gpu", "workers") if device.type == "cuda" else ("workers",):
             RESULTS["loader_alone"][path] = r = loader_alone(cfg, data, path, a.batches, 10, device)

@@ -147,7 +147,8 @@ def _category(name: str) -> str:
 
 
 def profile(label: str, fn, device, steps: int = 3, top: int = 25) -> dict:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for _ in range(3):
         fn()

@@ -203,9 +203,14 @@ def plot_erf(results: Sequence[Mapping[str, Any]], path: str) -> None:
     centre, log10 of the map over its maximum), and a last row of radial profiles, networks overlaid."""
     plt = pyplot()
     n_stages = max(len(r["stages"]) for r in results)
+    n_maps = len(results)
+    # A map panel holds three slices side by side (about 3.3 : 1), so its row needs less height than
+    # the profiles' row; equal rows left most of the figure blank.
     fig, axes = plt.subplots(
-        len(results) + 1, n_stages, figsize=(3.4 * n_stages, 2.2 * (len(results) + 1)), squeeze=False, layout="constrained"
-    )
+        n_maps + 1, n_stages, figsize=(3.4 * n_stages, 1.6 * n_maps + 2.6), squeeze=False, layout="constrained",
+        gridspec_kw={"height_ratios": [1.0] * n_maps + [1.7]},
+    )  # fmt: skip
+    fig.suptitle("Effective receptive field per encoder stage: axial | coronal | sagittal slices through its centre", fontsize=9)
     image = None
     for i, r in enumerate(results):
         for s, (stage, erf) in enumerate(zip(r["stages"], r["_maps"])):
@@ -217,6 +222,8 @@ def plot_erf(results: Sequence[Mapping[str, Any]], path: str) -> None:
             ax.set_yticks([])
             a50 = stage["area_ratio"].get("0.5")
             ax.set_title(f"{r['label']}: stage {stage['stage']}" + (f"\n50% in {100 * a50:.2g}% of volume" if a50 == a50 else ""), fontsize=8)
+        for s in range(len(r["stages"]), n_stages):  # a network with fewer stages: no empty frames
+            axes[i][s].set_axis_off()
     for s in range(n_stages):
         ax = axes[-1][s]
         for i, r in enumerate(results):
@@ -231,8 +238,13 @@ def plot_erf(results: Sequence[Mapping[str, Any]], path: str) -> None:
     axes[-1][0].set_ylabel("mean contribution / max", fontsize=8)
     axes[-1][0].legend(fontsize=7)
     if image is not None:
-        fig.colorbar(image, ax=axes[:-1].ravel().tolist(), shrink=0.6, label="log10(ERF / max); slices: axial | coronal | sagittal")
-    save_figure_atomic(fig, path)
+        # The label must be shorter than the bar: constrained layout makes room for its width, not for a
+        # rotated label that overruns the bar's ends (the slice order is in the title instead).
+        cbar = fig.colorbar(image, ax=axes[:-1].ravel().tolist(), fraction=0.03, aspect=12 * n_maps)
+        cbar.set_label("log10(ERF / max)", fontsize=8)
+        cbar.ax.tick_params(labelsize=7)
+    # "tight" as well: whatever still reaches past the canvas (a long label of the user's) is kept.
+    save_figure_atomic(fig, path, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
 
 
@@ -270,5 +282,5 @@ def plot_kernels(results: Sequence[Mapping[str, Any]], path: str) -> None:
     axes[0][0].legend(fontsize=6)
     if has_mask:
         axes[1][0].legend(fontsize=6)
-    save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
