@@ -3,8 +3,9 @@
 
 Each is MONAI's own class, subclassed only to check the input size up front with a message that names
 the ROI to use (``check_input``, also used by :func:`networks.check_roi`), so MONAI-trained checkpoints
-load unchanged. Every one returns plain logits in training and evaluation (no deep-supervision outputs),
-so the loss and inference code need no special case.
+load unchanged. Every one returns plain logits in evaluation mode, and in training mode too except nnU-Net
+built with ``deep_supervision=True``, whose training forward returns the list of its decoder outputs at their
+own resolutions (full resolution first), as nnU-Net's network does; the trainer's loss then weighs them.
 """
 
 from __future__ import annotations
@@ -281,6 +282,17 @@ class RoiCheckedDynUNet(_StrideChecked, DynUNet):
     def _input_divisors(self) -> Any:
         return _total_strides(self.strides, self.spatial_dims)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
+        """Logits (N, C, ...); in training mode with deep supervision, ``[full, 1/2, 1/4, ...]``: the main
+        output and each supervision head at its own resolution. MONAI's DynUNet would interpolate the heads
+        up to full size and stack them; nnU-Net instead downsamples the targets to each output, which is what
+        the trainer's ``DeepSupervisionLoss`` does with a list."""
+        self.check_input(x)
+        if not (self.training and self.deep_supervision):
+            return DynUNet.forward(self, x)
+        out = self.output_block(self.skip_layers(x))
+        return [out, *self.heads]  # heads[i]: the decoder output at stride 2**(i + 1)
+
 
 def _planned_roi(roi: tuple[int, ...], spacing: Sequence[float] | None, min_feature_map_size: int) -> tuple[int, ...]:
     """The smallest ROI >= ``roi`` whose nnU-Net plan has 3 stages or more and divides it (what to suggest)."""
@@ -304,6 +316,7 @@ def build_nnunet(
     max_filters: int = 320,
     min_feature_map_size: int = 3,
     res_block: bool = False,
+    deep_supervision: bool = False,
     **kwargs: Any,
 ) -> RoiCheckedDynUNet:
     """nnU-Net's 3d_fullres U-Net for the ROI, on MONAI's DynUNet: 31.190M parameters at 16 classes and the
@@ -312,7 +325,7 @@ def build_nnunet(
     "nnU-Net: a self-configuring method for deep learning-based biomedical image segmentation", Isensee et
     al., Nature Methods 2021. Topology from :func:`plan_nnunet_topology`: at 96^3, six stages of two 3^3
     convolutions (strides 1, 2, 2, 2, 2, 2), filters 32, 64, 128, 256, 320, 320, instance norm (affine),
-    leaky ReLU 0.01, transposed-convolution upsampling. Built without deep supervision (plain logits).
+    leaky ReLU 0.01, transposed-convolution upsampling. Without deep supervision by default (plain logits).
 
     Args:
         in_channels: input channels.
@@ -326,14 +339,22 @@ def build_nnunet(
         max_filters: cap on the filters of a stage. Defaults to 320 (nnU-Net's for 3-D).
         min_feature_map_size: see :func:`plan_nnunet_topology`. Defaults to 3.
         res_block: residual convolution blocks (nnU-Net's ResEnc-like variant). Defaults to False.
-        kwargs: any other keyword of MONAI's ``DynUNet`` (e.g. ``norm_name``, ``dropout``), except
-            ``deep_supervision``.
+        deep_supervision: add a 1x1x1 segmentation head to every lower decoder resolution, as nnU-Net does
+            (at 96^3: outputs at strides 1, 2, 4, 8, 16; 12,352 more parameters at 16 classes). In
+            training mode the forward then returns the list of outputs (see :meth:`RoiCheckedDynUNet.forward`);
+            in evaluation mode only the full-resolution logits. Defaults to False.
+        kwargs: any other keyword of MONAI's ``DynUNet`` (e.g. ``norm_name``, ``dropout``, ``deep_supr_num``).
+
+    Example::
+
+        net = build_nnunet(1, 16, img_size=96, deep_supervision=True)
+        outputs = net.train()(torch.rand(1, 1, 96, 96, 96))    # 5 tensors: 96^3, 48^3, 24^3, 12^3, 6^3
+        logits = net.eval()(torch.rand(1, 1, 96, 96, 96))      # one tensor, 96^3
     """
     check_positive_int("in_channels", in_channels)
     check_positive_int("out_channels", out_channels)
     check_positive_int("base_filters", base_filters)
     check_positive_int("max_filters", max_filters)
-    _refuse_deep_supervision(kwargs, "nnUNet")
     roi = _roi_tuple(img_size)
     kernels, strides = plan_nnunet_topology(roi, spacing, min_feature_map_size)
     divisors = _total_strides(strides, len(roi))
@@ -355,7 +376,9 @@ def build_nnunet(
         upsample_kernel_size=strides[1:],
         filters=filters,
         res_block=res_block,
-        deep_supervision=False,
+        deep_supervision=bool(deep_supervision),
+        # every decoder resolution below the full one (MONAI's maximum): nnU-Net supervises them all
+        deep_supr_num=kwargs.pop("deep_supr_num", len(strides) - 2),
         img_size=roi,
         **kwargs,
     )

@@ -35,7 +35,7 @@ from rep3d.fileio import jsonable
 FORMAT_VERSION = 2
 
 
-LOSSES = ("dicece", "dice_focal", "ce")
+LOSSES = ("dicece", "dice_focal", "ce", "dicece_nnunet")
 
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
@@ -44,7 +44,25 @@ OPTIMIZERS = ("AdamW", "Adam", "SGD")
 LOADERS = ("auto", "gpu", "workers")
 
 
-LR_SCHEDULES = ("warmup_cosine", "constant")
+LR_SCHEDULES = ("warmup_cosine", "constant", "poly")
+
+
+#: Named sets of training defaults (``--recipe``): the value of each flag a recipe sets when the flag is
+#: not given. ``paper``: the Rep3D paper's AdamW setup (the flags' own defaults). ``nnunet``: nnU-Net v2's
+#: nnUNetTrainer: SGD (Nesterov, momentum 0.99), lr 1e-2, weight decay 3e-5, polynomial decay (exponent
+#: 0.9) without warm-up, Dice (foreground classes, per case, smooth 1e-5) + cross-entropy, gradient norm
+#: clipped at 12, deep supervision over the decoder's resolutions (for networks that have it).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"optim": "AdamW", "lr": 1e-4, "weight_decay": 0.08, "lr_schedule": "warmup_cosine", "warmup_iters": None,
+              "loss": "dicece", "grad_clip": None, "deep_supervision": False},
+    "nnunet": {"optim": "SGD", "lr": 1e-2, "weight_decay": 3e-5, "lr_schedule": "poly", "warmup_iters": 0,
+               "loss": "dicece_nnunet", "grad_clip": 12.0, "deep_supervision": True},
+}  # fmt: skip
+
+
+def default_recipe(network: str) -> str:
+    """The recipe a network trains with unless ``--recipe`` says otherwise: nnU-Net's for nnUNet, the paper's for the rest."""
+    return "nnunet" if networks.canonical_name(network) == "nnUNet" else "paper"
 
 
 class ConfigError(ValueError):
@@ -116,6 +134,9 @@ class DataConfig:
             with background first; ``None``: the paper's 1:1 foreground/background crops.
         plan: the plan ``dataset`` was derived from (``planning.Plan.to_dict()``) when no preset was
             given, kept for the record (``plan.json``); ``None`` for presets.
+        preprocessed: where the pre-processed store lives (``--preprocessed``): ``"auto"`` (``None`` reads
+            as it: ``$REP3D_PREPROCESSED``, else the user's cache folder), a base folder, or ``"off"``
+            (pre-process into memory at start, no store); see :mod:`rep3d.data.store`.
     """
 
     dataset: DatasetConfig
@@ -129,9 +150,11 @@ class DataConfig:
     loader: str = "auto"
     crop_ratios: tuple[float, ...] | None = None
     plan: Mapping[str, Any] | None = None
+    preprocessed: str | None = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "crop_ratios", _tuple(self.crop_ratios))
+        object.__setattr__(self, "preprocessed", "auto" if self.preprocessed is None else str(self.preprocessed))
 
     @property
     def roi(self) -> tuple[int, int, int]:
@@ -170,11 +193,16 @@ class TrainConfig:
         amp: ``auto``, ``bf16``, ``fp16`` or ``off``.
         compile: run the training step through ``torch.compile``.
         max_nonfinite: stop after this many non-finite losses in a row.
-        loss: ``dicece`` (the paper's), ``dice_focal`` or ``ce``.
+        loss: ``dicece`` (the paper's), ``dice_focal``, ``ce`` or ``dicece_nnunet`` (nnU-Net's: Dice over the
+            foreground classes per case, smooth 1e-5, + cross-entropy).
         class_weights: per-class weights of the cross-entropy / focal term, background first.
         pretrained_weights: checkpoint to take initial weights from (fine-tuning; a new run).
         freeze_encoder: keep the encoder fixed for this many first iterations (0: never).
         gpu: CUDA index for a single process, -1 for the CPU.
+        recipe: the named set of defaults the run started from (:data:`RECIPES`), for the record; the
+            fields above hold the values used.
+        grad_clip: clip the gradient norm to this before each step (nnU-Net: 12); ``None``: no clipping.
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` and deterministic cuDNN.
     """
 
     output: str = "runs/demo"
@@ -194,6 +222,9 @@ class TrainConfig:
     pretrained_weights: str | None = None
     freeze_encoder: int = 0
     gpu: int | None = 0
+    recipe: str = "paper"
+    grad_clip: float | None = None
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_weights", _tuple(self.class_weights))
@@ -266,6 +297,10 @@ class RunConfig:
             problems.append(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {t.optim}")
         if t.loss not in LOSSES:
             problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {t.loss}")
+        if t.recipe not in RECIPES:
+            problems.append(f"--recipe must be one of {', '.join(RECIPES)}, got {t.recipe}")
+        if t.grad_clip is not None and not (t.grad_clip > 0 and math.isfinite(t.grad_clip)):
+            problems.append(f"--grad_clip must be a positive number (or not given: no clipping), got {t.grad_clip}")
         if t.lr_schedule not in LR_SCHEDULES:
             problems.append(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule}")
         if d.loader not in LOADERS:

@@ -77,7 +77,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
         "compile", "max_nonfinite", "loss", "class_weights", "pretrained_weights", "freeze_encoder", "gpu",
         "recipe", "grad_clip", "deterministic",
     )},
-    **{k: ("data", k) for k in ("root", "datalist", "fold", "batch_size", "crop_sample", "cache_rate", "num_workers", "loader", "crop_ratios")},
+    **{k: ("data", k) for k in ("root", "datalist", "fold", "batch_size", "crop_sample", "cache_rate", "num_workers", "loader", "crop_ratios", "preprocessed")},
     "sw_batch_size": ("sliding_window", "sw_batch_size"),
     "overlap": ("sliding_window", "overlap"),
 }  # fmt: skip
@@ -104,14 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", type=str, default=None, help="run folder (checkpoints, logs, plots). Default: runs/demo for the demo, else runs/<dataset>_<network>")
     t.add_argument("--batch_size", type=int, default=1, help="cases per iteration (each gives --crop_sample crops)")
     t.add_argument("--crop_sample", type=int, default=2, help="random crops per case per iteration")
-    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    t.add_argument("--optim", type=_optim_name, default="AdamW", choices=OPTIMIZERS, help="optimizer (AdamW: betas 0.9/0.999, eps 1e-8; SGD: momentum 0.99, Nesterov)")
-    t.add_argument("--weight_decay", type=float, default=0.08, help="weight decay (the paper's AdamW value)")
-    t.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="warmup_cosine", help="warmup_cosine: linear warm-up to --lr, then cosine decay to 0 at --max_iter; poly: (1 - progress)**0.9 after the warm-up (nnU-Net's); constant: --lr throughout")
-    t.add_argument("--warmup_iters", type=int, default=None, help="warm-up iterations. Default: min(1000, 5%% of --max_iter), derived again when --max_iter changes")
+    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate. Default: the recipe's (paper: 1e-4; nnunet: 1e-2)")
+    t.add_argument("--optim", type=_optim_name, default="AdamW", choices=OPTIMIZERS, help="optimizer (AdamW: betas 0.9/0.999, eps 1e-8; SGD: momentum 0.99, Nesterov). Default: the recipe's (paper: AdamW; nnunet: SGD)")
+    t.add_argument("--weight_decay", type=float, default=0.08, help="weight decay. Default: the recipe's (paper: 0.08; nnunet: 3e-5)")
+    t.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="warmup_cosine", help="warmup_cosine: linear warm-up to --lr, then cosine decay to 0 at --max_iter; poly: (1 - progress)**0.9 after the warm-up (nnU-Net's); constant: --lr throughout. Default: the recipe's (paper: warmup_cosine; nnunet: poly)")
+    t.add_argument("--warmup_iters", type=int, default=None, help="warm-up iterations. Default: the paper recipe's min(1000, 5%% of --max_iter), derived again when --max_iter changes; the nnunet recipe's 0")
     t.add_argument("--max_iter", type=int, default=60000, help="training iterations")
     t.add_argument("--eval_step", type=int, default=500, help="validate (and checkpoint) every this many iterations")
-    t.add_argument("--loss", choices=LOSSES, default="dicece", help="dicece: Dice + cross-entropy (the paper's); dice_focal: Dice + focal; ce: cross-entropy; dicece_nnunet: nnU-Net's (Dice of the foreground classes per case, smooth 1e-5, + cross-entropy)")
+    t.add_argument("--loss", choices=LOSSES, default="dicece", help="dicece: Dice + cross-entropy (the paper's); dice_focal: Dice + focal; ce: cross-entropy; dicece_nnunet: nnU-Net's (Dice of the foreground classes per case, smooth 1e-5, + cross-entropy). Default: the recipe's (paper: dicece; nnunet: dicece_nnunet)")
     t.add_argument(
         "--recipe", choices=tuple(RECIPES), default=None,
         help="a named set of defaults for --optim --lr --weight_decay --lr_schedule --warmup_iters --loss --grad_clip "
