@@ -124,7 +124,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, training: bool = True) -> 
 
     Flags: ``--root --dataset --dataset_config --spacing --intensity --a_min --a_max
     --num_classes --class_names --roi --datalist --fold --num_workers``; with ``training`` also
-    ``--cache_rate --loader --cache_on_gpu --crop_ratios``. Preset-dependent flags default to ``None``
+    ``--cache_rate --loader --cache_on_gpu --crop_ratios --preprocessed``. Preset-dependent flags default to ``None``
     (= take the preset's value). A flag the script already defined is left alone.
 
     Args:
@@ -147,7 +147,15 @@ def add_dataset_args(parser: argparse.ArgumentParser, training: bool = True) -> 
     add_flag(parser, "--num_workers", type=int, default=None, help="data-loading worker processes (0 loads in the main process; default: one per CPU core but one, at most 8)")
     if not training:
         return
-    add_flag(parser, "--cache_rate", type=float, default=None, help="fraction of cases kept pre-processed in memory (default: the preset's, 0.1; demo 1.0); lower it if RAM runs out")
+    add_flag(parser, "--cache_rate", type=float, default=None, help="fraction of the cases held in memory (RAM, or the GPU with --loader gpu) instead of read through the pre-processed store's memory maps; no case is pre-processed again whatever its value. Default: all on the GPU path when they fit, none on the CPU workers (the page cache keeps the store). With --preprocessed off: the fraction pre-processed once into memory, the others at every draw (default: all when they fit in RAM, else the preset's 0.1)")
     add_flag(parser, "--loader", choices=("auto", "gpu", "workers"), default="auto", help="how training batches are made: gpu (cached volumes on the GPU, random transforms there), workers (CPU worker processes), auto (the GPU cache when CUDA is used and the cached volumes fit, else workers; the start line says which and why)")
     add_flag(parser, "--cache_on_gpu", action="store_true", help="the same as --loader gpu")
     add_flag(parser, "--crop_ratios", type=float, nargs="+", default=None, metavar="R", help="class-balanced crops for small structures: one ratio per class, background first (e.g. 1 1 4 for a rare class 2); default: the paper's 1:1 foreground/background crops")
+    add_flag(
+        parser, "--preprocessed", type=str, default=None, metavar="DIR|off",
+        help="where the pre-processed store lives: every case resampled, normalised and cropped once, kept as memory-mapped "
+        "arrays that training crops from, rebuilt per case when a source file changes (preprocess.py builds it ahead). "
+        "A sub-folder per dataset and settings hash is made in DIR. Default: $REP3D_PREPROCESSED, else "
+        "$XDG_CACHE_HOME/rep3d/preprocessed (~/.cache/rep3d/preprocessed): outside the dataset, so a read-only dataset "
+        "folder works. 'off': no store, the cases are pre-processed into memory at every start (--cache_rate of them)",
+    )  # fmt: skip

@@ -14,6 +14,7 @@ import torch
 from monai.networks.nets import MedNeXtB, MedNeXtL
 
 import networks
+from helpers import TINY
 from networks import (
     LRBMConfig,
     build_deploy_network,
@@ -43,10 +44,10 @@ PARAM_COUNTS = [
     ("UNet3D", 5, 4.81),
 ]
 
-UX_TINY = dict(depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, kernel_size=5, dwconv="native")
+UX_TINY = {**TINY, "dwconv": "native"}
 
 # name -> (overrides of a reduced-width build, an input size it takes, an input size it refuses)
-TINY = {
+SMALL = {
     "3DUXNET": (UX_TINY, (32, 32, 32), (32, 32, 20)),
     "3DUXNET_LRBM": (UX_TINY, (32, 32, 32), (32, 32, 20)),
     # (32, 32, 64): the bottleneck keeps 2 voxels, which instance norm needs in training mode.
@@ -69,14 +70,11 @@ TINY = {
     "MedNeXt": (dict(variant="S", init_filters=4), (32, 32, 32), (32, 32, 24)),
 }
 
-# A value for each option of networks.network_options (img_size: the TINY size of that network).
+# A value for each option of networks.network_options (img_size: the SMALL size of that network).
 OPTION_VALUES = {
+    **TINY,
     "modulation": "fixed",
-    "kernel_size": 5,
     "dwconv": "native",
-    "feature_size": (8, 16, 16, 32),
-    "depths": (1, 1, 1, 1),
-    "hidden_size": 32,
     "beta": 2.0,
     "generator_kernel_size": 3,
     "generator_depth": 1,
@@ -128,10 +126,10 @@ def test_mednext_variants_are_monai_s(variant, reference):
 # -------------------------------------------------------------------- forward, backward, gradients
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", list(SMALL))
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
-    overrides, size, _ = TINY[name]
+    overrides, size, _ = SMALL[name]
     model = build_network(name, 2, 3, **overrides)
     x = torch.randn(2, 2, *size)
     y = model(x)
@@ -149,9 +147,9 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
         assert model(x[:1]).shape == (1, 3, *size)
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", list(SMALL))
 def test_bad_input_size_names_the_roi(name):
-    overrides, _, bad = TINY[name]
+    overrides, _, bad = SMALL[name]
     model = build_network(name, 1, 3, **overrides).eval()
     with pytest.raises(ValueError, match="--roi"):
         with torch.no_grad():
@@ -186,7 +184,7 @@ def test_unknown_override_is_a_value_error():
         build_network("MedNeXt", 1, 3, not_an_option=1)
 
 
-@pytest.mark.parametrize("name", ["nnUNet", "MedNeXt"])
+@pytest.mark.parametrize("name", ["MedNeXt"])  # nnUNet takes it (issue 23): see tests/test_cross_validation.py
 def test_deep_supervision_is_refused(name):
     with pytest.raises(ValueError, match="deep supervision"):
         build_network(name, 1, 3, deep_supervision=True)
@@ -194,7 +192,7 @@ def test_deep_supervision_is_refused(name):
 
 @pytest.mark.parametrize("name", ["nnUNet", "UNet3D", "MedNeXt"])
 def test_check_roi_refuses_unusable_rois_of_new_baselines(name):
-    overrides, good, bad = TINY[name]
+    overrides, good, bad = SMALL[name]
     model = build_network(name, 1, 3, **overrides)
     networks.check_roi(model, good)
     with pytest.raises(ValueError, match="--roi"):
@@ -213,8 +211,8 @@ def test_declared_options_are_accepted_and_build(name):
     assert isinstance(options, tuple)
     for option in options:
         assert network_accepts(name, option), f"{name} declares {option!r}, which its constructor does not take"
-    base = dict(TINY[name][0]) if name in TINY else {}
-    values = {o: (TINY[name][1] if o == "img_size" else OPTION_VALUES[o]) for o in options}
+    base = dict(SMALL[name][0]) if name in SMALL else {}
+    values = {o: (SMALL[name][1] if o == "img_size" else OPTION_VALUES[o]) for o in options}
     model = build_network(name, 1, 3, **{**base, **values})
     if "modulation" in options:  # the large-kernel networks: every kernel option reached the config
         assert model.lrbm_config == LRBMConfig(
@@ -267,7 +265,8 @@ def test_uxnet_deploy_builds_share_the_release_layout():
 
 
 def test_uxnet_k21_uses_kernel_21():
-    model = build_network("3DUXNET_K21", 1, 3, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32)
+    # TINY without its kernel size: 3DUXNET_K21 is the variant whose kernel (21) is the point
+    model = build_network("3DUXNET_K21", 1, 3, **{k: v for k, v in TINY.items() if k != "kernel_size"})
     assert model.uxnet_3d.stages[0][0].dwconv.weight.shape == (8, 1, 21, 21, 21)
 
 

@@ -24,13 +24,13 @@ from monai.bundle import ConfigParser, run, verify_metadata, verify_net_in_out
 import export_model
 import networks
 import test_seg
+from helpers import TINY
 from rep3d.config import DataConfig, NetworkConfig, RunConfig, TrainConfig
 from rep3d.data.dataset_config import DatasetConfig
 from rep3d.data.intensity import get_scheme
 from rep3d.export.bundle import ExportError, bundle_on_path, export_bundle, intensity_and_crop, source_closure
 from rep3d.export.bundle_scripts.datalist import cases
 
-TINY = {"kernel_size": 5, "depths": [1, 1, 1, 1], "feature_size": [8, 16, 16, 32], "hidden_size": 32}
 NAMES = ["background", "organ", "lesion"]
 WINDOW = {"scheme": "window", "a_min": -100.0, "a_max": 300.0}
 SHAPE = (24, 20, 14)

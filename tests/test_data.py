@@ -9,16 +9,14 @@ import argparse
 import gzip
 import json
 import os
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import main_train
+from helpers import affine_for, save_nifti
 from rep3d.cli import add_dataset_args
 from rep3d.commands.train import run_config_from_args
 from rep3d.data.augment import BatchAugment
@@ -53,28 +51,6 @@ from rep3d.planning import resolve_dataset_config
 # --------------------------------------------------------------------------------------------
 
 
-def affine_for(codes: str = "RAS", spacing=(1.5, 1.5, 2.0), origin=(10.0, -20.0, 5.0)) -> np.ndarray:
-    """Voxel-to-world affine whose voxel axes point along ``codes`` (any permutation, e.g. PIR)."""
-    world = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
-    aff = np.eye(4)
-    aff[:3, :3] = 0.0
-    for i, (c, s) in enumerate(zip(codes, spacing)):
-        axis, sign = world[c]
-        aff[axis, i] = sign * s
-    aff[:3, 3] = origin
-    return aff
-
-
-def write(path, array, affine=None, dtype=None) -> str:
-    path = str(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    array = np.asarray(array)
-    if dtype is not None:
-        array = array.astype(dtype)
-    nib.save(nib.Nifti1Image(array, affine_for() if affine is None else affine), path)
-    return path
-
-
 def phantom(shape=(20, 18, 12), num_classes=3, low=-300.0, high=500.0, seed=0):
     """An image spanning [low, high] outside-to-inside and a label using every class value."""
     rng = np.random.default_rng(seed)
@@ -94,8 +70,8 @@ def make_folder_dataset(root, n_train=3, n_val=1, num_classes=3, shape=(20, 18, 
     for split, n, img_d, lab_d in (("tr", n_train, "imagesTr", "labelsTr"), ("val", n_val, "imagesVal", "labelsVal")):
         for i in range(n):
             image, label = phantom(shape, num_classes, low, high, seed=i)
-            write(os.path.join(root, img_d, f"{split}{i}.nii.gz"), image, affine, np.int16)
-            write(os.path.join(root, lab_d, f"{split}{i}.nii.gz"), label, affine, np.uint8)
+            save_nifti(os.path.join(root, img_d, f"{split}{i}.nii.gz"), image, affine, np.int16)
+            save_nifti(os.path.join(root, lab_d, f"{split}{i}.nii.gz"), label, affine, np.uint8)
     return str(root)
 
 
@@ -137,7 +113,7 @@ def test_preset_chains(tmp_path, name):
     image, label = phantom((22, 20, 14), cfg.num_classes, low, high)
     # 2 mm in-plane / 3 mm slices: every preset resamples
     aff = affine_for("LPS", (2.0, 2.0, 3.0))
-    case = {"image": write(tmp_path / "img.nii.gz", image, aff, np.int16), "label": write(tmp_path / "lab.nii.gz", label, aff, np.uint8)}
+    case = {"image": save_nifti(tmp_path / "img.nii.gz", image, aff, np.int16), "label": save_nifti(tmp_path / "lab.nii.gz", label, aff, np.uint8)}
     check_cases([case], cfg)
     classes = set(range(cfg.num_classes))
 
@@ -170,7 +146,7 @@ def test_zscore_custom_config(tmp_path):
     cfg = get_dataset_config("custom", str(cfg_file))
     assert (cfg.intensity, cfg.num_classes, cfg.roi) == ("zscore", 3, (16, 16, 16))
     image, label = phantom((20, 20, 12), 3, low=0.0, high=900.0)
-    case = {"image": write(tmp_path / "i.nii.gz", image, affine_for(spacing=(2, 2, 2))), "label": write(tmp_path / "l.nii.gz", label, affine_for(spacing=(2, 2, 2)), np.uint8)}
+    case = {"image": save_nifti(tmp_path / "i.nii.gz", image, affine_for(spacing=(2, 2, 2))), "label": save_nifti(tmp_path / "l.nii.gz", label, affine_for(spacing=(2, 2, 2)), np.uint8)}
     val = get_val_transforms(cfg)(case)["image"]
     nz = val[val != 0]
     assert abs(float(nz.mean())) < 1e-3 and abs(float(nz.std()) - 1.0) < 1e-2
@@ -266,9 +242,9 @@ def test_flags_to_run_config(tmp_path):
 def _tagged_case(root, img_rel, lab_rel, tag):
     """Image and label whose voxels all equal ``tag``, to check which files were paired."""
     aff = affine_for("RAS", (2, 2, 2))
-    write(os.path.join(root, img_rel), np.full((8, 8, 8), tag), aff, np.int16)
+    save_nifti(os.path.join(root, img_rel), np.full((8, 8, 8), tag), aff, np.int16)
     if lab_rel:
-        write(os.path.join(root, lab_rel), np.full((8, 8, 8), tag), aff, np.uint8)
+        save_nifti(os.path.join(root, lab_rel), np.full((8, 8, 8), tag), aff, np.uint8)
 
 
 def test_pairing_by_case_name_not_position(tmp_path):
@@ -292,7 +268,7 @@ def test_folder_layout_splits(tmp_path):
     # test split: imagesVal (with its labels) when there is no imagesTs
     test = list_cases(root, "test")
     assert len(test) == 2 and all("label" in c for c in test)
-    write(tmp_path / "imagesTs" / "t0.nii.gz", np.zeros((8, 8, 8)), dtype=np.int16)
+    save_nifti(tmp_path / "imagesTs" / "t0.nii.gz", np.zeros((8, 8, 8)), dtype=np.int16)
     assert list_cases(root, "test") == [{"image": str(tmp_path / "imagesTs" / "t0.nii.gz")}]
     assert list_images(str(tmp_path / "imagesTs")) == [{"image": str(tmp_path / "imagesTs" / "t0.nii.gz")}]
     with pytest.raises(DataError, match="not found"):
@@ -342,7 +318,7 @@ def test_monai_datalist_with_folds(tmp_path):
 
 def test_missing_folders(tmp_path):
     (tmp_path / "imagesTr").mkdir()
-    write(tmp_path / "imagesTr" / "a.nii.gz", np.zeros((8, 8, 8)))
+    save_nifti(tmp_path / "imagesTr" / "a.nii.gz", np.zeros((8, 8, 8)))
     (tmp_path / "imagesVal").mkdir()
     with pytest.raises(DataError) as e:
         check_dataset(get_dataset_config("pancreas"), str(tmp_path))
@@ -363,9 +339,9 @@ def test_every_bad_input_reported_at_once(tmp_path):
     def case(name, image=good_img, label=good_lab, img_aff=aff, lab_aff=aff, lab_dtype=np.uint8):
         paths = {}
         if image is not None:
-            paths["image"] = write(root / "imagesTr" / f"{name}.nii.gz", image, img_aff, np.int16)
+            paths["image"] = save_nifti(root / "imagesTr" / f"{name}.nii.gz", image, img_aff, np.int16)
         if label is not None:
-            paths["label"] = write(root / "labelsTr" / f"{name}.nii.gz", label, lab_aff, lab_dtype)
+            paths["label"] = save_nifti(root / "labelsTr" / f"{name}.nii.gz", label, lab_aff, lab_dtype)
         return paths
 
     case("ok")
@@ -381,7 +357,7 @@ def test_every_bad_input_reported_at_once(tmp_path):
     fractional = case("fraction", label=good_lab.astype(np.float32) * 0.5, lab_dtype=np.float32)["label"]
     garbage = root / "imagesTr" / "garbage.nii.gz"
     garbage.write_bytes(gzip.compress(b"this is not a nifti file" * 20))
-    case_lab = write(root / "labelsTr" / "garbage.nii.gz", good_lab, aff, np.uint8)
+    case_lab = save_nifti(root / "labelsTr" / "garbage.nii.gz", good_lab, aff, np.uint8)
     truncated = case("truncated", image=np.random.default_rng(0).normal(size=(30, 30, 30)) * 1000)["image"]
     with open(truncated, "rb") as f:
         blob = f.read()
@@ -390,12 +366,12 @@ def test_every_bad_input_reported_at_once(tmp_path):
     truncated_nii = root / "imagesTr" / "short.nii"
     nib.save(nib.Nifti1Image(good_img.astype(np.int16), aff), str(truncated_nii))
     truncated_nii.write_bytes(truncated_nii.read_bytes()[:-100])
-    write(root / "labelsTr" / "short.nii.gz", good_lab, aff, np.uint8)
+    save_nifti(root / "labelsTr" / "short.nii.gz", good_lab, aff, np.uint8)
     make_val = make_folder_dataset  # a valid validation set so only training is wrong
     for d in ("imagesVal", "labelsVal"):
         (root / d).mkdir()
-    write(root / "imagesVal" / "v.nii.gz", good_img, aff, np.int16)
-    write(root / "labelsVal" / "v.nii.gz", good_lab, aff, np.uint8)
+    save_nifti(root / "imagesVal" / "v.nii.gz", good_img, aff, np.int16)
+    save_nifti(root / "labelsVal" / "v.nii.gz", good_lab, aff, np.uint8)
     del make_val
 
     with pytest.raises(DataError) as e:
@@ -428,7 +404,7 @@ def test_every_bad_input_reported_at_once(tmp_path):
 def test_check_cases_accepts_4d_single_channel_and_float_labels(tmp_path):
     cfg = get_dataset_config("hepatic")
     img, lab = phantom((10, 10, 8), 3)
-    case = {"image": write(tmp_path / "i.nii.gz", img[..., None], dtype=np.int16), "label": write(tmp_path / "l.nii.gz", lab, dtype=np.float32)}
+    case = {"image": save_nifti(tmp_path / "i.nii.gz", img[..., None], dtype=np.int16), "label": save_nifti(tmp_path / "l.nii.gz", lab, dtype=np.float32)}
     check_cases([case], cfg)
     val = get_val_transforms(cfg)(case)
     assert val["image"].ndim == 4 and val["image"].shape[0] == 1
@@ -438,7 +414,7 @@ def test_crop_larger_than_volume_is_padded(tmp_path):
     cfg = get_dataset_config("kits")
     img, lab = phantom((14, 12, 9), 4)
     aff = affine_for(spacing=(1.5, 1.5, 2.0))
-    case = {"image": write(tmp_path / "i.nii.gz", img, aff, np.int16), "label": write(tmp_path / "l.nii.gz", lab, aff, np.uint8)}
+    case = {"image": save_nifti(tmp_path / "i.nii.gz", img, aff, np.int16), "label": save_nifti(tmp_path / "l.nii.gz", lab, aff, np.uint8)}
     check_cases([case], cfg, roi=(24, 24, 24))  # a note, not an error
     out = get_train_transforms(cfg, roi=(24, 24, 24), crop_sample=3)(case)
     assert len(out) == 3 and all(tuple(o["image"].shape) == (1, 24, 24, 24) for o in out)
@@ -459,7 +435,7 @@ def test_inverse_restores_native_geometry(tmp_path, codes, spacing, shape):
     cfg = get_dataset_config("pancreas")
     aff = affine_for(codes, spacing, origin=(-30.5, 12.25, 101.0))
     image, _ = phantom(shape, 3, low=-500, high=500)
-    path = write(tmp_path / "in" / f"case_{codes}_0000.nii.gz", image, aff, np.int16)
+    path = save_nifti(tmp_path / "in" / f"case_{codes}_0000.nii.gz", image, aff, np.int16)
     loader, test_tf = get_test_loader(cfg, [path], num_workers=0)
     post = get_post_transforms(test_tf, cfg)
     batch = next(iter(loader))
@@ -486,7 +462,7 @@ def test_test_loader_keeps_native_label(tmp_path):
     cfg = get_dataset_config("hepatic")
     image, label = phantom((16, 14, 10), 3)
     aff = affine_for("LPS", (1.0, 1.0, 3.0))
-    case = {"image": write(tmp_path / "i.nii.gz", image, aff, np.int16), "label": write(tmp_path / "l.nii.gz", label, aff, np.uint8)}
+    case = {"image": save_nifti(tmp_path / "i.nii.gz", image, aff, np.int16), "label": save_nifti(tmp_path / "l.nii.gz", label, aff, np.uint8)}
     loader, _ = get_test_loader(cfg, [case], num_workers=0, keep_label=True)
     batch = next(iter(loader))
     assert tuple(batch["label"].shape) == (1, 1, 16, 14, 10)
@@ -618,7 +594,7 @@ def _cube_case(tmp_path, size=32, lo=10, hi=22, seed=0):
     label[lo:hi, lo:hi, lo:hi] = 1
     image[label > 0] += 150
     aff = np.eye(4)
-    return {"image": write(tmp_path / "img.nii.gz", image, aff, np.float32), "label": write(tmp_path / "lab.nii.gz", label, aff, np.uint8)}
+    return {"image": save_nifti(tmp_path / "img.nii.gz", image, aff, np.float32), "label": save_nifti(tmp_path / "lab.nii.gz", label, aff, np.uint8)}
 
 
 def _cube_config(roi=(16, 16, 16)):
@@ -739,13 +715,13 @@ def test_choose_loader_on_cpu(tmp_path, monkeypatch):
     assert estimate_cache_bytes(cfg, list_cases(root, "train") + list_cases(root, "val")) == 4 * 30 * 27 * 24 * 8
     choice = choose_loader(cfg, root=root, device="cpu", num_workers=3)
     assert (choice.path, choice.device, choice.num_workers, choice.cache_rate) == ("workers", None, 3, 1.0)
-    assert choice.reason.startswith("CPU workers (3)") and ("no CUDA" in choice.reason or "on cpu" in choice.reason)
+    # a run on the CPU says why it takes workers: no CUDA device at all, or (with one) the run is on the CPU
+    why = "the run is on cpu" if torch.cuda.is_available() else "no CUDA device"
+    assert choice.reason.startswith("CPU workers (3)") and choice.reason.endswith(why)
     assert choose_loader(cfg, root=root, device="cpu", cache_rate=0.3).cache_rate == 0.3
-    # on a CUDA machine a CPU run says why it takes workers: asked for, or the run is on the CPU
-    reason = choose_loader(cfg, root=root, device="cpu", requested="workers").reason
-    assert "asked for" in reason or "the run is on cpu" in reason or not torch.cuda.is_available()
-    if not torch.cuda.is_available():
-        assert "no CUDA" in choose_loader(cfg, root=root).reason
+    assert choose_loader(cfg, root=root, device="cpu", requested="workers").reason.endswith(why)
+    if not torch.cuda.is_available():  # the CUDA machine's side is pretended below
+        assert choose_loader(cfg, root=root).reason.endswith("no CUDA device")
         with pytest.raises(ValueError, match="--loader gpu"):
             choose_loader(cfg, root=root, requested="gpu")
     with pytest.raises(ValueError, match="'auto', 'gpu' or 'workers'"):
@@ -755,6 +731,10 @@ def test_choose_loader_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 1024**3))
+    # with a GPU, a CPU run takes workers because it is on the CPU, and a GPU run because it asked to
+    assert choose_loader(cfg, root=root, device="cpu").reason.endswith("the run is on cpu")
+    assert choose_loader(cfg, root=root, device="cpu", requested="workers").reason.endswith("the run is on cpu")
+    assert choose_loader(cfg, root=root, device="cuda", requested="workers").reason.endswith("asked for (--loader workers)")
     choice = choose_loader(cfg, root=root, device="cuda")
     assert (choice.path, choice.device, choice.cache_rate, choice.num_workers) == ("gpu", "cuda:0", 1.0, 0)
     assert choice.reason.startswith("GPU cache: 4 cases") and "40% of the 1.0 GiB free on cuda:0" in choice.reason

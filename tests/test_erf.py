@@ -1,7 +1,8 @@
 """Tests of erf_analysis.py: the ERF of known convolutions, area ratios, radial profiles, kernel
 statistics, the kernel-dynamics tracker (CSV, TensorBoard, resume) and the command line.
 
-Tiny settings: REP3D / 3D UX-Net with widths 8-16-32-64, depths 1, kernel 5, hidden 32, 16^3-32^3 inputs.
+Tiny settings: REP3D / 3D UX-Net of helpers.TINY (widths 8-16-16-32, depths 1, kernel 5, hidden 32),
+16^3-32^3 inputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn as nn
 
 import erf_analysis as ea
 import networks
+from helpers import TINY, TINY_FLAGS
 from networks.Rep3D import compute_distance_prior
 from rep3d.analysis.erf import (
     AREA_THRESHOLDS,
@@ -34,14 +36,13 @@ from rep3d.analysis.kernels import (
 from rep3d.data.dataset_config import get_dataset_config
 from rep3d.data.demo import make_demo_dataset
 
-TINY = dict(feature_size=(8, 16, 32, 64), depths=(1, 1, 1, 1), kernel_size=5, hidden_size=32, dwconv="native")
-TINY_FLAGS = ["--feature_size", "8", "16", "32", "64", "--depths", "1", "1", "1", "1", "--kernel_size", "5", "--hidden_size", "32"]
+NATIVE_TINY = {**TINY, "dwconv": "native"}
 ROI = ["--roi", "32", "32", "32"]
 
 
 def tiny(name: str = "REP3D", seed: int = 0, **kw) -> nn.Module:
     torch.manual_seed(seed)
-    return networks.build_network(name, 1, 2, **{**TINY, **kw}).eval()
+    return networks.build_network(name, 1, 2, **{**NATIVE_TINY, **kw}).eval()
 
 
 class DepthwiseOnly(nn.Module):
@@ -320,7 +321,7 @@ def test_main_untrained_random_inputs_end_to_end(tmp_path):
 
 
 def _options(modulation: str) -> dict:
-    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}, "modulation": modulation}
+    return {**NATIVE_TINY, "modulation": modulation}
 
 
 def _save_old_format(model: nn.Module, path: str, modulation: str, **meta) -> None:

@@ -1,7 +1,6 @@
 """export_model.py and the deployment side of test_seg.py: ONNX / TorchScript exports equal PyTorch,
 unsupported requests refused, fold ensembles average probabilities, largest-component post-processing
-(fixed and decided per class), the Predictor entry point. Tiny REP3D (kernel 5, widths 8-64, depths
-1 1 1 1), 32^3 windows, CPU."""
+(fixed and decided per class), the Predictor entry point. Tiny REP3D (helpers.TINY), 32^3 windows, CPU."""
 
 from __future__ import annotations
 
@@ -12,21 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_inference import BOX, FAST, SHAPE, PerVoxel, write_case
 
 import export_model
 import networks
 import rep3d.inference.predictor
 import rep3d.runtime
 import test_seg
-from rep3d.config import (
-    DataConfig,
-    NetworkConfig,
-    RunConfig,
-    SlidingWindowConfig,
-    TrainConfig,
-)
-from rep3d.data.dataset_config import DatasetConfig
+from helpers import CASE_BOX, CASE_SHAPE, CLASS_NAMES, PREDICT_FAST, PerVoxel, write_case, write_tiny_checkpoint
 from rep3d.export.exporter import _sha256, check_request, dwconv_for, export_checkpoint
 from rep3d.inference.checkpoint import InferenceError, resolve_checkpoint
 from rep3d.inference.exported import ExportError
@@ -39,30 +30,15 @@ from rep3d.runtime import resolve_amp
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-TINY = dict(kernel_size=5, depths=[1, 1, 1, 1], feature_size=[8, 16, 32, 64], hidden_size=64)
-NAMES = ["background", "organ", "lesion"]
-
-
-def tiny_checkpoint(path, seed: int = 0, num_classes: int = 3, spacing=(2.0, 2.0, 2.0)) -> str:
-    """A format-2 checkpoint (what the Trainer writes) of a tiny REP3D whose weights are far from init."""
-    torch.manual_seed(seed)
-    net = networks.build_network("REP3D", 1, num_classes, modulation="lrbm", dwconv="native", **TINY)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    names = (NAMES + [f"c{i}" for i in range(3, num_classes)])[:num_classes]
-    ds = DatasetConfig("custom", spacing, "window", -100.0, 300.0, num_classes, names, roi=(32, 32, 32), cache_rate=0.0)
-    run = RunConfig(NetworkConfig("REP3D", 1, num_classes, {"modulation": "lrbm", **TINY}), DataConfig(dataset=ds), TrainConfig(),
-                            SlidingWindowConfig(sw_batch_size=2, overlap=0.25))  # fmt: skip
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    torch.save(run.checkpoint(net.state_dict(), step=1), path)
-    return str(path)
+FAST = PREDICT_FAST  # float32: the tests compare predictions exactly
+SHAPE, BOX, NAMES = CASE_SHAPE, CASE_BOX, CLASS_NAMES
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    return [tiny_checkpoint(root / f"fold_{i}" / "best_metric_model.pth", seed=i) for i in range(2)]
+def ckpts(tiny_checkpoint):
+    """Two folds of one run folder: conftest's tiny checkpoint (this module's copy) and another seed."""
+    run_dir = os.path.dirname(os.path.dirname(tiny_checkpoint))
+    return [tiny_checkpoint, write_tiny_checkpoint(os.path.join(run_dir, "fold_1", "best_metric_model.pth"), seed=1)]
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +142,7 @@ def test_ensemble_is_the_mean_of_the_probabilities(tmp_path, ckpts):
     mean = (predict_volume(models[0], image, (32,) * 3, torch.device("cpu"), **kw) + predict_volume(models[1], image, (32,) * 3, torch.device("cpu"), **kw)) / 2
     assert torch.allclose(ensemble_probabilities(models, image, [(32,) * 3] * 2, torch.device("cpu"), **kw), mean, atol=1e-6)
 
-    other = tiny_checkpoint(tmp_path / "four" / "best_metric_model.pth", num_classes=4, spacing=(1.5, 1.5, 2.0))
+    other = write_tiny_checkpoint(tmp_path / "four" / "best_metric_model.pth", num_classes=4, spacing=(1.5, 1.5, 2.0))
     code = test_seg.main(["--trained_weights", ckpts[0], other, "--input", src, "--output", str(tmp_path / "bad")] + FAST)
     assert code == 2
     with pytest.raises(InferenceError, match=r"cannot be ensembled(.|\n)*classes 3 vs 4; class names .* spacing \[2.0, 2.0, 2.0\] vs \[1.5, 1.5, 2.0\]"):

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import TINY
 from networks import build_network, dwconv, fftconv
 from networks.dwconv import DepthwiseConv3d, depthwise_conv3d, set_dwconv_impl
 from networks.fftconv import (
@@ -195,8 +196,7 @@ def test_deploy_spectrum_cache(monkeypatch):
 
 def test_deployed_rep3d_uses_cache_and_matches_native():
     torch.manual_seed(0)
-    tiny = dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32)
-    net = build_network("REP3D", 1, 3, **tiny, deploy=True, dwconv="fft").eval()
+    net = build_network("REP3D", 1, 3, **TINY, deploy=True, dwconv="fft").eval()
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         y_fft = net(x)

@@ -7,7 +7,6 @@ import csv
 import gzip
 import json
 import os
-import zlib
 
 import nibabel as nib
 import numpy as np
@@ -18,33 +17,26 @@ import torch.nn as nn
 import rep3d.inference.predictor
 import rep3d.inference.sliding_window
 import test_seg
-from networks import build_network, reparameterize_model
+from helpers import CASE_BOX, CASE_SHAPE, CLASS_NAMES, PREDICT_FAST, TINY, TINY_FLAGS, PerVoxel, tiny_model, write_case
+from networks import reparameterize_model
 from rep3d.data.loaders import get_test_loader
 from rep3d.inference.run import run_inference
 from rep3d.inference.sliding_window import predict_volume
 from rep3d.metrics import case_metrics, metrics_table, summarize_metrics
 
-TINY = dict(kernel_size=5, depths=[1, 1, 1, 1], feature_size=[8, 16, 16, 32], hidden_size=32)
-NAMES = ["background", "organ", "lesion"]
+NAMES = CLASS_NAMES
 DATASET = {
     "name": "custom", "spacing": [2.0, 2.0, 2.0], "intensity": "window", "a_min": -100.0, "a_max": 300.0,
     "num_classes": 3, "class_names": NAMES, "roi": [32, 32, 32], "cache_rate": 0.0,
 }  # fmt: skip
-FAST = ["--num_workers", "0", "--gpu", "-1", "--amp", "off"]  # float32: the tests compare predictions exactly
-SHAPE = (24, 20, 14)
-BOX = (slice(3, 13), slice(4, 12), slice(3, 9))  # off-centre: a flipped prediction would miss it
-
-
-def tiny_training_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = build_network("REP3D", 1, 3, modulation="lrbm", dwconv="native", **TINY)
-    with torch.no_grad():  # move every weight off its init so that the LRBM mask is far from trivial
-        for p in net.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return net.eval()
+FAST = PREDICT_FAST  # float32: the tests compare predictions exactly
+SHAPE, BOX = CASE_SHAPE, CASE_BOX
+# the settings of a bare state dict of the tiny model, on test_seg's command line
+BARE_FLAGS = ["--dataset", "custom", "--spacing", "2", "2", "2", "--a_min", "-100", "--a_max", "300", "--roi", "32", "32", "32", *TINY_FLAGS]
 
 
 def checkpoint(state: dict, meta: bool = True, prefix: str = "", out_channels: int = 3) -> dict:
+    """A checkpoint of the first format (settings at the top level), or a bare state dict."""
     state = {prefix + k: v for k, v in state.items()}
     if not meta:
         return state
@@ -57,61 +49,11 @@ def checkpoint(state: dict, meta: bool = True, prefix: str = "", out_channels: i
 
 @pytest.fixture(scope="module")
 def training_ckpt(tmp_path_factory) -> str:
+    """helpers.tiny_model in a first-format checkpoint: this file tests that format's path (the
+    format-2 one is conftest's tiny_checkpoint, used by test_export.py)."""
     path = tmp_path_factory.mktemp("ckpt") / "best_metric_model.pth"
-    torch.save(checkpoint(tiny_training_model().state_dict()), path)
+    torch.save(checkpoint(tiny_model().state_dict()), path)
     return str(path)
-
-
-def affine(kind: str) -> np.ndarray:
-    if kind == "ras":
-        a = np.diag([2.0, 2.0, 2.0, 1.0])
-    elif kind == "lps":
-        a = np.diag([-1.6, -1.6, 2.5, 1.0])
-    elif kind == "aniso":  # LAS, strongly anisotropic
-        a = np.diag([-1.2, 2.4, 3.5, 1.0])
-    else:  # oblique: rotated 20 degrees about z
-        t = np.deg2rad(20)
-        a = np.eye(4)
-        a[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.diag([1.5, 1.8, 2.2])
-    a[:3, 3] = [12.3, -40.1, 7.7]
-    return a
-
-
-def write_case(folder, name: str, kind: str, label_folder=None, qform_only: bool = False, four_d: bool = False) -> str:
-    rng = np.random.default_rng(zlib.crc32(name.encode()))  # stable across runs (hash() is salted)
-    img = np.full(SHAPE, -1000.0, np.float32)  # air margin: the foreground crop and its inverse are exercised
-    img[1:-1, 1:-1, 1:-1] = 0.0
-    img[BOX] = 200.0
-    img += rng.normal(0, 5, SHAPE).astype(np.float32)
-    lab = np.zeros(SHAPE, np.uint8)
-    lab[BOX] = 1
-    os.makedirs(folder, exist_ok=True)
-    data = img.astype(np.int16)[..., None] if four_d else img.astype(np.int16)
-    nimg = nib.Nifti1Image(data, affine(kind))
-    if qform_only:  # the affine then comes from a float32 quaternion: copied, not recomputed
-        nimg.set_qform(affine(kind), code=1)
-        nimg.set_sform(None, code=0)
-    path = os.path.join(folder, f"{name}.nii.gz")
-    nib.save(nimg, path)
-    if label_folder is not None:
-        os.makedirs(label_folder, exist_ok=True)
-        nib.save(nib.Nifti1Image(lab, nib.load(path).affine, header=nib.load(path).header), os.path.join(label_folder, f"{name}.nii.gz"))
-    return path
-
-
-class PerVoxel(nn.Module):
-    """Class 1 where the windowed intensity exceeds 0.5 (the box), else 0; class 2 never. A per-voxel
-    function: flip-equivariant and window-independent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv3d(1, 3, 1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([-10.0, 10.0, 0.0]).view(3, 1, 1, 1, 1))
-            self.conv.bias.copy_(torch.tensor([5.0, -5.0, -100.0]))
-
-    def forward(self, x):
-        return self.conv(x)
 
 
 def run(argv):
@@ -197,17 +139,14 @@ def test_checkpoint_variants_give_identical_predictions(tmp_path, training_ckpt)
     """A training checkpoint, its folded copy, a DDP (module.-prefixed) one and a bare state dict
     (settings from flags) predict the same labels and probabilities."""
     src = write_case(tmp_path / "in", "case_0000", "lps")
-    net = tiny_training_model()
+    net = tiny_model()
     folded = reparameterize_model(net).state_dict()
     assert not any(".modulation." in k for k in folded)
     variants = {
         "folded": (checkpoint(folded), []),
         "ddp": (checkpoint(net.state_dict(), prefix="module."), []),
-        "bare": (checkpoint(folded, meta=False, prefix="module."), [
-            "--dataset", "custom", "--spacing", "2", "2", "2", "--a_min", "-100", "--a_max", "300", "--num_classes", "3",
-            "--roi", "32", "32", "32", "--kernel_size", "5", "--depths", "1", "1", "1", "1",
-            "--feature_size", "8", "16", "16", "32", "--hidden_size", "32", "--dwconv", "native"]),
-    }  # fmt: skip
+        "bare": (checkpoint(folded, meta=False, prefix="module."), [*BARE_FLAGS, "--num_classes", "3", "--dwconv", "native"]),
+    }
     probs = ["--save_probabilities", "--resample_probabilities"]
     ref = run(["--trained_weights", training_ckpt, "--input", src, "--output", str(tmp_path / "train")] + probs)
     seg_ref = np.asarray(nib.load(ref["predictions"][0]).dataobj)
@@ -262,10 +201,8 @@ def test_flags_contradicting_the_checkpoint_are_refused(tmp_path, training_ckpt,
 
 def test_bare_state_dict_of_another_class_count_is_refused(tmp_path, capsys):
     src = write_case(tmp_path / "in", "a", "ras")
-    torch.save(reparameterize_model(tiny_training_model()).state_dict(), tmp_path / "bare.pth")
-    flags = ["--dataset", "custom", "--spacing", "2", "2", "2", "--a_min", "-100", "--a_max", "300", "--num_classes", "5",
-             "--roi", "32", "32", "32", "--kernel_size", "5", "--depths", "1", "1", "1", "1", "--feature_size", "8", "16", "16", "32",
-             "--hidden_size", "32"]  # fmt: skip
+    torch.save(reparameterize_model(tiny_model()).state_dict(), tmp_path / "bare.pth")
+    flags = [*BARE_FLAGS, "--num_classes", "5"]
     code = test_seg.main(["--trained_weights", str(tmp_path / "bare.pth"), "--input", src, "--output", str(tmp_path / "o")] + flags + FAST)
     err = capsys.readouterr().err
     assert code == 2 and "class count" in err

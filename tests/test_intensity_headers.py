@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from monai.transforms import CropForegroundd, NormalizeIntensityd, ScaleIntensityRanged
 
 from rep3d.data.checks import check_cases, inspect_cases

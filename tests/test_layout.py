@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import TINY
 from networks import build_network
 from networks.layout import (
     ChannelsLastInstanceNorm3d,
@@ -15,10 +16,7 @@ from networks.layout import (
 )
 from rep3d.inference.sliding_window import compile_for_windows
 
-TINY = {
-    "REP3D": dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, dwconv="fft"),
-    "3DUXNET": dict(depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, dwconv="fft"),
-}
+FFT_TINY = {**TINY, "dwconv": "fft"}
 CL = torch.channels_last_3d
 
 
@@ -83,7 +81,7 @@ def test_to_channels_last_single_channel_gets_channels_last_strides():
 @pytest.mark.parametrize("name", ["REP3D", "3DUXNET"])
 def test_decoder_layouts_agree_in_float64(name):
     torch.manual_seed(0)
-    a = build_network(name, 1, 3, **TINY[name]).double().train()
+    a = build_network(name, 1, 3, **FFT_TINY).double().train()
     b = copy.deepcopy(a)
     a.decoder_channels_last, b.decoder_channels_last = False, True
     assert not any(isinstance(m, nn.InstanceNorm3d) for m in b.modules())  # all swapped for the layout-aware norm
@@ -102,7 +100,7 @@ def test_decoder_layouts_agree_in_float64(name):
 
 def test_decoder_layout_auto_is_ncdhw_on_cpu():
     torch.manual_seed(0)
-    model = build_network("REP3D", 1, 3, **TINY["REP3D"]).eval()
+    model = build_network("REP3D", 1, 3, **FFT_TINY).eval()
     seen = []
     for m in model.modules():
         if isinstance(m, ChannelsLastInstanceNorm3d):

@@ -12,14 +12,15 @@ import torch
 import networks
 import networks.Rep3D.rep3d_encoder as rep3d_encoder
 import networks.UXNet_3D.uxnet_encoder as uxnet_encoder
+from helpers import TINY
 from networks.Rep3D.lrbm import KernelModulation, batched_masks
 
-TINY = dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32, dwconv="native")
+NATIVE_TINY = {**TINY, "dwconv": "native"}
 
 
 def _perturbed(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    net = networks.build_network(name, 1, 3, modulation="lrbm", **TINY)
+    net = networks.build_network(name, 1, 3, modulation="lrbm", **NATIVE_TINY)
     with torch.no_grad():  # generators away from their near-identity start
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -32,7 +33,7 @@ def test_batched_masks_equal_each_blocks_own():
     for own, batched in zip([m() for m in mods], batched_masks(mods)):
         torch.testing.assert_close(batched, own, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="one signature"):
-        batched_masks([m for m in networks.build_network("REP3D", 1, 3, modulation="fixed", **TINY).modules() if isinstance(m, KernelModulation)])
+        batched_masks([m for m in networks.build_network("REP3D", 1, 3, modulation="fixed", **NATIVE_TINY).modules() if isinstance(m, KernelModulation)])
 
 
 @pytest.mark.parametrize("name, module", [("REP3D", rep3d_encoder), ("3DUXNET", uxnet_encoder)])

@@ -9,15 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from helpers import affine_for, nnunet_v2, oblique_lps, phantom, save_nifti
 from rep3d.data.cases import case_name, describe_validation, list_cases, list_images
 from rep3d.data.checks import check_cases, check_dataset, check_input_channels
 from rep3d.data.dataset_config import DataError, DatasetConfig, get_dataset_config
@@ -45,52 +43,6 @@ from rep3d.planning import (
 # itk's SWIG bindings warn on import under Python 3.11+; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 needs_itk = pytest.mark.skipif(importlib.util.find_spec("itk") is None, reason=f"itk not installed ({EXTRA_HINT})")
-
-
-def affine(spacing=(1.5, 1.5, 2.0), origin=(10.0, -20.0, 5.0)) -> np.ndarray:
-    a = np.diag([*spacing, 1.0])
-    a[:3, 3] = origin
-    return a
-
-
-def save(path, array, aff=None, dtype=None) -> str:
-    path = str(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    array = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
-    nib.save(nib.Nifti1Image(array, affine() if aff is None else aff), path)
-    return path
-
-
-def phantom(shape=(20, 18, 12), seed=0, ct=True, num_classes=3):
-    """``(image, label)``: a body (CT: soft tissue in air; MRI: positive in zero background) with
-    one slab per foreground class."""
-    rng = np.random.default_rng(seed)
-    image = np.full(shape, -1000.0 if ct else 0.0, dtype=np.float32)
-    inner = tuple(slice(2, s - 2) for s in shape)
-    image[inner] = (40.0 if ct else 300.0) + rng.normal(0, 10, size=image[inner].shape)
-    label = np.zeros(shape, np.uint8)
-    for c, idx in enumerate(np.array_split(np.arange(3, shape[0] - 3), num_classes - 1), start=1):
-        label[idx[0] : idx[-1] + 1, 4:-4, 3:-3] = c
-        slab = (slice(idx[0], idx[-1] + 1), slice(4, -4), slice(3, -3))
-        image[slab] = (100.0 if ct else 600.0) * c + rng.normal(0, 5, size=image[slab].shape)
-    return image, label
-
-
-def nnunet_v2(root, n=5, channels=("CT", "PET"), labels=None, shape=(20, 18, 12), test_cases=1) -> str:
-    labels = labels or {"background": 0, "liver": 1, "tumour": 2}
-    for i in range(n):
-        image, label = phantom(shape, seed=i)
-        for c in range(len(channels)):
-            save(os.path.join(root, "imagesTr", f"case_{i:03d}_{c:04d}.nii.gz"), image if c == 0 else np.abs(image) * 0.01 + c, dtype=np.int16 if c == 0 else np.float32)
-        save(os.path.join(root, "labelsTr", f"case_{i:03d}.nii.gz"), label, dtype=np.uint8)
-    for i in range(test_cases):
-        image, _ = phantom(shape, seed=100 + i)
-        for c in range(len(channels)):
-            save(os.path.join(root, "imagesTs", f"new_{i:03d}_{c:04d}.nii.gz"), image, dtype=np.int16)
-    meta = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": labels, "numTraining": n, "file_ending": ".nii.gz"}
-    with open(os.path.join(root, "dataset.json"), "w") as f:
-        json.dump(meta, f)
-    return str(root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,8 +111,8 @@ def test_msd_task_with_4d_two_channel_images(tmp_path):
     training = []
     for i in range(4):
         image, label = phantom((18, 16, 12), seed=i, ct=False)
-        save(root / "imagesTr" / f"BRATS_{i:03d}.nii.gz", np.stack([image, image * 0.5 + 10 * (image > 0)], axis=-1), dtype=np.float32)
-        save(root / "labelsTr" / f"BRATS_{i:03d}.nii.gz", label, dtype=np.uint8)
+        save_nifti(root / "imagesTr" / f"BRATS_{i:03d}.nii.gz", np.stack([image, image * 0.5 + 10 * (image > 0)], axis=-1), dtype=np.float32)
+        save_nifti(root / "labelsTr" / f"BRATS_{i:03d}.nii.gz", label, dtype=np.uint8)
         training.append({"image": f"./imagesTr/BRATS_{i:03d}.nii.gz", "label": f"./labelsTr/BRATS_{i:03d}.nii.gz"})
     (root / "dataset.json").write_text(json.dumps({
         "name": "BRATS", "modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "edema", "2": "tumour"},
@@ -178,7 +130,7 @@ def test_msd_task_with_4d_two_channel_images(tmp_path):
     assert torch.equal(test["image"].as_tensor(), out["image"].as_tensor())
     check_dataset(cfg, str(root))
     # a 3-D image among the 4-D ones is one channel short
-    save(root / "imagesTr" / "BRATS_001.nii.gz", phantom((18, 16, 12), ct=False)[0])
+    save_nifti(root / "imagesTr" / "BRATS_001.nii.gz", phantom((18, 16, 12), ct=False)[0])
     with pytest.raises(DataError, match=r"BRATS_001.nii.gz: case 'BRATS_001' has 1 channel .* takes 2 channels \(FLAIR, T1w\)"):
         check_dataset(cfg, str(root))
 
@@ -188,8 +140,8 @@ def test_monai_folder_classes_from_label_values_and_guessed_ct(tmp_path):
     for i in range(3):
         image, label = phantom((20, 18, 12), seed=i, num_classes=3)
         label[label == 2] = 3  # values 0, 1, 3: class 2 is never drawn
-        save(root / "imagesTr" / f"c{i}.nii.gz", image, dtype=np.int16)
-        save(root / "labelsTr" / f"c{i}.nii.gz", label, dtype=np.uint8)
+        save_nifti(root / "imagesTr" / f"c{i}.nii.gz", image, dtype=np.int16)
+        save_nifti(root / "labelsTr" / f"c{i}.nii.gz", label, dtype=np.uint8)
     cfg, plan = resolve_dataset(None, str(root))
     assert plan.layout == "folder" and plan.modalities == ["CT"] and plan.modality_source == "guessed from intensities"
     assert (cfg.num_classes, cfg.class_names, cfg.channel_names) == (4, ["background", "class_1", "class_2", "class_3"], ["image"])
@@ -200,8 +152,8 @@ def test_monai_folder_classes_from_label_values_and_guessed_ct(tmp_path):
     mri = tmp_path / "mri"
     for i in range(2):
         image, label = phantom((16, 16, 16), seed=i, ct=False)
-        save(mri / "imagesTr" / f"m{i}.nii.gz", image)
-        save(mri / "labelsTr" / f"m{i}.nii.gz", label, dtype=np.uint8)
+        save_nifti(mri / "imagesTr" / f"m{i}.nii.gz", image)
+        save_nifti(mri / "labelsTr" / f"m{i}.nii.gz", label, dtype=np.uint8)
     cfg, plan = resolve_dataset(None, str(mri))
     assert plan.modalities == ["MRI"] and cfg.intensity == "zscore" and cfg.channel_norms() == [{"scheme": "zscore"}]
 
@@ -216,8 +168,8 @@ def test_anisotropic_plan_takes_the_10th_percentile_on_the_coarse_axis(tmp_path)
     z_spacings = [5.0, 5.0, 5.0, 4.0, 2.5, 5.0, 5.0, 5.0, 5.0, 5.0]
     for i, dz in enumerate(z_spacings):
         image, label = phantom((32, 32, 8), seed=i, ct=False)
-        save(root / "imagesTr" / f"a{i}.nii.gz", image, affine((0.8, 0.8, dz)))
-        save(root / "labelsTr" / f"a{i}.nii.gz", label, affine((0.8, 0.8, dz)), np.uint8)
+        save_nifti(root / "imagesTr" / f"a{i}.nii.gz", image, affine_for(spacing=(0.8, 0.8, dz)))
+        save_nifti(root / "labelsTr" / f"a{i}.nii.gz", label, affine_for(spacing=(0.8, 0.8, dz)), np.uint8)
     plan = plan_dataset(str(root))
     expected_z = float(np.percentile(z_spacings, 10))  # 3.85, not the median 5
     assert plan.spacing[:2] == [0.8, 0.8] and plan.spacing[2] == pytest.approx(expected_z)
@@ -241,14 +193,6 @@ def test_anisotropic_plan_takes_the_10th_percentile_on_the_coarse_axis(tmp_path)
 # --------------------------------------------------------------------------------------------
 
 
-def _oblique_lps():
-    """An LPS voxel-to-world matrix with permuted, slightly rotated axes and a fractional origin."""
-    th = 0.1
-    rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
-    directions = rot @ np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1.0]]) * np.array([0.9, 1.1, 2.5])  # columns: axes
-    return directions, np.array([-12.3, 40.125, 7.75])
-
-
 def _fake_prediction_written_back(cfg, path, out_path):
     """Pre-process ``path`` as inference does, draw a prediction, invert it and write it back."""
     from monai.data import decollate_batch, list_data_collate
@@ -267,7 +211,7 @@ def test_nrrd_inputs_planned_loaded_and_written_back(tmp_path):
     import nrrd
 
     root = tmp_path / "nrrd"
-    directions, origin = _oblique_lps()
+    directions, origin = oblique_lps()
     hdr = {"space": "left-posterior-superior", "space directions": directions.T, "space origin": origin, "kinds": ["domain"] * 3}
     for i in range(3):
         image, label = phantom((20, 16, 10), seed=i, num_classes=2)
@@ -297,7 +241,7 @@ def test_mha_inputs_planned_loaded_and_written_back(tmp_path):
     import itk
 
     root = tmp_path / "mha"
-    directions, origin = _oblique_lps()
+    directions, origin = oblique_lps()
     spacing = np.sqrt((directions**2).sum(axis=0))
 
     def write_mha(path, array):
@@ -364,9 +308,9 @@ def test_every_problem_named_in_one_message(tmp_path):
     lab = os.path.join(root, "labelsTr")
     image, _ = phantom((20, 18, 12), seed=1)
     os.remove(os.path.join(img, "case_001_0001.nii.gz"))  # a case missing one channel
-    save(os.path.join(img, "case_002_0001.nii.gz"), image[:, :, :10])  # channels of different shapes
-    save(os.path.join(img, "case_003_0001.nii.gz"), image, affine(origin=(12.0, -20.0, 5.0)))  # ... or geometry
-    save(os.path.join(lab, "orphan.nii.gz"), np.zeros((20, 18, 12)), dtype=np.uint8)  # a label without image
+    save_nifti(os.path.join(img, "case_002_0001.nii.gz"), image[:, :, :10])  # channels of different shapes
+    save_nifti(os.path.join(img, "case_003_0001.nii.gz"), image, affine_for(origin=(12.0, -20.0, 5.0)))  # ... or geometry
+    save_nifti(os.path.join(lab, "orphan.nii.gz"), np.zeros((20, 18, 12)), dtype=np.uint8)  # a label without image
     # dataset.json declares 2 classes, the label files hold 0, 1 and 2
 
     with pytest.raises(DataError) as e:
@@ -408,8 +352,8 @@ def test_inference_inputs_checked_for_the_trained_channels(tmp_path):
     folder = tmp_path / "in"
     image, _ = phantom((16, 16, 16), ct=False)
     for c in (0, 1):
-        save(folder / f"p1_{c:04d}.nii.gz", image)
-    save(folder / "p2_0000.nii.gz", image)
+        save_nifti(folder / f"p1_{c:04d}.nii.gz", image)
+    save_nifti(folder / "p2_0000.nii.gz", image)
     with pytest.raises(DataError, match=r"p2_0001.nii.gz: case 'p2' lacks channel 0001"):
         list_images(str(folder), channels=2)
     # a single channel file brings its siblings along
@@ -417,7 +361,7 @@ def test_inference_inputs_checked_for_the_trained_channels(tmp_path):
     assert check_input_channels(list_images(str(folder / "p1_0000.nii.gz")), cfg) == []
     [problem] = check_input_channels([{"image": str(folder / "p2_0000.nii.gz")}], cfg)
     assert problem.startswith(str(folder / "p2_0000.nii.gz")) and "missing channel 1 'ADC' (expected " + str(folder / "p2_0001.nii.gz") in problem
-    four_d = save(tmp_path / "three.nii.gz", np.stack([image] * 3, axis=-1))
+    four_d = save_nifti(tmp_path / "three.nii.gz", np.stack([image] * 3, axis=-1))
     assert "has 3 channels" in check_input_channels([four_d], cfg)[0]
     with pytest.raises(DataError, match="takes 2 channels"):
         check_cases([{"image": str(folder / "p2_0000.nii.gz")}], cfg)

@@ -2,11 +2,12 @@
 with two channels and on an MSD folder with 4-D two-channel images; the plan and the split are written
 and stored; `test_seg.py` predicts with the checkpoint and --root alone.
 
-Tiny REP3D (kernel 5, widths 8-32), synthetic 20 x 18 x 12 volumes.
+Tiny REP3D (helpers.TINY), synthetic 20 x 18 x 12 volumes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -17,13 +18,12 @@ import torch
 
 import main_train
 import test_seg
+from helpers import TINY_FLAGS, nnunet_v2, oblique_lps, phantom, save_nifti
 from rep3d.config import RunConfig
 from rep3d.data.image_io import read_header, write_like
-from tests.test_own_data import nnunet_v2, phantom, save
 
 # itk's SWIG bindings warn on import under Python 3.11+; nothing of ours.
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
-TINY = ["--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1", "--kernel_size", "5", "--hidden_size", "32"]
 
 
 def msd_two_channel(root: str, n: int = 4) -> str:
@@ -31,11 +31,11 @@ def msd_two_channel(root: str, n: int = 4) -> str:
     for i in range(n):
         image, label = phantom(seed=i, ct=False)
         both = np.stack([image, image * 0.5 + 10.0], axis=-1)  # 4-D: X, Y, Z, channel
-        save(os.path.join(root, "imagesTr", f"prostate_{i:02d}.nii.gz"), both)
-        save(os.path.join(root, "labelsTr", f"prostate_{i:02d}.nii.gz"), label, dtype=np.uint8)
+        save_nifti(os.path.join(root, "imagesTr", f"prostate_{i:02d}.nii.gz"), both)
+        save_nifti(os.path.join(root, "labelsTr", f"prostate_{i:02d}.nii.gz"), label, dtype=np.uint8)
         training.append({"image": f"./imagesTr/prostate_{i:02d}.nii.gz", "label": f"./labelsTr/prostate_{i:02d}.nii.gz"})
     image, _ = phantom(seed=50, ct=False)
-    save(os.path.join(root, "imagesTs", "prostate_50.nii.gz"), np.stack([image, image * 0.5 + 10.0], axis=-1))
+    save_nifti(os.path.join(root, "imagesTs", "prostate_50.nii.gz"), np.stack([image, image * 0.5 + 10.0], axis=-1))
     meta = {"modality": {"0": "T2", "1": "ADC"}, "labels": {"0": "background", "1": "zone", "2": "lesion"}, "training": training, "test": ["./imagesTs/prostate_50.nii.gz"]}
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump(meta, f)
@@ -48,7 +48,7 @@ def test_root_alone_trains_on_two_channels_and_stores_the_plan(tmp_path, layout)
     nnunet_v2(root) if layout == "nnunet_v2" else msd_two_channel(root)
     out = str(tmp_path / "run")
     logs: list[str] = []
-    args = main_train.parse_args(["--root", root, "--output", out, "--max_iter", "2", "--eval_step", "2", "--num_workers", "0", "--sw_batch_size", "1", *TINY])
+    args = main_train.parse_args(["--root", root, "--output", out, "--max_iter", "2", "--eval_step", "2", "--num_workers", "0", "--sw_batch_size", "1", *TINY_FLAGS])
     summary = main_train.train(args, log=logs.append)
     assert summary["steps"] == 2
     ckpt = torch.load(os.path.join(out, "best_metric_model.pth"), map_location="cpu", weights_only=True)
@@ -76,7 +76,7 @@ def test_two_channel_model_predicts_with_root_alone(tmp_path):
 
     root = nnunet_v2(str(tmp_path / "data"))
     out = str(tmp_path / "run")
-    main_train.train(main_train.parse_args(["--root", root, "--output", out, "--max_iter", "1", "--eval_step", "1", "--num_workers", "0", "--sw_batch_size", "1", *TINY]), log=lambda m: None)
+    main_train.train(main_train.parse_args(["--root", root, "--output", out, "--max_iter", "1", "--eval_step", "1", "--num_workers", "0", "--sw_batch_size", "1", *TINY_FLAGS]), log=lambda m: None)
     pred = str(tmp_path / "pred")
     # No dataset flag: channels, spacing and normalisation come from the checkpoint's plan.
     assert test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--root", root, "--output", pred, "--gpu", "-1", "--no_hd95"]) == 0
@@ -92,26 +92,22 @@ def test_two_channel_model_predicts_with_root_alone(tmp_path):
 
 @pytest.mark.parametrize("ending", [".nrrd", ".mha"])
 def test_predictions_in_the_inputs_own_format_and_geometry(tmp_path, ending):
-    import importlib.util
-
-    from tests.test_own_data import _oblique_lps
-
     if ending == ".mha" and importlib.util.find_spec("itk") is None:
         pytest.skip("itk not installed (pip install -r requirements-formats.txt)")
     root = str(tmp_path / "data")
     for i in range(3):
         image, label = phantom(seed=i)
-        save(os.path.join(root, "imagesTr", f"c{i}.nii.gz"), image)
-        save(os.path.join(root, "labelsTr", f"c{i}.nii.gz"), label, dtype=np.uint8)
+        save_nifti(os.path.join(root, "imagesTr", f"c{i}.nii.gz"), image)
+        save_nifti(os.path.join(root, "labelsTr", f"c{i}.nii.gz"), label, dtype=np.uint8)
     out = str(tmp_path / "run")
-    main_train.train(main_train.parse_args(["--root", root, "--output", out, "--max_iter", "1", "--eval_step", "1", "--num_workers", "0", "--sw_batch_size", "1", *TINY]), log=lambda m: None)
+    main_train.train(main_train.parse_args(["--root", root, "--output", out, "--max_iter", "1", "--eval_step", "1", "--num_workers", "0", "--sw_batch_size", "1", *TINY_FLAGS]), log=lambda m: None)
     # the input: an oblique LPS volume in the format under test, written from a NIfTI with its geometry
     image, _ = phantom(seed=9)
-    directions, origin = _oblique_lps()
+    directions, origin = oblique_lps()
     lps = np.eye(4)
     lps[:3, :3], lps[:3, 3] = directions, origin
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    nifti = save(str(tmp_path / "src" / "scan.nii.gz"), image, aff=ras)
+    nifti = save_nifti(str(tmp_path / "src" / "scan.nii.gz"), image, affine=ras)
     scan = write_like(image.astype(np.int16), nifti, str(tmp_path / "in" / f"scan{ending}"), dtype=np.int16)
     pred = str(tmp_path / "pred")
     assert test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--input", scan, "--output", pred, "--gpu", "-1"]) == 0

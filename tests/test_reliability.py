@@ -21,12 +21,12 @@ import torch
 import main_train
 import rep3d.fileio
 import test_seg
+from helpers import TINY_FLAGS
 from rep3d.data.checks import check_dataset
 from rep3d.data.dataset_config import DataError, get_dataset_config
 from rep3d.fileio import FolderLock, FolderLockedError, WriteError, atomic_path, remove_stale_temporaries, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_FLAGS = ["--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1", "--kernel_size", "5", "--hidden_size", "32"]
 DATA_FLAGS = [
     "--dataset", "custom", "--spacing", "2", "2", "2", "--intensity", "window", "--a_min", "-100", "--a_max", "300",
     "--num_classes", "3", "--roi", "32", "32", "32",

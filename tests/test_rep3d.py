@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import networks
+from helpers import TINY
 from networks import (
     build_deploy_network,
     build_network,
@@ -25,7 +26,6 @@ from networks.Rep3D import (
 )
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "REP3D_16cls_state_dict.json"
-TINY = dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32)
 VARIANTS = ["lrbm", "fixed", "none"]
 
 

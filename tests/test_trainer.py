@@ -1,25 +1,26 @@
 """The Trainer's options (issue 13): losses, fine-tuning, frozen encoder, resume bookkeeping, configs.
 
-Tiny settings as in test_train.py: REP3D widths 8-16-16-32, depths 1, kernel 5, 32^3 demo volumes.
+Tiny settings as in test_train.py: helpers.TINY (REP3D widths 8-16-16-32, depths 1, kernel 5), conftest's
+32^3 demo volumes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import main_train
 import networks
+from helpers import TINY, affine_for, save_nifti
+from helpers import tiny_argv as argv
 from rep3d.config import FORMAT_VERSION, ConfigError, RunConfig, TrainConfig
 from rep3d.data.dataset_config import get_dataset_config
 from rep3d.data.transforms import get_train_transforms
 from rep3d.training.trainer import Trainer
-from tests.test_train import demo_root  # noqa: F401 - demo_root is a fixture
-from tests.test_train import tiny_argv as argv
-
-TINY = {"feature_size": [8, 16, 16, 32], "depths": [1, 1, 1, 1], "kernel_size": 5, "hidden_size": 32}
 
 
 class Stop(Exception):
@@ -166,18 +167,14 @@ def test_the_papers_other_baselines_train_through_main_train(demo_root, tmp_path
 
 
 def test_class_ratio_crops_hit_the_rare_class_at_its_ratio(tmp_path):
-    import nibabel as nib
-    import numpy as np
-
-
     image = np.full((48, 48, 48), -1000.0, np.float32)
     image[6:42, 6:42, 6:42] = 40.0  # the body: background crop centres lie inside it
     label = np.zeros(image.shape, np.uint8)
     label[12:36, 12:24, 12:36] = 1  # a large structure
     label[28:31, 28:31, 28:31] = 2  # a rare one: 27 voxels
-    aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    nib.save(nib.Nifti1Image(image, aff), str(tmp_path / "img.nii.gz"))
-    nib.save(nib.Nifti1Image(label, aff), str(tmp_path / "lab.nii.gz"))
+    aff = affine_for(spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
+    save_nifti(tmp_path / "img.nii.gz", image, aff)
+    save_nifti(tmp_path / "lab.nii.gz", label, aff)
     cfg = get_dataset_config("custom", spacing=[2, 2, 2], a_min=-125, a_max=275, num_classes=3, roi=[16, 16, 16])
     tf = get_train_transforms(cfg, roi=(16, 16, 16), crop_sample=100, crop_ratios=[1, 1, 4], augment=False)
     tf.set_random_state(seed=0)
@@ -198,8 +195,6 @@ def test_class_ratio_crops_hit_the_rare_class_at_its_ratio(tmp_path):
 
 
 def test_summary_reports_loop_and_step_time_per_iteration(demo_root, tmp_path):
-    import json
-
     out = str(tmp_path / "timed")
     summary = main_train.train(main_train.parse_args(argv(demo_root, out, "--max_iter", "6", "--eval_step", "6")), log=lambda m: None)
     timing = summary["timing"]

@@ -4,6 +4,11 @@ The FFT depthwise path caches the kernel spectrum in inference. The fused AdamW 
 CUDA updates parameters without bumping their version counter, so a cache keyed on the version alone
 validated every plain large kernel with its stale spectrum. Fused optimizers run on the CPU too, so the
 failure is reproduced here without a GPU.
+
+Each check here fails with the cache of before the fix (no optimizer-step generation in its key, no
+eval-mode condition, no drop at train()/eval()), except the modulated variants' (lrbm, fixed: their
+kernel W * M never reaches the cache) and the unfused-AdamW ones (a plain step bumps the version):
+those guard the paths the fix must leave working.
 """
 
 from __future__ import annotations
@@ -13,18 +18,18 @@ import csv
 import json
 import os
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 import main_train
 import networks
+import rep3d.analysis.kernels
+import rep3d.training.trainer
 import test_seg
+from helpers import TINY, TINY_FLAGS, affine_for, save_nifti
 from networks.dwconv import DepthwiseConv3d
 from rep3d.training.trainer import Trainer
-
-TINY = dict(kernel_size=5, depths=(1, 1, 1, 1), feature_size=(8, 16, 16, 32), hidden_size=32)
 
 
 def _optimizer(params, fused: bool) -> torch.optim.Optimizer:
@@ -34,7 +39,7 @@ def _optimizer(params, fused: bool) -> torch.optim.Optimizer:
 PLAIN_KERNEL_NETS = {  # every network whose depthwise kernel reaches the FFT path unmodulated
     "REP3D_Vanilla": dict(TINY),
     "3DUXNET": dict(TINY),
-    "3DUXNET_K21": {**TINY, "kernel_size": 21},
+    "3DUXNET_K21": {**TINY, "kernel_size": 21},  # the variant is its kernel size: TINY's 5 does not apply
 }
 
 
@@ -49,16 +54,18 @@ def test_every_validation_equals_a_fresh_model_on_the_same_weights(name, fused, 
     opt = _optimizer(net.parameters(), fused)
     x = torch.randn(1, 1, 32, 32, 32)
     target = torch.randint(0, 3, (1, 32, 32, 32))
-    if not switch_modes:  # every step and validation in eval mode: only the optimizer step tells
-        net.eval()
-    for _ in range(3):
+    # Without mode switches every step and validation is in eval mode, and no train()/eval() call
+    # drops the cache in between: only the optimizer step can tell it that the weights changed.
+    net.eval()
+    for _ in range(2):  # the first validation fills the cache; the second is the first that can be stale
         if switch_modes:
             net.train()
         loss = torch.nn.functional.cross_entropy(net(x), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        net.eval()
+        if switch_modes:
+            net.eval()
         with torch.no_grad():
             seen = net(x)
             fresh = copy.deepcopy(net)  # the same weights, no cache (deepcopy drops it)
@@ -93,10 +100,8 @@ SHAPE = (32, 32, 32)
 def _write_iso_ras_dataset(root: str) -> str:
     """Two training and two validation cases, 2 mm isotropic RAS (the target spacing: no resampling),
     two structures inside a body, with a margin of air that the foreground crop removes."""
-    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff = affine_for(spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
     for split, names in (("Tr", ("a", "b")), ("Val", ("c", "d"))):
-        os.makedirs(os.path.join(root, f"images{split}"), exist_ok=True)
-        os.makedirs(os.path.join(root, f"labels{split}"), exist_ok=True)
         for i, name in enumerate(names):
             rng = np.random.default_rng(sum(map(ord, name)))
             img = np.full(SHAPE, -1000.0, np.float32)
@@ -108,8 +113,8 @@ def _write_iso_ras_dataset(root: str) -> str:
             img[lab == 1] = 150.0
             img[lab == 2] = 260.0
             img += rng.normal(0, 10, SHAPE).astype(np.float32)
-            nib.save(nib.Nifti1Image(img, aff), os.path.join(root, f"images{split}", f"{name}.nii.gz"))
-            nib.save(nib.Nifti1Image(lab, aff), os.path.join(root, f"labels{split}", f"{name}.nii.gz"))
+            save_nifti(os.path.join(root, f"images{split}", f"{name}.nii.gz"), img, aff)
+            save_nifti(os.path.join(root, f"labels{split}", f"{name}.nii.gz"), lab, aff)
     return root
 
 
@@ -119,7 +124,16 @@ def iso_root(tmp_path_factory) -> str:
 
 
 class FusedAdamWTrainer(Trainer):
-    """The trainer's CUDA optimizer (fused AdamW), here on the CPU."""
+    """The trainer's CUDA optimizer (fused AdamW), here on the CPU; 3D UX-Net's layer scale starts at 1
+    instead of 1e-6, so that its depthwise kernels shape the validation output from the first step."""
+
+    def build_network(self):
+        net = super().build_network()
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(getattr(m, "gamma", None), torch.nn.Parameter):
+                    m.gamma.fill_(1.0)
+        return net
 
     def configure_optimizers(self):
         opt, sched = super().configure_optimizers()
@@ -133,26 +147,47 @@ VARIANTS = {
     "fixed": ["--network", "REP3D", "--modulation", "fixed"],
     "none": ["--network", "REP3D", "--modulation", "none"],
     "3DUXNET": ["--network", "3DUXNET"],
-    "3DUXNET_K21": ["--network", "3DUXNET_K21", "--kernel_size", "21"],
+    "3DUXNET_K21": ["--network", "3DUXNET_K21", "--kernel_size", "21"],  # after TINY_FLAGS' 5: the last one counts
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_best_checkpoint_validation_dice_equals_test_seg(iso_root, tmp_path, variant):
+def test_best_checkpoint_validation_dice_equals_test_seg(iso_root, tmp_path, monkeypatch, variant):
+    """Every validation's probabilities equal a cache-free copy's of the network it validates, and the
+    best checkpoint's validation Dice equals test_seg.py's on the same cases. Two optimizer steps, a
+    validation after each: the second validation is the first that a stale cache would get wrong."""
+    seen = []  # per validation call: max |probabilities - a fresh copy's|, None where not compared
+    predict = rep3d.training.trainer.sliding_window_predict
+
+    def predict_and_compare(net, image, *args, **kwargs):
+        probs = predict(net, image, *args, **kwargs)
+        diff = None
+        if len(seen) % 2 == 0:  # the first of the 2 validation cases: one network state per validation
+            with torch.no_grad():
+                fresh = predict(copy.deepcopy(net), image, *args, **kwargs)  # deepcopy drops the spectrum cache
+            diff = float((probs - fresh).abs().max())
+        seen.append(diff)
+        return probs
+
+    monkeypatch.setattr(rep3d.training.trainer, "sliding_window_predict", predict_and_compare)
+    # The training plots are test_train.py's business; here they would take a fifth of the time.
+    monkeypatch.setattr(rep3d.training.trainer, "plot_curves", lambda *a, **k: None)
+    monkeypatch.setattr(rep3d.analysis.kernels, "plot_kernel_dynamics", lambda *a, **k: None)
     out = str(tmp_path / "run")
-    kernel = [] if variant == "3DUXNET_K21" else ["--kernel_size", "5"]
     argv = [
         "--root", iso_root, "--dataset", "custom", "--spacing", "2", "2", "2", "--intensity", "window",
         "--a_min", "-100", "--a_max", "300", "--num_classes", "3", "--roi", "32", "32", "32",
-        "--output", out, "--num_workers", "0", "--lr", "1e-2", "--max_iter", "9", "--eval_step", "3",
-        "--sw_batch_size", "1", "--dwconv", "fft", "--amp", "off", "--gpu", "-1",
-        "--feature_size", "8", "16", "16", "32", "--depths", "1", "1", "1", "1", "--hidden_size", "32",
-        *kernel, *VARIANTS[variant],
+        "--output", out, "--num_workers", "0", "--lr", "1e-2", "--lr_schedule", "constant", "--max_iter", "2",
+        "--eval_step", "1", "--crop_sample", "1", "--sw_batch_size", "1", "--dwconv", "fft", "--amp", "off", "--gpu", "-1",
+        *TINY_FLAGS, *VARIANTS[variant],
     ]  # fmt: skip
     summary = main_train.train(main_train.parse_args(argv), log=lambda m: None, trainer_class=FusedAdamWTrainer)
     with open(os.path.join(out, "validation_metrics.csv")) as f:
         steps = {int(r["step"]) for r in csv.DictReader(f)}
-    assert len(steps) == 3, "three validations expected, so that the best one follows optimizer steps"
+    assert steps == {1, 2}, "a validation after each optimizer step expected"
+    compared = [d for d in seen if d is not None]
+    assert len(seen) == 2 * 2 and len(compared) == 2, seen  # 2 validations of 2 cases
+    assert max(compared) < 1e-4, f"{variant}: validation probabilities differ from a fresh copy's by {compared}"
     pred = str(tmp_path / "pred")
     test_seg.main(["--trained_weights", os.path.join(out, "best_metric_model.pth"), "--root", iso_root, "--output", pred, "--amp", "off", "--gpu", "-1", "--num_workers", "0", "--dwconv", "native"])
     with open(os.path.join(pred, "summary.json")) as f:

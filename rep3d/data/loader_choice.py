@@ -108,6 +108,7 @@ def choose_loader(
     num_workers: int | None = None,
     cases: Sequence[dict] | None = None,
     gpu_share: float = GPU_CACHE_SHARE,
+    store: bool = False,
 ) -> LoaderChoice:
     """Pick the loader path for a run whose user passed no loader flag (or passed ``requested``).
 
@@ -117,6 +118,11 @@ def choose_loader(
     (default 40%, :data:`GPU_CACHE_SHARE`) of the GPU memory free now; else CPU workers, caching
     every case when the estimate fits in half the available RAM (:data:`RAM_CACHE_SHARE`).
     ``"gpu"`` / ``"workers"`` take that path (the reason says it was asked for).
+
+    With a pre-processed store (``store``), the CPU workers read every crop through the store's memory
+    maps unless ``cache_rate`` holds some cases in RAM: without ``--cache_rate`` none is (0): the page
+    cache keeps the store's pages that RAM allows, shared by every process and the next run, and a
+    worker's private memory does not grow with the dataset.
 
     Args:
         cfg: dataset config (spacing, ROI).
@@ -129,6 +135,7 @@ def choose_loader(
         num_workers: worker processes for the CPU path (``None``: :func:`default_num_workers`).
         cases: the training + validation cases, when the caller has listed them already.
         gpu_share: share of the free GPU memory the cache may take.
+        store: the cases come from the pre-processed store (see above).
 
     Returns:
         A :class:`LoaderChoice`; its ``reason`` is one line for the run's start.
@@ -156,6 +163,10 @@ def choose_loader(
 
     def on_workers(why: str) -> LoaderChoice:
         rate = cache_rate
+        if store:
+            rate = 0.0 if rate is None else rate
+            held = "no case held in RAM" if rate <= 0 else f"{100 * rate:.0f}% of the cases held in RAM"
+            return LoaderChoice("workers", None, float(rate), workers, f"CPU workers ({workers}) read the crops from the store's memory maps, {held}: {why}", nbytes)
         if rate is None:
             ram = _available_ram()
             rate = 1.0 if nbytes is not None and ram is not None and nbytes <= RAM_CACHE_SHARE * ram else cfg.cache_rate
@@ -177,5 +188,6 @@ def choose_loader(
     if cache_rate is not None and float(cache_rate) < 1.0:
         return on_workers(f"--cache_rate {cache_rate:g} leaves cases uncached, and the GPU path needs them all cached")
     if nbytes <= gpu_share * free:
-        return LoaderChoice("gpu", str(dev), 1.0, 0, f"GPU cache: {size} fit in {100 * gpu_share:.0f}% of the {_gib(free)} free on {dev}", nbytes)
+        source = ", loaded from the store" if store else ""
+        return LoaderChoice("gpu", str(dev), 1.0, 0, f"GPU cache{source}: {size} fit in {100 * gpu_share:.0f}% of the {_gib(free)} free on {dev}", nbytes)
     return on_workers(f"{size} exceed {100 * gpu_share:.0f}% of the {_gib(free)} free on {dev}")

@@ -1,5 +1,5 @@
-"""Loader mechanics: cached datasets, the endless training stream, the prefetch thread that augments
-ahead of the step, and the test loader."""
+"""Loader mechanics: cached datasets or the pre-processed store, the endless training stream, the
+prefetch thread that augments ahead of the step, and the test loader."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ from rep3d.data.augment import BatchAugment
 from rep3d.data.cases import list_cases
 from rep3d.data.checks import check_cases, check_dataset
 from rep3d.data.dataset_config import DataError, DatasetConfig
+from rep3d.data.store import OFF, Store, prepare_store
+from rep3d.data.store_dataset import StoreTrainDataset, StoreValDataset
 from rep3d.data.transforms import (
     get_test_transforms,
     get_train_transforms,
@@ -180,6 +182,8 @@ class TrainLoader:
     """
 
     def __init__(self, inner, n_batches: int, path: str, augment: BatchAugment | None = None, device: torch.device | None = None, prefetch: int = 2) -> None:
+        #: The pre-processed store the crops are read from (:class:`rep3d.data.store.Store`), or None.
+        self.store: Store | None = None
         self.inner = inner
         self.dataset = inner.dataset
         self.batch_size = inner.batch_size
@@ -300,6 +304,9 @@ def get_loaders(
     crop_ratios: Sequence[float] | None = None,
     augment_device: str | torch.device | None = "auto",
     prefetch: int = 2,
+    preprocessed: str | None = OFF,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[TrainLoader, torch.utils.data.DataLoader]:
     """Training and validation loaders, after checking every case (one DataError for all problems).
 
@@ -316,6 +323,12 @@ def get_loaders(
     * CPU workers (``device=None``): ``num_workers`` processes (one thread each) cut the crops from the
       cache in RAM and stack them into pinned memory; a thread copies each batch to the GPU and
       augments it there (``augment_device``), or, without CUDA, the workers augment on the CPU.
+
+    With a pre-processed store (``preprocessed`` not ``"off"``, :mod:`rep3d.data.store`), the cases are
+    pre-processed once into memory-mappable arrays (built or updated first, by rank 0 under DDP) and no
+    case is pre-processed again: ``cache_rate`` is then the share of cases held in memory (RAM, or the
+    GPU of the GPU path), the others are memory-mapped at each draw and only their crops are read.
+    The crops equal the in-memory path's for a seed; validation reads the same volumes from the store.
 
     Args:
         cfg: dataset config.
@@ -341,9 +354,14 @@ def get_loaders(
             batches then stay on the CPU, pinned when CUDA is available). Training batches come out on
             this device.
         prefetch: batches the GPU thread prepares ahead of the step.
+        preprocessed: the store's base folder, ``"auto"`` / ``None`` (``$REP3D_PREPROCESSED``, else the user's
+            cache folder: :func:`rep3d.data.store.default_base`) or ``"off"`` (the in-memory cache; the default here).
+        progress: a progress bar while the store is built.
+        log: where the store's building / waiting messages go.
 
     Raises:
         DataError: listing every problem in the data.
+        StoreError: the store cannot be written (the message names ``--preprocessed``).
     """
     roi = tuple(int(r) for r in (roi or cfg.roi))
     if check:
@@ -352,6 +370,12 @@ def get_loaders(
     else:
         train_cases, val_cases = list_cases(root, "train", datalist, fold), list_cases(root, "val", datalist, fold)
     rank, world = _rank_world(distributed)
+    store = None
+    if preprocessed is None or str(preprocessed).lower() != OFF:
+        store = prepare_store(
+            cfg, train_cases + val_cases, preprocessed, root=root, datalist=datalist, roi=roi, crop_ratios=crop_ratios,
+            num_workers=num_workers, rank=rank, progress=progress and rank == 0, log=log,
+        )  # fmt: skip
     if world > 1:
         if len(train_cases) < world:
             raise DataError([f"{len(train_cases)} training cases for {world} processes. Fix: use at most {len(train_cases)} processes"])
@@ -365,8 +389,12 @@ def get_loaders(
     train_tf = get_train_transforms(cfg, roi, crop_sample, device=device, crop_ratios=crop_ratios, augment=False)
     train_tf.set_random_state(seed=seed + rank)
     val_tf = get_val_transforms(cfg, device=device)
-    train_ds = _dataset(train_cases, train_tf, cache_rate, num_workers, copy_cache=False)
-    val_ds = _dataset(val_cases, val_tf, cache_rate, num_workers)
+    if store is not None:
+        train_ds = StoreTrainDataset(store.records(train_cases), train_tf, cache_rate, device=device, num_workers=num_workers)
+        val_ds = StoreValDataset(store.records(val_cases), cache_rate, device=device, num_workers=num_workers)
+    else:
+        train_ds = _dataset(train_cases, train_tf, cache_rate, num_workers, copy_cache=False)
+        val_ds = _dataset(val_cases, val_tf, cache_rate, num_workers)
     generator = torch.Generator().manual_seed(seed + rank)
     augment = BatchAugment().set_random_state(seed=seed + rank + 1)
     sampler = _Endless(len(train_ds), generator)
@@ -375,6 +403,7 @@ def get_loaders(
         # CUDA tensors cannot cross process boundaries: the crops are cut in the prefetch thread.
         inner = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=0, collate_fn=_collate_crops, generator=generator)
         train_loader = TrainLoader(inner, n_batches, "gpu", augment, aug_dev, prefetch)
+        train_loader.store = store
         val_loader = ThreadDataLoader(val_ds, batch_size=1, num_workers=0)
         return train_loader, val_loader
     on_gpu = aug_dev.type == "cuda"
@@ -385,6 +414,7 @@ def get_loaders(
         collate_fn=_collate_crops if on_gpu else _AugmentingCollate(augment), **workers,
     )  # fmt: skip
     train_loader = TrainLoader(inner, n_batches, "workers", augment if on_gpu else None, aug_dev if on_gpu else None, prefetch)
+    train_loader.store = store
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=num_workers, pin_memory=pin)
     return train_loader, val_loader
 
