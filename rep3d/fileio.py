@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "remove_stale_temporaries",
     "save_checkpoint_atomic",
     "save_figure_atomic",
+    "sha256_of",
     "write_csv",
     "write_json",
     "write_text_atomic",
@@ -285,6 +287,15 @@ class FolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (exports and bundles record it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def pyplot():

@@ -37,7 +37,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -62,7 +61,7 @@ from rep3d.export.exporter import (
     export_torchscript,
     relative_error,
 )
-from rep3d.fileio import atomic_path, jsonable, write_json, write_text_atomic
+from rep3d.fileio import atomic_path, jsonable, sha256_of, write_json, write_text_atomic
 from rep3d.inference.checkpoint import (
     check_ensemble,
     expand_weights,
@@ -273,14 +272,6 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _modality(cfg: DatasetConfig) -> str:
     """The spec's modality ("CT", "MR"); for channels of different kinds, their names joined by "+"."""
     kinds = {get_scheme(n["scheme"]).modality for n in cfg.channel_norms()}
@@ -362,7 +353,7 @@ def bundle_metadata(members: Sequence[dict], cfg: DatasetConfig, model: nn.Modul
         },  # fmt: skip
         "rep3d": {
             "networks": [{"name": m["network"], "options": {k: v for k, v in m["network_kwargs"].items() if k != "dwconv"}, "roi": list(m["cfg"].roi)} for m in members],
-            "checkpoints": [{"file": os.path.abspath(m["path"]), "sha256": _sha256(m["path"])} for m in members],
+            "checkpoints": [{"file": os.path.abspath(m["path"]), "sha256": sha256_of(m["path"])} for m in members],
             "spacing_mm": list(cfg.spacing),
             "normalisation": norms,
             "sliding_window": members[0]["sliding_window"],
@@ -472,7 +463,7 @@ def write_torchscript(model: nn.Module, path: str, cfg: DatasetConfig, meta: dic
         err = relative_error(torch.jit.load(path)(example), model(example))
     if not err <= TOLERANCE:
         raise ExportError(f"{path}: TorchScript differs from PyTorch by {err:.2e} relative (> {TOLERANCE:g}); do not use it")
-    return _sha256(path)
+    return sha256_of(path)
 
 
 def _license_text() -> tuple[str, str]:
@@ -548,7 +539,7 @@ def export_bundle(
     config = inference_config(members, cfg)
     with atomic_path(os.path.join(output, "models", "model.pt"), fsync=True) as tmp:
         torch.save(_ensemble_state(models), tmp)
-    files = {"models/model.pt": _sha256(os.path.join(output, "models", "model.pt"))}
+    files = {"models/model.pt": sha256_of(os.path.join(output, "models", "model.pt"))}
     if torchscript:
         files["models/model.ts"] = write_torchscript(models[0], os.path.join(output, "models", "model.ts"), cfg, meta, config)
     meta["rep3d"]["files"] = files

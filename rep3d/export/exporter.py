@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import logging
 import os
 import sys
@@ -52,7 +51,7 @@ import torch.nn as nn
 import networks
 from networks import fftconv
 from rep3d.data.intensity import sidecar_normalisation, sidecar_steps
-from rep3d.fileio import write_json
+from rep3d.fileio import sha256_of, write_json
 from rep3d.inference.checkpoint import load_model, resolve_checkpoint
 from rep3d.inference.exported import SIDECAR_VERSION, ExportError, export_runner
 from rep3d.inference.postprocess import load_decision
@@ -344,18 +343,10 @@ def export_checkpoint(
               f"(float32; max relative difference {worst:.2e} over inputs {', '.join('x'.join(map(str, c['input_shape'])) for c in checks)})")  # fmt: skip
         if not ok:
             raise ExportError(f"{path}: the {label} output differs from PyTorch's by {worst:.2e} relative (> {TOLERANCE:g}); do not use this export")
-        files[fmt] = {"path": _FILES[fmt], "sha256": _sha256(path), "dwconv": impl if _has_dwconv(model) else None, **info, "check": {"tolerance": TOLERANCE, "passed": True, "inputs": checks}}
+        files[fmt] = {"path": _FILES[fmt], "sha256": sha256_of(path), "dwconv": impl if _has_dwconv(model) else None, **info, "check": {"tolerance": TOLERANCE, "passed": True, "inputs": checks}}
     sidecar = describe(resolved, model, files)
     write_json(sidecar, os.path.join(output, "model.json"))
     return sidecar
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe(resolved: dict, model: nn.Module, files: dict) -> dict:
@@ -372,7 +363,7 @@ def describe(resolved: dict, model: nn.Module, files: dict) -> dict:
         "format": "rep3d-export",
         "format_version": SIDECAR_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "exported_with": {"torch": torch.__version__, "source_checkpoint": os.path.abspath(resolved["path"]), "checkpoint_sha256": _sha256(resolved["path"])},
+        "exported_with": {"torch": torch.__version__, "source_checkpoint": os.path.abspath(resolved["path"]), "checkpoint_sha256": sha256_of(resolved["path"])},
         "network": {
             "name": resolved["network"], "in_channels": resolved["in_channels"], "out_channels": resolved["out_channels"],
             "options": {k: v for k, v in resolved["network_kwargs"].items() if k != "dwconv"}, "deploy": True,
