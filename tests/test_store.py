@@ -161,6 +161,15 @@ def test_interrupted_build_resumes_where_it_stopped(demo, monkeypatch):
     assert not [f for f in os.listdir(os.path.join(path, "cases")) if f.startswith(".")]  # no temporaries left
 
 
+def test_parallel_build_writes_the_same_arrays(demo, tmp_path):
+    one = build(demo)
+    two = build_store(CFG, all_cases(demo), str(tmp_path / "other"), root=demo, num_workers=2, progress=False)
+    assert two.report.added == 4 and set(two.cases) == set(one.cases)
+    for case in all_cases(demo):
+        a, b = open_case(one.record(case)), open_case(two.record(case))
+        assert all(np.array_equal(a[k], b[k]) for k in ("image", "label", "fg", "bg"))
+
+
 @pytest.mark.parametrize("cache_rate, crop_ratios", [(0.0, None), (0.5, None), (0.0, (1.0, 1.0, 2.0, 1.0, 1.0))])
 def test_crops_and_validation_equal_the_in_memory_path(demo, cache_rate, crop_ratios):
     kw = {"crop_sample": 2, "batch_size": 2, "num_workers": 0, "seed": 3, "augment_device": "cpu", "crop_ratios": crop_ratios}

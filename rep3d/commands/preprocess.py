@@ -7,7 +7,7 @@
 Every training and validation case is checked first (every problem in one message), then loaded,
 resampled to the preset's or plan's spacing, oriented RAS, normalised, cropped to its foreground
 and written once as memory-mappable arrays with its crop-centre indices and geometry
-(:mod:`rep3d.data.store`), on ``--num_workers`` threads. Run again, it rebuilds only the cases whose
+(:mod:`rep3d.data.store`), by ``--num_workers`` processes. Run again, it rebuilds only the cases whose
 files changed, adds new ones and drops removed ones; an interrupted build resumes where it stopped.
 ``main_train.py`` with the same data flags then reuses the store (its start line says so). The data
 flags are main_train.py's, so its command line's data part can be pasted here; ``--cache_rate`` and
