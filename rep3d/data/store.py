@@ -287,14 +287,29 @@ def _worker_start(torch_threads: int) -> None:
     torch.set_num_threads(torch_threads)
 
 
+def _process_context():
+    """Fork (nothing imported again) unless this process has CUDA up (a training run on a GPU, where a
+    forked child must not touch CUDA and may inherit held locks): then a fork server, started clean,
+    that imports this module once and forks the workers from there."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and not torch.cuda.is_initialized():
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _build_cases(todo: list[tuple[str, dict]], path: str, cfg: DatasetConfig, roi, crop_ratios, settings_id: str, num_workers: int, progress: bool) -> tuple[dict[str, dict], list[str]]:
     """Pre-process and write ``todo`` (``[(id, case)]``); returns the JSONs written and a problem line
     per case that could not be pre-processed.
 
     One worker: in this process. More: that many worker processes (forked, so nothing is imported
-    again; each with its share of the cores as torch threads). Threads scaled badly: on a 16-core H200
-    host, 60 CT cases took 116 s on 8 threads and 66 s on 2 (GIL and thread-pool contention). A write
-    failure stops the build; the cases written until then are kept."""
+    again, or from a fork server when CUDA is up), each with its share of the cores as torch threads.
+    Threads scaled badly: on a 16-core H200 host, 60 CT cases took 116 s on 8 threads and 66 s on 2
+    (GIL and thread-pool contention). A write failure stops the build; the cases written until then
+    are kept."""
     folder = os.path.join(path, CASES)
     written, problems = {}, []
     if not todo:
@@ -319,7 +334,7 @@ def _build_cases(todo: list[tuple[str, dict]], path: str, cfg: DatasetConfig, ro
                 take(_build_one(item, *args))
             return written, problems
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        context = _process_context()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
             pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start, initargs=(max(1, cores // workers),))
