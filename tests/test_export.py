@@ -18,7 +18,8 @@ import rep3d.inference.predictor
 import rep3d.runtime
 import test_seg
 from helpers import CASE_BOX, CASE_SHAPE, CLASS_NAMES, PREDICT_FAST, PerVoxel, write_case, write_tiny_checkpoint
-from rep3d.export.exporter import _sha256, check_request, dwconv_for, export_checkpoint
+from rep3d.fileio import sha256_of
+from rep3d.export.exporter import check_request, dwconv_for, export_checkpoint
 from rep3d.inference.checkpoint import InferenceError, resolve_checkpoint
 from rep3d.inference.exported import ExportError
 from rep3d.inference.postprocess import POSTPROCESS_FILE, keep_largest_component
@@ -93,7 +94,7 @@ def test_onnx_and_torchscript_outputs_equal_pytorch(exported, ckpts, tmp_path):
     assert sidecar["sliding_window"] == {"roi": [32, 32, 32], "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
     assert sidecar["network"]["deploy"] is True
     assert all(files[f]["check"]["passed"] for f in ("onnx", "torchscript"))
-    assert files["onnx"]["sha256"] == _sha256(str(out / "model.onnx"))
+    assert files["onnx"]["sha256"] == sha256_of(str(out / "model.onnx"))
     assert json.load(open(out / "model.json")) == json.loads(json.dumps(sidecar))
 
 
