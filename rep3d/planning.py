@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -19,12 +21,23 @@ from rep3d.data.cases import (
     read_dataset_json,
     training_pool,
 )
-from rep3d.data.checks import dataset_json_problems, inspect_cases
+from rep3d.data.checks import CheckRecord, dataset_json_problems, inspect_cases
 from rep3d.data.dataset_config import DataError, DatasetConfig, get_dataset_config
 from rep3d.data.image_io import read_array
 from rep3d.data.intensity import CT, CT_PERCENTILES, ZSCORE, get_scheme
-from rep3d.fileio import write_json
+from rep3d.data.store_layout import (
+    CHECK_RECORD_FILE,
+    case_identity,
+    file_identity,
+    settings_hash,
+)
+from rep3d.fileio import WriteError, write_json
 from rep3d.runtime import thread_map
+
+logger = logging.getLogger(__name__)
+#: A digest of this module's source: a plan kept by :func:`plan_dataset` is reused only by the same code.
+with open(__file__, "rb") as _f:
+    _MODULE_DIGEST = hashlib.sha256(_f.read()).hexdigest()[:16]
 
 
 def resolve_dataset(
@@ -36,6 +49,7 @@ def resolve_dataset(
     fold: int = 0,
     num_workers: int = 2,
     roi_multiple: int = 16,
+    cache_dir: str | None = None,
     **overrides,
 ):
     """The :class:`DatasetConfig` selected by the data flags, and the plan it came from (or None).
@@ -59,6 +73,7 @@ def resolve_dataset(
         fold: ``--fold`` (which cases are listed as validation; the plan uses them all).
         num_workers: threads reading files while planning.
         roi_multiple: every planned ROI side is a multiple of this (the network's factor).
+        cache_dir: where a plan is kept for the next start (see :func:`plan_dataset`); None: none kept.
         **overrides: ``spacing, intensity, a_min, a_max, num_classes, class_names, roi`` (None = not given).
 
     Returns:
@@ -91,7 +106,7 @@ def resolve_dataset(
         roi = overrides.get("roi")
         plan = plan_dataset(
             root, datalist=datalist, fold=fold, roi=tuple(roi) if roi is not None else (96, 96, 96),
-            roi_multiple=roi_multiple, num_workers=num_workers,
+            roi_multiple=roi_multiple, num_workers=num_workers, cache_dir=cache_dir,
         )
         return get_dataset_config("planned", config_file, base=plan.dataset_config(), **overrides), plan
     if name == "custom" and root and config_file is None:
@@ -333,6 +348,7 @@ def plan_dataset(
     samples_per_case: int = 10000,
     num_workers: int = 2,
     seed: int = 0,
+    cache_dir: str | None = None,
 ) -> Plan:
     """Fingerprint a dataset's labelled training cases and plan its pre-processing.
 
@@ -354,6 +370,10 @@ def plan_dataset(
         samples_per_case: foreground voxels sampled per case and channel.
         num_workers: threads reading files.
         seed: seed of the voxel sampling (the plan is deterministic for a given seed).
+        cache_dir: the dataset's folder beside its pre-processed stores: a plan made there from the
+            same files (path, size, mtime of every case and of dataset.json / the datalist), the same
+            arguments and this module's code is reused without reading the volumes again, and the
+            data check's :class:`CheckRecord` is kept there. None: plan from the files every time.
 
     Returns:
         The :class:`Plan`.
@@ -374,12 +394,26 @@ def plan_dataset(
     pairs, class_problem = dataset_json_classes(json_path) if json_path else (None, None)
     if class_problem:
         problems.append(class_problem)
+    cached = None
+    if cache_dir and cases and not problems:
+        key = {"code": _MODULE_DIGEST, "cases": [case_identity(c) for c in cases], "dataset_json": file_identity(json_path) if json_path else None,
+               "datalist": file_identity(datalist) if datalist else None, "roi": [int(r) for r in roi], "roi_multiple": int(roi_multiple),
+               "modalities": list(modalities) if modalities else None, "intensity_cases": max_intensity_cases, "samples": samples_per_case, "seed": seed}  # fmt: skip
+        cached = os.path.join(cache_dir, f"plan-{settings_hash(key)}.json")
+        if os.path.isfile(cached):
+            try:
+                plan = load_plan(cached)
+                logger.info("plan reused from %s (no case changed since it was made)", cached)
+                return plan
+            except ValueError:
+                pass
     if not cases:
         if not problems:
             problems.append(f"{root or datalist}: no labelled training cases found. Fix: put images in imagesTr and labels in labelsTr (or list them in dataset.json / --datalist)")
         raise DataError(problems)
     n_declared = len(declared_channels) if declared_channels else None
-    case_problems, infos = inspect_cases(cases, None, n_declared, declared_channels, True, num_workers)
+    record = CheckRecord(os.path.join(cache_dir, CHECK_RECORD_FILE)) if cache_dir else None
+    case_problems, infos = inspect_cases(cases, None, n_declared, declared_channels, True, num_workers, record)
     problems += case_problems
     counts = Counter(i["channels"] for i in infos if i is not None)
     n_channels = n_declared or (counts.most_common(1)[0][0] if counts else 1)
@@ -470,7 +504,7 @@ def plan_dataset(
         norms.append(CT.params(lower=lo, upper=hi, mean=mean, std=std if std > 0 else 1.0))
         stats.append({"percentile_00_5": lo, "percentile_99_5": hi, "mean": mean, "std": std, "median": float(np.median(fg)),
                       "min": float(fg.min()), "max": float(fg.max()), "n_samples": int(fg.size), "n_cases": n_read})
-    return Plan(
+    plan = Plan(
         source=str(root or datalist),
         layout=_layout(root, datalist),
         n_cases=len(good),
@@ -491,3 +525,9 @@ def plan_dataset(
         label_values=[int(v) for v in found],
         notes=notes,
     )
+    if cached:
+        try:
+            plan.save(cached)
+        except (WriteError, OSError) as e:
+            logger.info("plan not kept for the next start (%s)", e)
+    return plan

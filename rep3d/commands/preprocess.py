@@ -21,10 +21,11 @@ import sys
 from collections.abc import Sequence
 
 from rep3d.cli import HelpFormatter, add_dataset_args
-from rep3d.data.checks import check_dataset
+from rep3d.data.checks import CheckRecord, check_dataset
 from rep3d.data.dataset_config import DataError
 from rep3d.data.demo import DEMO_ROOT_DEFAULT, make_demo_dataset
 from rep3d.data.store import OFF, Store, build_store, resolve_base
+from rep3d.data.store_layout import check_record_path, dataset_cache_dir
 from rep3d.fileio import WriteError
 from rep3d.planning import resolve_dataset
 from rep3d.runtime import default_num_workers
@@ -56,12 +57,13 @@ def preprocess(args: argparse.Namespace, log=print) -> Store:
         raise ValueError(f"--preprocessed {OFF} means no store: there is nothing to build; pass a folder, or leave the flag out for the default")
     workers = default_num_workers() if args.num_workers in (None, 0) else int(args.num_workers)
     values = {k: getattr(args, k) for k in ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi")}
-    cfg, _ = resolve_dataset(args.dataset, args.root, args.datalist, args.dataset_config, fold=args.fold, num_workers=workers, **values)
+    cfg, _ = resolve_dataset(args.dataset, args.root, args.datalist, args.dataset_config, fold=args.fold, num_workers=workers, cache_dir=dataset_cache_dir(args.preprocessed, args.root, args.datalist), **values)
     root = args.root
     if root is None and args.datalist is None:
         root = DEMO_ROOT_DEFAULT  # main_train.py's demo data: the same store its demo run uses
         make_demo_dataset(root)
-    splits = check_dataset(cfg, root, ("train", "val"), datalist=args.datalist, fold=args.fold, roi=cfg.roi, num_workers=workers)
+    record = CheckRecord(check_record_path(args.preprocessed, root, args.datalist))
+    splits = check_dataset(cfg, root, ("train", "val"), datalist=args.datalist, fold=args.fold, roi=cfg.roi, num_workers=workers, record=record)
     cases = splits["train"] + splits["val"]
     log(f"{len(cases)} cases checked ({len(splits['train'])} training, {len(splits['val'])} validation); dataset {cfg.name}, spacing {list(cfg.spacing)}, roi {list(cfg.roi)}")
     store = build_store(cfg, cases, base, root=root, datalist=args.datalist, roi=cfg.roi, crop_ratios=args.crop_ratios, num_workers=workers, progress=True, log=log)

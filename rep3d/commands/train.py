@@ -48,6 +48,7 @@ from rep3d.config import (
 )
 from rep3d.data.dataset_config import DataError
 from rep3d.data.demo import DEMO_ROOT_DEFAULT
+from rep3d.data.store_layout import dataset_cache_dir
 from rep3d.fileio import FolderLockedError, WriteError, jsonable
 from rep3d.planning import resolve_dataset
 from rep3d.runtime import default_num_workers
@@ -228,7 +229,7 @@ def _dataset_from_args(args: argparse.Namespace):
 
     values = {k: getattr(args, k) for k in ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi")}
     workers = default_num_workers() if args.num_workers in (None, 0) else args.num_workers
-    return resolve_dataset(args.dataset, args.root, args.datalist, args.dataset_config, fold=args.fold, num_workers=workers, **values)
+    return resolve_dataset(args.dataset, args.root, args.datalist, args.dataset_config, fold=args.fold, num_workers=workers, cache_dir=dataset_cache_dir(args.preprocessed, args.root, args.datalist), **values)
 
 
 def _network_from_args(args: argparse.Namespace, dataset) -> NetworkConfig:

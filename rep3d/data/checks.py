@@ -3,6 +3,7 @@ mismatched grids, bad label values, missing channels) reported at once in one :c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -31,9 +32,14 @@ from rep3d.data.image_io import (
     read_header,
     strip_ext,
 )
+from rep3d.data.store_layout import case_identity
+from rep3d.fileio import WriteError, write_json
 from rep3d.runtime import thread_map
 
 logger = logging.getLogger(__name__)
+
+#: Bumped when what :class:`CheckRecord` remembers (or what the checks verify) changes.
+CHECK_RECORD_VERSION = 1
 
 
 def _gzip_isize_ok(path: str, expected: int) -> bool:
@@ -149,9 +155,13 @@ def _channels_text(names: Sequence[str] | None, n: int) -> str:
     return f"{n} channel{'s' if n != 1 else ''}" + (f" ({', '.join(names)})" if names else "")
 
 
-def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_channels: int | None = None, channel_names: Sequence[str] | None = None) -> tuple[list[str], dict | None]:
+def _check_case(
+    case: dict, num_classes: int | None, check_labels: bool, in_channels: int | None = None, channel_names: Sequence[str] | None = None, known: dict | None = None
+) -> tuple[list[str], dict | None]:
     """Problems of one case and, when its image is usable, ``{"shape", "spacing", "channels",
-    "label_values"}`` (label values None when not read). ``num_classes`` None: values not checked."""
+    "label_values"}`` (label values None when not read). ``num_classes`` None: values not checked.
+    ``known``: the :class:`CheckRecord` entry of this unchanged case: its voxels are not read again
+    (no NaN/Inf, its label values recorded); the headers are."""
     problems: list[str] = []
     info = None
     files = image_paths(case["image"])
@@ -183,7 +193,7 @@ def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_chan
             problems.append(f"{files[0]}: degenerate affine (voxel sizes {zooms.round(4).tolist()}). Fix: repair the header's qform/sform")
         elif ishape is not None:
             info = {"shape": tuple(ishape), "spacing": tuple(float(z) for z in zooms), "channels": total, "label_values": None}
-    if check_labels:
+    if check_labels and known is None:
         problems += _nonfinite_images(files, heads)
     if "label" not in case:
         return problems, info
@@ -198,7 +208,12 @@ def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_chan
                 f"{case['label']}: label affine differs from the image's ({files[0]}) by up to {diff:.4g} mm. "
                 "Fix: if the voxels do correspond, re-save the label with the image's header (nibabel.Nifti1Image(label_data, image.affine)); otherwise resample the label onto the image"
             )
-    if check_labels and label is not None and lshape is not None:
+    if check_labels and label is not None and lshape is not None and known is not None:
+        values = np.asarray(known["label_values"], dtype=np.int64)
+        if info is not None:
+            info["label_values"] = [int(v) for v in values]
+        problems += _label_value_problems(case["label"], values, num_classes)
+    elif check_labels and label is not None and lshape is not None:
         top = f"0..{num_classes - 1}" if num_classes else "0, 1, 2, ..."
         try:
             data = _voxels(case["label"])
@@ -216,17 +231,70 @@ def _check_case(case: dict, num_classes: int | None, check_labels: bool, in_chan
         values = _label_values(data)
         if info is not None:
             info["label_values"] = [int(v) for v in values]
-        bad = values[(values < 0) | (values > num_classes - 1)] if num_classes else values[values < 0]
-        if bad.size:
-            shown = ", ".join(str(int(v)) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
-            if num_classes:
-                problems.append(
-                    f"{case['label']}: label values {shown} are outside 0..{num_classes - 1} (num_classes={num_classes}). "
-                    "Fix: pass the right --dataset / --num_classes, or remap the label values"
-                )
-            else:
-                problems.append(f"{case['label']}: negative label values {shown}. Fix: store class values 0, 1, 2, ... (0 background)")
+        problems += _label_value_problems(case["label"], values, num_classes)
     return problems, info
+
+
+def _label_value_problems(path: str, values: np.ndarray, num_classes: int | None) -> list[str]:
+    bad = values[(values < 0) | (values > num_classes - 1)] if num_classes else values[values < 0]
+    if not bad.size:
+        return []
+    shown = ", ".join(str(int(v)) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
+    if num_classes:
+        return [f"{path}: label values {shown} are outside 0..{num_classes - 1} (num_classes={num_classes}). Fix: pass the right --dataset / --num_classes, or remap the label values"]
+    return [f"{path}: negative label values {shown}. Fix: store class values 0, 1, 2, ... (0 background)"]
+
+
+class CheckRecord:
+    """What the voxel checks found in cases that passed them, kept beside the pre-processed stores
+    (``<store base>/<dataset key>/checks.json``) and keyed by each file's identity (path, size,
+    mtime_ns): a later start reads only the headers of an unchanged case, not its volumes. A changed,
+    added or renamed file is read whole again. Losing or failing to write the record costs time only.
+
+    Args:
+        path: the record's JSON file; None: nothing is remembered (every check reads the voxels).
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        self.reused = 0
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    loaded = json.load(f)
+                if loaded.get("format") == CHECK_RECORD_VERSION:
+                    self.entries = dict(loaded.get("cases", {}))
+            except (OSError, ValueError, AttributeError):
+                self.entries = {}
+        self._changed = False
+
+    @staticmethod
+    def _key(case: dict) -> str:
+        return "|".join(os.path.abspath(p) for p in [*image_paths(case["image"]), *([case["label"]] if case.get("label") else [])])
+
+    def known(self, case: dict) -> dict | None:
+        """The entry of ``case`` when none of its files changed since it passed, else None."""
+        entry = self.entries.get(self._key(case))
+        if entry is None or entry.get("source") != case_identity(case):
+            return None
+        self.reused += 1
+        return entry
+
+    def passed(self, case: dict, info: dict | None) -> None:
+        """Remember a case that passed with its voxels read (label values known)."""
+        if self.path and info is not None and (info.get("label_values") is not None or not case.get("label")):
+            self.entries[self._key(case)] = {"source": case_identity(case), "label_values": info.get("label_values")}
+            self._changed = True
+
+    def save(self) -> None:
+        if not (self.path and self._changed):
+            return
+        try:
+            write_json({"format": CHECK_RECORD_VERSION, "cases": self.entries}, self.path)
+        except (WriteError, OSError) as e:
+            logger.info("data check record not saved (%s): the next start reads the volumes again", e)
+        self._changed = False
 
 
 def inspect_cases(
@@ -236,6 +304,7 @@ def inspect_cases(
     channel_names: Sequence[str] | None = None,
     check_labels: bool = True,
     num_workers: int = 2,
+    record: CheckRecord | None = None,
 ) -> tuple[list[str], list[dict | None]]:
     """Read every case's headers (and label voxels): the problems, and per case its geometry.
 
@@ -246,12 +315,20 @@ def inspect_cases(
         channel_names: names of the channels, for the messages.
         check_labels: read label voxels (values; the slow part on large data).
         num_workers: threads reading files in parallel.
+        record: what earlier checks found in unchanged cases (their voxels are not read again); the
+            cases that pass are added to it and it is saved.
 
     Returns:
         ``(problems, infos)``: one line per problem; per case ``{"shape", "spacing", "channels",
         "label_values"}`` or None when its image is unusable.
     """
-    results = thread_map(lambda c: _check_case(c, num_classes, check_labels, in_channels, channel_names), cases, num_workers)
+    known = [record.known(c) if record is not None and check_labels else None for c in cases]
+    results = thread_map(lambda ck: _check_case(ck[0], num_classes, check_labels, in_channels, channel_names, ck[1]), list(zip(cases, known)), num_workers)
+    if record is not None and check_labels:
+        for case, seen, (probs, info) in zip(cases, known, results):
+            if seen is None and not probs:
+                record.passed(case, info)
+        record.save()
     return [p for probs, _ in results for p in probs], [info for _, info in results]
 
 
@@ -388,8 +465,10 @@ def check_dataset(
     roi: Sequence[int] | None = None,
     check_labels: bool = True,
     num_workers: int = 2,
+    record: CheckRecord | None = None,
 ) -> dict[str, list[dict]]:
     """List and verify several splits, reporting every problem of all of them in one DataError.
+    ``record``: see :func:`inspect_cases` (training passes the one beside its pre-processed store).
 
     Also checks the root's ``dataset.json`` against the config and the files: its class count,
     label values found in the label files that it does not declare, its channel count and
@@ -413,7 +492,7 @@ def check_dataset(
     all_cases = [c for split in splits for c in out[split]]
     infos: list[dict | None] = []
     if all_cases:
-        probs, infos = inspect_cases(all_cases, cfg.num_classes, cfg.in_channels, cfg.channel_names, check_labels, num_workers)
+        probs, infos = inspect_cases(all_cases, cfg.num_classes, cfg.in_channels, cfg.channel_names, check_labels, num_workers, record)
         problems.extend(probs)
         _note_small_volumes(all_cases, infos, cfg, tuple(roi or cfg.roi))
     if root and datalist is None:

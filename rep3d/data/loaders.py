@@ -28,10 +28,11 @@ from monai.transforms import (
 
 from rep3d.data.augment import BatchAugment
 from rep3d.data.cases import list_cases
-from rep3d.data.checks import check_cases, check_dataset
+from rep3d.data.checks import CheckRecord, check_cases, check_dataset
 from rep3d.data.dataset_config import DataError, DatasetConfig
 from rep3d.data.store import OFF, Store, prepare_store
 from rep3d.data.store_dataset import StoreTrainDataset, StoreValDataset
+from rep3d.data.store_layout import check_record_path
 from rep3d.data.transforms import (
     get_test_transforms,
     get_train_transforms,
@@ -365,7 +366,8 @@ def get_loaders(
     """
     roi = tuple(int(r) for r in (roi or cfg.roi))
     if check:
-        splits = check_dataset(cfg, root, ("train", "val"), datalist=datalist, fold=fold, roi=roi, num_workers=num_workers)
+        record = CheckRecord(check_record_path(preprocessed, root, datalist)) if preprocessed is None or str(preprocessed).lower() != OFF else None
+        splits = check_dataset(cfg, root, ("train", "val"), datalist=datalist, fold=fold, roi=roi, num_workers=num_workers, record=record)
         train_cases, val_cases = splits["train"], splits["val"]
     else:
         train_cases, val_cases = list_cases(root, "train", datalist, fold), list_cases(root, "val", datalist, fold)

@@ -34,6 +34,9 @@ AUTO = "auto"
 
 INDEX_FILE = "store.json"
 
+#: The data check's record of the cases that passed it (:class:`rep3d.data.checks.CheckRecord`).
+CHECK_RECORD_FILE = "checks.json"
+
 FAILED_FILE = "build_failed.json"
 
 CASES = "cases"
@@ -70,6 +73,19 @@ def resolve_base(preprocessed: str | None) -> str | None:
     if str(preprocessed).strip().lower() == OFF:
         return None
     return os.path.abspath(os.path.expanduser(str(preprocessed)))
+
+
+def dataset_cache_dir(preprocessed: str | None, root: str | None, datalist: str | None) -> str | None:
+    """``<base>/<dataset key>``: the dataset's folder of stores, which also keeps its plans and the
+    data check's record of unchanged cases (:data:`CHECK_RECORD_FILE`); None for ``off``."""
+    base = resolve_base(preprocessed)
+    return None if base is None else os.path.join(base, dataset_key(root, datalist))
+
+
+def check_record_path(preprocessed: str | None, root: str | None, datalist: str | None) -> str | None:
+    """The :class:`rep3d.data.checks.CheckRecord` file of the dataset, shared by all its stores; None for ``off``."""
+    folder = dataset_cache_dir(preprocessed, root, datalist)
+    return None if folder is None else os.path.join(folder, CHECK_RECORD_FILE)
 
 
 def label_dtype(num_classes: int) -> np.dtype:

@@ -24,6 +24,7 @@ Example, a trainer with another loss::
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import math
 import os
@@ -418,6 +419,10 @@ class Trainer:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
         if getattr(self, "dist", None) is not None:
+            if self.dist.enabled and getattr(self, "train_model", None) is not None:
+                # The DDP reducer is destroyed here, while its process group still exists.
+                self.train_model = unwrap_model(self.train_model)
+                gc.collect()
             self.dist.close()
         if getattr(self, "_lock", None) is not None:
             self._lock.release()
@@ -735,6 +740,9 @@ class Trainer:
             summary = self._summary(t_start, step_at_start, t_session)
             if self.dist.main:
                 self.on_train_end(summary)
+            # Every rank leaves together: a rank that destroyed its process group while another's
+            # gloo threads were still in the last collective could hang at exit.
+            self.dist.barrier()
             return summary
         finally:
             if getattr(self, "bar", None) is not None:
