@@ -133,3 +133,44 @@ def test_compile_for_windows_pads_the_last_batch(monkeypatch):
     torch.testing.assert_close(out, net(x))
     predict(torch.randn(4, 1, 4, 4, 4))
     assert calls == [4, 4]
+
+
+@pytest.mark.parametrize("block_kind", ["res_same", "res_widen", "basic"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_fused_decoder_blocks_equal_the_stock_blocks_in_float64(block_kind, layout):
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
+
+    from networks.fused_norms import FusedUnetBasicBlock, FusedUnetResBlock, use_fused_norms
+
+    torch.manual_seed(0)
+    c_in, c_out = (6, 6) if block_kind == "res_same" else (3, 6)
+    cls = UnetBasicBlock if block_kind == "basic" else UnetResBlock
+    stock = cls(3, c_in, c_out, kernel_size=3, stride=1, norm_name="instance").double()
+    fused = copy.deepcopy(stock)
+    assert use_fused_norms(fused, True) == 1
+    assert type(fused) is (FusedUnetBasicBlock if block_kind == "basic" else FusedUnetResBlock)
+    assert sorted(fused.state_dict()) == sorted(stock.state_dict())
+    x = (torch.randn(2, c_in, 6, 7, 5, dtype=torch.float64) * 0.3 + 1.5).contiguous(memory_format=layout)
+    g = torch.randn(2, c_out, 6, 7, 5, dtype=torch.float64)
+    outs = []
+    for block in (stock, fused):
+        xi = x.clone().requires_grad_()
+        y = block(xi)
+        (y * g).sum().backward()
+        outs.append((y, xi.grad, [p.grad for p in block.parameters()]))
+    (y_s, gx_s, gp_s), (y_f, gx_f, gp_f) = outs
+    assert memory_format_of(y_f) == memory_format_of(y_s)  # the layout the stock block gives
+    torch.testing.assert_close(y_f, y_s, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gx_f, gx_s, rtol=0, atol=1e-10)
+    for a, b in zip(gp_f, gp_s):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_networks_fuse_only_their_decoder_blocks_and_keep_keys():
+    from networks.fused_norms import FusedUnetResBlock, fused_wanted
+
+    net = build_network("REP3D", in_channels=1, out_channels=3, **TINY)
+    blocks = [m for m in net.modules() if isinstance(m, FusedUnetResBlock)]
+    assert len(blocks) == 10  # encoder1-5, decoder5-2 conv blocks, decoder1
+    assert not fused_wanted("auto", torch.zeros(1))  # CPU: the stock forward
+    assert fused_wanted(True, torch.zeros(1)) and not fused_wanted(False, torch.zeros(1))

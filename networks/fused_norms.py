@@ -1,0 +1,181 @@
+"""Fused instance norm + LeakyReLU (+ residual) for MONAI's decoder blocks: speed only, no architecture.
+
+MONAI's ``UnetResBlock`` runs ``conv1 -> norm1 -> LeakyReLU -> conv2 -> norm2 -> (+ residual, itself
+``conv3 -> norm3`` when the width changes) -> LeakyReLU``; ``UnetBasicBlock`` the same without the
+residual. In eager PyTorch each norm is a statistics pass and a normalise pass, and the activation and the
+residual add are two more passes over the activation, forward and backward: on the H200 these memory-bound
+passes took 24 of the 57 ms of kernel time of a REP3D training step (benchmarks/RESULTS.md, issue 25).
+
+Here each "norm (+ norm of the residual + add) + LeakyReLU" is one small function, compiled on CUDA with
+``torch.compile`` (dynamic shapes: one compilation per function serves every decoder level and batch
+size) into a reduction and a single elementwise kernel, and their backward likewise. The blocks keep their
+modules, parameters and state-dict keys (:func:`use_fused_norms` only swaps the class of each block for a
+subclass whose ``forward`` calls these functions). Elsewhere (CPU, inside a ``torch.compile`` of the whole
+model, ONNX / TorchScript export, or when the compilation fails) the stock forward runs.
+
+The statistics are computed in float32 whatever the input's dtype, as the stock norm does, and the result
+is returned in the dtype of the normalised input.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
+
+from .layout import ChannelsLastInstanceNorm3d, memory_format_of
+
+__all__ = ["FusedUnetBasicBlock", "FusedUnetResBlock", "norm_act", "norm_add_act", "use_fused_norms"]
+
+logger = logging.getLogger(__name__)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors, else ``x`` itself (float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _normalised(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = _wide(x)
+    var, mean = torch.var_mean(xf, dim=(2, 3, 4), keepdim=True, correction=0)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * _wide(weight).view(1, -1, 1, 1, 1) + _wide(bias).view(1, -1, 1, 1, 1)
+    return y
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    y = y.to(x.dtype)
+    return y.contiguous(memory_format=torch.channels_last_3d) if memory_format_of(x) == torch.channels_last_3d else y.contiguous()
+
+
+def norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, slope: float) -> torch.Tensor:
+    """``leaky_relu(instance_norm(x))`` in one pass (per sample and channel over D, H, W)."""
+    return _like(F.leaky_relu(_normalised(x, weight, bias, eps), slope), x)
+
+
+def norm_add_act(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor,
+    r_weight: torch.Tensor | None,
+    r_bias: torch.Tensor | None,
+    r_eps: float,
+    r_norm: bool,
+    slope: float,
+) -> torch.Tensor:
+    """``leaky_relu(instance_norm(x) + r)`` with ``r`` the residual, itself instance-normalised when ``r_norm``."""
+    r = _normalised(residual, r_weight, r_bias, r_eps) if r_norm else _wide(residual)
+    return _like(F.leaky_relu(_normalised(x, weight, bias, eps) + r, slope), x)
+
+
+_COMPILED: dict = {}
+_STATE = {"failed": False}
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[fn]
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401  (only asked whether it imports: inductor's CUDA kernels need it)
+    except ImportError:
+        return False
+    return True
+
+
+def _exporting() -> bool:
+    return bool(torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def fused_wanted(setting: bool | str, x: torch.Tensor) -> bool:
+    """Whether a block with ``fused_norms = setting`` fuses for input ``x``: ``"auto"`` on CUDA in eager
+    mode with Triton, unless a compilation failed in this process; True also elsewhere, uncompiled (tests)."""
+    if setting is False or _exporting() or torch.compiler.is_compiling():
+        return False
+    if setting == "auto":
+        return x.is_cuda and not _STATE["failed"] and _triton_available()
+    return True
+
+
+def _call(fn, x: torch.Tensor, *args):
+    if not x.is_cuda or _STATE["failed"]:
+        return fn(x, *args)
+    try:
+        return _compiled(fn)(x, *args)
+    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the stock forward
+        _STATE["failed"] = True
+        warnings.warn(f"fused decoder norms disabled: torch.compile failed ({type(err).__name__}: {err}); the stock norms are used", stacklevel=3)
+        return None
+
+
+def _norm_args(norm: nn.Module) -> tuple:
+    return (norm.weight, norm.bias, float(norm.eps))
+
+
+def _fusable(block: nn.Module) -> bool:
+    norms = [m for m in (getattr(block, n, None) for n in ("norm1", "norm2", "norm3")) if m is not None]
+    plain = all(isinstance(m, (nn.InstanceNorm3d, ChannelsLastInstanceNorm3d)) and not getattr(m, "track_running_stats", False) for m in norms)
+    return plain and isinstance(getattr(block, "lrelu", None), nn.LeakyReLU)
+
+
+class FusedUnetResBlock(UnetResBlock):
+    """``UnetResBlock`` whose norms, residual add and activations run fused (see the module docstring)."""
+
+    fused_norms: bool | str = "auto"
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        if not fused_wanted(self.fused_norms, inp):
+            return super().forward(inp)
+        slope = float(self.lrelu.negative_slope)
+        out = _call(norm_act, self.conv1(inp), *_norm_args(self.norm1), slope)
+        if out is None:
+            return super().forward(inp)
+        out = self.conv2(out)
+        residual = self.conv3(inp) if hasattr(self, "conv3") else inp
+        r_norm = hasattr(self, "norm3")
+        r_args = _norm_args(self.norm3) if r_norm else (None, None, 0.0)
+        fused = _call(norm_add_act, out, *_norm_args(self.norm2), residual, *r_args, r_norm, slope)
+        return super().forward(inp) if fused is None else fused
+
+
+class FusedUnetBasicBlock(UnetBasicBlock):
+    """``UnetBasicBlock`` whose norms and activations run fused (see the module docstring)."""
+
+    fused_norms: bool | str = "auto"
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        if not fused_wanted(self.fused_norms, inp):
+            return super().forward(inp)
+        slope = float(self.lrelu.negative_slope)
+        out = _call(norm_act, self.conv1(inp), *_norm_args(self.norm1), slope)
+        out = None if out is None else _call(norm_act, self.conv2(out), *_norm_args(self.norm2), slope)
+        return super().forward(inp) if out is None else out
+
+
+def use_fused_norms(module: nn.Module, setting: bool | str = "auto") -> int:
+    """Give every ``UnetResBlock`` / ``UnetBasicBlock`` inside ``module`` with plain instance norms and a
+    LeakyReLU the fused forward (same modules, parameters and state dict); returns how many blocks.
+
+    ``setting``: ``"auto"`` (CUDA, eager, Triton), True (always; uncompiled off CUDA) or False (stock).
+    """
+    count = 0
+    for block in module.modules():
+        if type(block) in (UnetResBlock, FusedUnetResBlock) and _fusable(block):
+            block.__class__ = FusedUnetResBlock
+        elif type(block) in (UnetBasicBlock, FusedUnetBasicBlock) and _fusable(block):
+            block.__class__ = FusedUnetBasicBlock
+        else:
+            continue
+        block.fused_norms = setting
+        count += 1
+    return count
