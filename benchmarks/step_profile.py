@@ -29,6 +29,7 @@ import torch
 from monai.losses import DiceCELoss
 
 import networks
+from networks.fused_norms import use_fused_norms
 from rep3d.inference.sliding_window import sliding_window_predict
 
 RESULTS: dict = {}
@@ -60,6 +61,11 @@ def median_ms(fn, device: torch.device, warmup: int, reps: int) -> dict:
 
 
 def build(name: str, classes: int, roi, tiny: bool, deploy: bool = False) -> torch.nn.Module:
+    """``REP3D_fused``: REP3D with the decoder's norms fused (networks/fused_norms.py, ``"auto"``)."""
+    if name == "REP3D_fused":
+        model = build("REP3D", classes, roi, tiny, deploy)
+        use_fused_norms(model, "auto")
+        return model
     kw: dict = {}
     if name.startswith("REP3D"):
         kw = {"dwconv": "auto"}
@@ -93,13 +99,18 @@ def train_step(model, device, roi, batch, classes):
 
 def section_step(device, roi, batch, classes, reps, tiny) -> None:
     rows = {}
-    for name in ("REP3D", "REP3D_FixedPrior", "nnUNet"):
+    for name in ("REP3D", "REP3D_fused", "REP3D_FixedPrior", "nnUNet"):
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny).to(device).train()
         step = train_step(model, device, roi, batch, classes)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        step()  # the first step: cuDNN autotuning, and the fused norms' compilation
+        _sync(device)
+        first_s = time.perf_counter() - t0
         r = median_ms(step, device, warmup=3, reps=reps)
+        r["first_step_s"] = first_s
         r["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         r["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         rows[name] = r
@@ -109,28 +120,61 @@ def section_step(device, roi, batch, classes, reps, tiny) -> None:
             torch.cuda.empty_cache()
     rows["ratio_rep3d_to_nnunet"] = rows["REP3D"]["median_ms"] / rows["nnUNet"]["median_ms"]
     rows["ratio_lrbm_to_fixed"] = rows["REP3D"]["median_ms"] / rows["REP3D_FixedPrior"]["median_ms"]
-    print(f"step ratios: REP3D / nnUNet {rows['ratio_rep3d_to_nnunet']:.2f}, LRBM / Fixed {rows['ratio_lrbm_to_fixed']:.3f}", flush=True)
+    rows["ratio_fused_rep3d_to_nnunet"] = rows["REP3D_fused"]["median_ms"] / rows["nnUNet"]["median_ms"]
+    print(f"step ratios: REP3D / nnUNet {rows['ratio_rep3d_to_nnunet']:.2f} (fused norms {rows['ratio_fused_rep3d_to_nnunet']:.2f}), LRBM / Fixed {rows['ratio_lrbm_to_fixed']:.3f}", flush=True)
     RESULTS["step"] = rows
 
 
 def section_infer(device, roi, volume, classes, tiny, reps) -> None:
     rows = {}
     vol = torch.randn(1, 1, *volume, device=device)
-    for name in ("REP3D", "nnUNet"):
+    for name, sw in (("REP3D", 4), ("REP3D_fused", 4), ("nnUNet", 4), ("REP3D_fused", 8), ("nnUNet", 8)):
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny, deploy=True).to(device).eval()
 
-        def run(model=model):
+        def run(model=model, sw=sw):
             with torch.no_grad():
-                return sliding_window_predict(model, vol, roi, sw_batch_size=4, overlap=0.5, mode="gaussian", amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                return sliding_window_predict(model, vol, roi, sw_batch_size=sw, overlap=0.5, mode="gaussian", amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        first_s = time.perf_counter() - t0
         r = median_ms(run, device, warmup=2, reps=reps)
-        rows[name] = r
-        print(f"infer {name}: {r['median_ms'] / 1e3:.3f} s per volume", flush=True)
+        r["first_call_s"] = first_s
+        key = name if sw == 4 else f"{name}_sw{sw}"
+        rows[key] = r
+        print(f"infer {key}: {r['median_ms'] / 1e3:.3f} s per volume (first call {first_s:.1f} s)", flush=True)
         del model
     rows["ratio_rep3d_to_nnunet"] = rows["REP3D"]["median_ms"] / rows["nnUNet"]["median_ms"]
-    print(f"infer ratio REP3D / nnUNet {rows['ratio_rep3d_to_nnunet']:.2f}", flush=True)
+    rows["ratio_fused_rep3d_to_nnunet"] = rows["REP3D_fused"]["median_ms"] / rows["nnUNet"]["median_ms"]
+    rows["ratio_fused_rep3d_to_nnunet_sw8"] = rows["REP3D_fused_sw8"]["median_ms"] / rows["nnUNet_sw8"]["median_ms"]
+    print(f"infer ratio REP3D / nnUNet {rows['ratio_rep3d_to_nnunet']:.2f} (fused norms {rows['ratio_fused_rep3d_to_nnunet']:.2f}; fused, 8 windows a pass {rows['ratio_fused_rep3d_to_nnunet_sw8']:.2f})", flush=True)
     RESULTS["infer"] = rows
+
+
+def section_check(device, roi, batch, classes, tiny) -> None:
+    """Fused against stock decoder norms, same weights and input: relative L2 difference of the logits
+    and of the parameter gradients, in float32 and under bf16 autocast."""
+    rows = {}
+    torch.manual_seed(0)
+    fused = build("REP3D_fused", classes, roi, tiny).to(device).train()
+    stock = build("REP3D", classes, roi, tiny).to(device).train()
+    stock.load_state_dict(fused.state_dict())
+    x = torch.randn(batch, 1, *roi, device=device)
+    for label, dtype in (("float32", None), ("bf16", torch.bfloat16)):
+        outs = []
+        for model in (fused, stock):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                y = model(x)
+            (y.float() ** 2).mean().backward()
+            grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+            outs.append((y.detach().float(), grads))
+        rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+        rows[label] = {"logits_rel_l2": rel(outs[0][0], outs[1][0]), "grads_rel_l2": rel(outs[0][1], outs[1][1])}
+        print(f"fused vs stock norms, {label}: logits rel L2 {rows[label]['logits_rel_l2']:.2e}, gradients {rows[label]['grads_rel_l2']:.2e}", flush=True)
+    RESULTS["check_fused"] = rows
 
 
 def _category(name: str) -> str:
@@ -206,7 +250,7 @@ def profile(label: str, fn, device, steps: int = 3, top: int = 25) -> dict:
 
 def section_profile(device, roi, batch, classes, tiny) -> None:
     torch.manual_seed(0)
-    model = build("REP3D", classes, roi, tiny).to(device).train()
+    model = build("REP3D_fused", classes, roi, tiny).to(device).train()
     RESULTS["profile_step_rep3d"] = profile("REP3D (LRBM) training step", train_step(model, device, roi, batch, classes), device)
     # The LRBM masks alone (what the generator costs per step, forward + backward)
     mods = [m for m in model.modules() if type(m).__name__ == "KernelModulation" and m.generator is not None]
@@ -219,7 +263,7 @@ def section_profile(device, roi, batch, classes, tiny) -> None:
     RESULTS["lrbm_masks_fwd_bwd"]["blocks"] = len(mods)
     print(f"LRBM masks of {len(mods)} blocks, fwd+bwd: {RESULTS['lrbm_masks_fwd_bwd']['median_ms']:.2f} ms", flush=True)
     del model
-    deploy = build("REP3D", classes, roi, tiny, deploy=True).to(device).eval()
+    deploy = build("REP3D_fused", classes, roi, tiny, deploy=True).to(device).eval()
     x = torch.randn(4, 1, *roi, device=device)
 
     def window():
@@ -247,7 +291,7 @@ def environment(device) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="step,infer,profile")
+    p.add_argument("--sections", default="check,step,infer,profile")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="tiny shapes on any device: a smoke test")
     p.add_argument("--json", default=None)
@@ -260,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(RESULTS["environment"]), flush=True)
     sections = a.sections.split(",")
     for name, fn in (
+        ("check", lambda: section_check(device, roi, batch, classes, a.quick)),
         ("step", lambda: section_step(device, roi, batch, classes, a.reps, a.quick)),
         ("infer", lambda: section_infer(device, roi, volume, classes, a.quick, max(3, a.reps // 3))),
         ("profile", lambda: section_profile(device, roi, batch, classes, a.quick)),

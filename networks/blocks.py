@@ -173,8 +173,9 @@ class UnetrDecoderNet(nn.Module):
     #: way and the logits come back contiguous (NCDHW).
     decoder_channels_last: bool | str = "auto"
     #: Fuse the decoder's norms, residual adds and activations: ``"auto"`` (CUDA in eager mode, with Triton),
-    #: True or False (see :mod:`networks.fused_norms`). Speed only.
-    fused_decoder_norms: bool | str = "auto"
+    #: True or False (see :mod:`networks.fused_norms`). Speed only. Off until it is measured on a GPU
+    #: (issue 25): ``networks.fused_norms.use_fused_norms(net, "auto")`` turns it on.
+    fused_decoder_norms: bool | str = False
 
     def _build_decoder(
         self,
@@ -202,8 +203,8 @@ class UnetrDecoderNet(nn.Module):
         # MONAI's instance norms copy channels-last tensors to NCDHW; these keep the decoder's layout
         # (same parameters and keys). The encoders have none: this swaps the decoder's.
         use_channels_last_instance_norms(self)
-        # On CUDA each norm + LeakyReLU (+ residual) of the decoder's blocks runs as one compiled kernel
-        # (speed only; same modules and keys: networks/fused_norms.py). ``use_fused_norms(net, False)`` turns it off.
+        # Each norm + LeakyReLU (+ residual) of the decoder's blocks can run as one compiled kernel on CUDA
+        # (speed only; same modules and keys: networks/fused_norms.py); fused_decoder_norms says when.
         use_fused_norms(self, self.fused_decoder_norms)
 
     def check_input(self, x: torch.Tensor) -> None:

@@ -167,10 +167,12 @@ def test_fused_decoder_blocks_equal_the_stock_blocks_in_float64(block_kind, layo
 
 
 def test_networks_fuse_only_their_decoder_blocks_and_keep_keys():
-    from networks.fused_norms import FusedUnetResBlock, fused_wanted
+    from networks.fused_norms import FusedUnetResBlock, fused_wanted, use_fused_norms
 
     net = build_network("REP3D", in_channels=1, out_channels=3, **TINY)
     blocks = [m for m in net.modules() if isinstance(m, FusedUnetResBlock)]
     assert len(blocks) == 10  # encoder1-5, decoder5-2 conv blocks, decoder1
+    assert {b.fused_norms for b in blocks} == {False}  # off by default until measured on a GPU
+    assert use_fused_norms(net, "auto") == 10 and {b.fused_norms for b in blocks} == {"auto"}
     assert not fused_wanted("auto", torch.zeros(1))  # CPU: the stock forward
     assert fused_wanted(True, torch.zeros(1)) and not fused_wanted(False, torch.zeros(1))
