@@ -200,6 +200,7 @@ def _store_size(store_base: Path) -> dict:
 
 
 _START = re.compile(r"M parameters\) on ")
+_CHECK = re.compile(r"data check: \d+ cases in ([0-9.]+) s")
 _STORE = re.compile(r"store (\S+): (built|updated|reused|built by another process)\b.*?([0-9.]+) s")
 
 
@@ -239,22 +240,24 @@ def run_main_train(name: str, argv: list[str], out: Path, env: dict) -> dict:
     result["loader"] = s.get("loader")
     m = _STORE.search(s.get("loader") or "")
     result["store_action"], result["store_s"] = (m.group(2), float(m.group(3))) if m else ("off", None)
+    c = _CHECK.search(s.get("loader") or "")
+    result["check_s"] = float(c.group(1)) if c else None
     result["best_metric"] = s.get("best_metric")
     return result
 
 
 def markdown(results: dict) -> str:
     rows = [
-        "| run | store | start-up s | store s | loop ms/it | step ms/it | outside step | peak RSS MiB | peak PSS MiB | peak USS MiB (dirty) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | store | start-up s | data check s | store s | loop ms/it | step ms/it | outside step | peak RSS MiB | peak PSS MiB | peak USS MiB (dirty) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results["runs"].items():
         if r.get("error"):
-            rows.append(f"| {name} | failed (rc {r['rc']}) | | | | | | | | |")
+            rows.append(f"| {name} | failed (rc {r['rc']}) | | | | | | | | | |")
             continue
         frac = r.get("outside_step_fraction")
         rows.append(
-            f"| {name} | {r['store_action']} | {r['startup_s']} | {r['store_s'] if r['store_s'] is not None else '-'} | {r['loop_ms_per_iter']} | "
+            f"| {name} | {r['store_action']} | {r['startup_s']} | {r.get('check_s') if r.get('check_s') is not None else '-'} | {r['store_s'] if r['store_s'] is not None else '-'} | {r['loop_ms_per_iter']} | "
             f"{r['step_ms_per_iter']} | {'' if frac is None else f'{100 * frac:.0f}%'} | {r['peak_rss_mib']} | {r['peak_pss_mib']} | "
             f"{r['peak_uss_mib']} ({r['peak_uss_dirty_mib']}) |"
         )

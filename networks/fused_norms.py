@@ -128,16 +128,25 @@ def _fusable(block: nn.Module) -> bool:
     return plain and isinstance(getattr(block, "lrelu", None), nn.LeakyReLU)
 
 
-class FusedUnetResBlock(UnetResBlock):
-    """``UnetResBlock`` whose norms, residual add and activations run fused (see the module docstring)."""
+class _Fused:
+    """What both fused blocks share: when to fuse, and ``lrelu(norm(conv(x)))`` as one fused call."""
 
     fused_norms: bool | str = "auto"
 
+    def _fuse(self, inp: torch.Tensor) -> float | None:
+        """The LeakyReLU slope when this call fuses, else None."""
+        return float(self.lrelu.negative_slope) if fused_wanted(self.fused_norms, inp) else None
+
+    def _conv_norm_act(self, conv: nn.Module, norm: nn.Module, x: torch.Tensor, slope: float) -> torch.Tensor | None:
+        return _call(norm_act, conv(x), *_norm_args(norm), slope)
+
+
+class FusedUnetResBlock(_Fused, UnetResBlock):
+    """``UnetResBlock`` whose norms, residual add and activations run fused (see the module docstring)."""
+
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        if not fused_wanted(self.fused_norms, inp):
-            return super().forward(inp)
-        slope = float(self.lrelu.negative_slope)
-        out = _call(norm_act, self.conv1(inp), *_norm_args(self.norm1), slope)
+        slope = self._fuse(inp)
+        out = None if slope is None else self._conv_norm_act(self.conv1, self.norm1, inp, slope)
         if out is None:
             return super().forward(inp)
         out = self.conv2(out)
@@ -148,17 +157,13 @@ class FusedUnetResBlock(UnetResBlock):
         return super().forward(inp) if fused is None else fused
 
 
-class FusedUnetBasicBlock(UnetBasicBlock):
+class FusedUnetBasicBlock(_Fused, UnetBasicBlock):
     """``UnetBasicBlock`` whose norms and activations run fused (see the module docstring)."""
 
-    fused_norms: bool | str = "auto"
-
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        if not fused_wanted(self.fused_norms, inp):
-            return super().forward(inp)
-        slope = float(self.lrelu.negative_slope)
-        out = _call(norm_act, self.conv1(inp), *_norm_args(self.norm1), slope)
-        out = None if out is None else _call(norm_act, self.conv2(out), *_norm_args(self.norm2), slope)
+        slope = self._fuse(inp)
+        out = None if slope is None else self._conv_norm_act(self.conv1, self.norm1, inp, slope)
+        out = None if out is None else self._conv_norm_act(self.conv2, self.norm2, out, slope)
         return super().forward(inp) if out is None else out
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -38,6 +39,7 @@ from rep3d.data.transforms import (
     get_train_transforms,
     get_val_transforms,
 )
+from rep3d.runtime import default_num_workers
 
 
 def _rank_world(distributed: bool) -> tuple[int, int]:
@@ -185,6 +187,8 @@ class TrainLoader:
     def __init__(self, inner, n_batches: int, path: str, augment: BatchAugment | None = None, device: torch.device | None = None, prefetch: int = 2) -> None:
         #: The pre-processed store the crops are read from (:class:`rep3d.data.store.Store`), or None.
         self.store: Store | None = None
+        #: What the data check did, for the start line (None when it was skipped).
+        self.check_note: str | None = None
         self.inner = inner
         self.dataset = inner.dataset
         self.batch_size = inner.batch_size
@@ -338,7 +342,8 @@ def get_loaders(
         crop_sample: crops per case per iteration.
         batch_size: cases per training batch.
         cache_rate: fraction of each split cached after the deterministic transforms.
-        num_workers: loader worker processes (also threads for caching and checking); the GPU path
+        num_workers: loader worker processes, also the threads / processes that check the cases, build
+            the store and fill the cache (0: no loader workers, and one per core but one for those); the GPU path
             uses none.
         datalist: optional MONAI datalist JSON.
         fold: validation fold (see :func:`list_cases`).
@@ -365,18 +370,26 @@ def get_loaders(
         StoreError: the store cannot be written (the message names ``--preprocessed``).
     """
     roi = tuple(int(r) for r in (roi or cfg.roi))
+    # Checking, building the store and filling the cache are one-off and parallel: the GPU path, which
+    # starts no loader workers, still uses the cores for them.
+    io_workers = num_workers if num_workers > 0 else default_num_workers()
     if check:
         record = CheckRecord(check_record_path(preprocessed, root, datalist)) if preprocessed is None or str(preprocessed).lower() != OFF else None
-        splits = check_dataset(cfg, root, ("train", "val"), datalist=datalist, fold=fold, roi=roi, num_workers=num_workers, record=record)
+        t_check = time.perf_counter()
+        splits = check_dataset(cfg, root, ("train", "val"), datalist=datalist, fold=fold, roi=roi, num_workers=io_workers, record=record)
         train_cases, val_cases = splits["train"], splits["val"]
+        n = len(train_cases) + len(val_cases)
+        unchanged = f", {record.reused} unchanged since their last check (headers read)" if record is not None and record.reused else ""
+        check_note = f"data check: {n} cases in {time.perf_counter() - t_check:.1f} s{unchanged}"
     else:
         train_cases, val_cases = list_cases(root, "train", datalist, fold), list_cases(root, "val", datalist, fold)
+        check_note = None
     rank, world = _rank_world(distributed)
     store = None
     if preprocessed is None or str(preprocessed).lower() != OFF:
         store = prepare_store(
             cfg, train_cases + val_cases, preprocessed, root=root, datalist=datalist, roi=roi, crop_ratios=crop_ratios,
-            num_workers=num_workers, rank=rank, progress=progress and rank == 0, log=log,
+            num_workers=io_workers, rank=rank, progress=progress and rank == 0, log=log,
         )  # fmt: skip
     if world > 1:
         if len(train_cases) < world:
@@ -392,11 +405,11 @@ def get_loaders(
     train_tf.set_random_state(seed=seed + rank)
     val_tf = get_val_transforms(cfg, device=device)
     if store is not None:
-        train_ds = StoreTrainDataset(store.records(train_cases), train_tf, cache_rate, device=device, num_workers=num_workers)
-        val_ds = StoreValDataset(store.records(val_cases), cache_rate, device=device, num_workers=num_workers)
+        train_ds = StoreTrainDataset(store.records(train_cases), train_tf, cache_rate, device=device, num_workers=io_workers)
+        val_ds = StoreValDataset(store.records(val_cases), cache_rate, device=device, num_workers=io_workers)
     else:
-        train_ds = _dataset(train_cases, train_tf, cache_rate, num_workers, copy_cache=False)
-        val_ds = _dataset(val_cases, val_tf, cache_rate, num_workers)
+        train_ds = _dataset(train_cases, train_tf, cache_rate, io_workers, copy_cache=False)
+        val_ds = _dataset(val_cases, val_tf, cache_rate, io_workers)
     generator = torch.Generator().manual_seed(seed + rank)
     augment = BatchAugment().set_random_state(seed=seed + rank + 1)
     sampler = _Endless(len(train_ds), generator)
@@ -405,7 +418,7 @@ def get_loaders(
         # CUDA tensors cannot cross process boundaries: the crops are cut in the prefetch thread.
         inner = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=0, collate_fn=_collate_crops, generator=generator)
         train_loader = TrainLoader(inner, n_batches, "gpu", augment, aug_dev, prefetch)
-        train_loader.store = store
+        train_loader.store, train_loader.check_note = store, check_note
         val_loader = ThreadDataLoader(val_ds, batch_size=1, num_workers=0)
         return train_loader, val_loader
     on_gpu = aug_dev.type == "cuda"
@@ -416,7 +429,7 @@ def get_loaders(
         collate_fn=_collate_crops if on_gpu else _AugmentingCollate(augment), **workers,
     )  # fmt: skip
     train_loader = TrainLoader(inner, n_batches, "workers", augment if on_gpu else None, aug_dev if on_gpu else None, prefetch)
-    train_loader.store = store
+    train_loader.store, train_loader.check_note = store, check_note
     val_loader = DataLoader(val_ds, batch_size=1, num_workers=num_workers, pin_memory=pin)
     return train_loader, val_loader
 

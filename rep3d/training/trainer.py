@@ -274,6 +274,8 @@ class Trainer:
             augment_device=self.device if self.device.type == "cuda" else None, preprocessed=d.preprocessed, log=self.log,
         )  # fmt: skip
         store = getattr(loaders[0], "store", None)
+        if getattr(loaders[0], "check_note", None):
+            self.loader_reason += "; " + loaders[0].check_note
         if store is not None and store.report is not None:
             self.loader_reason += "; " + store.report.describe()
         elif str(d.preprocessed).lower() == STORE_OFF:
