@@ -19,7 +19,7 @@ is returned in the dtype of the normalised input.
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 import warnings
 
 import torch
@@ -31,7 +31,6 @@ from .layout import ChannelsLastInstanceNorm3d, memory_format_of
 
 __all__ = ["FusedUnetBasicBlock", "FusedUnetResBlock", "norm_act", "norm_add_act", "use_fused_norms"]
 
-logger = logging.getLogger(__name__)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -86,11 +85,8 @@ def _compiled(fn):
 
 
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401  (only asked whether it imports: inductor's CUDA kernels need it)
-    except ImportError:
-        return False
-    return True
+    """Whether Triton is installed (inductor's CUDA kernels need it); found, not imported."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _exporting() -> bool:
