@@ -176,3 +176,26 @@ def test_networks_fuse_only_their_decoder_blocks_and_keep_keys():
     assert use_fused_norms(net, "auto") == 10 and {b.fused_norms for b in blocks} == {"auto"}
     assert not fused_wanted("auto", torch.zeros(1))  # CPU: the stock forward
     assert fused_wanted(True, torch.zeros(1)) and not fused_wanted(False, torch.zeros(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled fused norms run on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decoder_norms_compiled_on_cuda_match_the_stock_network(dtype):
+    from networks.fused_norms import use_fused_norms
+
+    torch.manual_seed(0)
+    stock = build_network("REP3D", in_channels=1, out_channels=3, **TINY).cuda().train()
+    fused = copy.deepcopy(stock)
+    assert use_fused_norms(fused, "auto") == 10
+    outs = []
+    for net, n in ((stock, 2), (fused, 2), (fused, 1)):  # batch 1 after 2: the dynamic compilation serves both
+        x = torch.randn(n, 1, 32, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            y = net(x)
+        (y.float() ** 2).mean().backward()
+        outs.append((n, y.detach().float(), torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    (_, y_s, g_s), (_, y_f, g_f), _ = outs
+    assert float((y_f - y_s).norm() / y_s.norm()) < tol
+    assert float((g_f - g_s).norm() / g_s.norm()) < tol
