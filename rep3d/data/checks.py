@@ -290,6 +290,8 @@ class CheckRecord:
     def save(self) -> None:
         if not (self.path and self._changed):
             return
+        # Entries of cases whose files are gone (renamed, deleted) are dropped.
+        self.entries = {k: v for k, v in self.entries.items() if all(os.path.exists(p) for p in k.split("|"))}
         try:
             write_json({"format": CHECK_RECORD_VERSION, "cases": self.entries}, self.path)
         except (WriteError, OSError) as e:
