@@ -271,7 +271,7 @@ class CheckRecord:
 
     @staticmethod
     def _key(case: dict) -> str:
-        return "|".join(os.path.abspath(p) for p in [*image_paths(case["image"]), *([case["label"]] if case.get("label") else [])])
+        return "\n".join(os.path.abspath(p) for p in [*image_paths(case["image"]), *([case["label"]] if case.get("label") else [])])
 
     def known(self, case: dict) -> dict | None:
         """The entry of ``case`` when none of its files changed since it passed, else None."""
@@ -291,7 +291,7 @@ class CheckRecord:
         if not (self.path and self._changed):
             return
         # Entries of cases whose files are gone (renamed, deleted) are dropped.
-        self.entries = {k: v for k, v in self.entries.items() if all(os.path.exists(p) for p in k.split("|"))}
+        self.entries = {k: v for k, v in self.entries.items() if all(os.path.exists(p) for p in k.split("\n"))}
         try:
             write_json({"format": CHECK_RECORD_VERSION, "cases": self.entries}, self.path)
         except (WriteError, OSError) as e:
