@@ -3,12 +3,16 @@ torch.profiler breakdown (GPU kernel time by op, the gaps between kernels, launc
 
 One run, one process, medians after warm-up (CUDA events):
 
+* check: REP3D with the decoder's fused norms (networks/fused_norms.py) against the stock blocks, same
+  weights and input: relative L2 difference of logits and gradients, float32 and bf16;
 * step: 2 x 1 x 96^3 crops, 16 classes, MONAI DiceCE, fused AdamW (lr 1e-4, the same fixed recipe for
   every network, so that the ratio stays comparable across runs), bf16 autocast, cudnn.benchmark;
-  REP3D (LRBM), REP3D Fixed Prior, the nnU-Net 3d_fullres topology for a 96^3 patch (MONAI DynUNet);
-* infer: deploy-mode sliding window over 1 x 1 x 256 x 256 x 160 (roi 96, 4 windows per pass,
-  overlap 0.5, gaussian), REP3D against the nnU-Net topology;
-* profile: torch.profiler of one REP3D (LRBM) step and of one deploy window batch.
+  REP3D (LRBM) with stock and with fused decoder norms (first step timed apart: it compiles), REP3D Fixed
+  Prior, the nnU-Net 3d_fullres topology for a 96^3 patch (MONAI DynUNet);
+* infer: deploy-mode sliding window over 1 x 1 x 256 x 256 x 160 (roi 96, overlap 0.5, gaussian), REP3D
+  (stock, fused norms) against the nnU-Net topology at 4 and 8 windows per pass, and on CUDA each also
+  replayed as a CUDA graph per window batch (:func:`rep3d.inference.sliding_window.graph_for_windows`);
+* profile: torch.profiler of one REP3D (LRBM, fused norms) step and of one deploy window batch.
 
 Usage, on the GPU machine from the repository root::
 
@@ -30,7 +34,7 @@ from monai.losses import DiceCELoss
 
 import networks
 from networks.fused_norms import use_fused_norms
-from rep3d.inference.sliding_window import sliding_window_predict
+from rep3d.inference.sliding_window import graph_for_windows, sliding_window_predict
 
 RESULTS: dict = {}
 
@@ -128,13 +132,19 @@ def section_step(device, roi, batch, classes, reps, tiny) -> None:
 def section_infer(device, roi, volume, classes, tiny, reps) -> None:
     rows = {}
     vol = torch.randn(1, 1, *volume, device=device)
-    for name, sw in (("REP3D", 4), ("REP3D_fused", 4), ("nnUNet", 4), ("REP3D_fused", 8), ("nnUNet", 8)):
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    variants = [("REP3D", 4, False), ("REP3D_fused", 4, False), ("nnUNet", 4, False), ("REP3D_fused", 8, False), ("nnUNet", 8, False)]
+    if device.type == "cuda":  # the same eager kernels replayed as one CUDA graph per window batch
+        variants += [("REP3D", 4, True), ("REP3D_fused", 4, True), ("nnUNet", 4, True)]
+    for name, sw, graphed in variants:
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny, deploy=True).to(device).eval()
+        if graphed:
+            model = graph_for_windows(model, sw, amp)
 
         def run(model=model, sw=sw):
             with torch.no_grad():
-                return sliding_window_predict(model, vol, roi, sw_batch_size=sw, overlap=0.5, mode="gaussian", amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                return sliding_window_predict(model, vol, roi, sw_batch_size=sw, overlap=0.5, mode="gaussian", amp_dtype=amp)
 
         t0 = time.perf_counter()
         run()
@@ -142,13 +152,17 @@ def section_infer(device, roi, volume, classes, tiny, reps) -> None:
         first_s = time.perf_counter() - t0
         r = median_ms(run, device, warmup=2, reps=reps)
         r["first_call_s"] = first_s
-        key = name if sw == 4 else f"{name}_sw{sw}"
+        key = (name if sw == 4 else f"{name}_sw{sw}") + ("_graph" if graphed else "")
         rows[key] = r
         print(f"infer {key}: {r['median_ms'] / 1e3:.3f} s per volume (first call {first_s:.1f} s)", flush=True)
         del model
     rows["ratio_rep3d_to_nnunet"] = rows["REP3D"]["median_ms"] / rows["nnUNet"]["median_ms"]
     rows["ratio_fused_rep3d_to_nnunet"] = rows["REP3D_fused"]["median_ms"] / rows["nnUNet"]["median_ms"]
     rows["ratio_fused_rep3d_to_nnunet_sw8"] = rows["REP3D_fused_sw8"]["median_ms"] / rows["nnUNet_sw8"]["median_ms"]
+    if "REP3D_fused_graph" in rows:
+        rows["ratio_fused_graph_rep3d_to_nnunet"] = rows["REP3D_fused_graph"]["median_ms"] / rows["nnUNet"]["median_ms"]
+        rows["ratio_fused_graph_rep3d_to_nnunet_graph"] = rows["REP3D_fused_graph"]["median_ms"] / rows["nnUNet_graph"]["median_ms"]
+        print(f"infer ratio, REP3D fused + CUDA graph / nnUNet eager {rows['ratio_fused_graph_rep3d_to_nnunet']:.2f}, / nnUNet graphed {rows['ratio_fused_graph_rep3d_to_nnunet_graph']:.2f}", flush=True)
     print(f"infer ratio REP3D / nnUNet {rows['ratio_rep3d_to_nnunet']:.2f} (fused norms {rows['ratio_fused_rep3d_to_nnunet']:.2f}; fused, 8 windows a pass {rows['ratio_fused_rep3d_to_nnunet_sw8']:.2f})", flush=True)
     RESULTS["infer"] = rows
 

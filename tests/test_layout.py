@@ -6,9 +6,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from helpers import TINY
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
+
 from networks import build_network
+from networks.fused_norms import (
+    FusedUnetBasicBlock,
+    FusedUnetResBlock,
+    fused_wanted,
+    use_fused_norms,
+)
 from networks.layout import (
     ChannelsLastInstanceNorm3d,
     memory_format_of,
@@ -138,10 +145,6 @@ def test_compile_for_windows_pads_the_last_batch(monkeypatch):
 @pytest.mark.parametrize("block_kind", ["res_same", "res_widen", "basic"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
 def test_fused_decoder_blocks_equal_the_stock_blocks_in_float64(block_kind, layout):
-    from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
-
-    from networks.fused_norms import FusedUnetBasicBlock, FusedUnetResBlock, use_fused_norms
-
     torch.manual_seed(0)
     c_in, c_out = (6, 6) if block_kind == "res_same" else (3, 6)
     cls = UnetBasicBlock if block_kind == "basic" else UnetResBlock
@@ -167,8 +170,6 @@ def test_fused_decoder_blocks_equal_the_stock_blocks_in_float64(block_kind, layo
 
 
 def test_networks_fuse_only_their_decoder_blocks_and_keep_keys():
-    from networks.fused_norms import FusedUnetResBlock, fused_wanted, use_fused_norms
-
     net = build_network("REP3D", in_channels=1, out_channels=3, **TINY)
     blocks = [m for m in net.modules() if isinstance(m, FusedUnetResBlock)]
     assert len(blocks) == 10  # encoder1-5, decoder5-2 conv blocks, decoder1
@@ -181,8 +182,6 @@ def test_networks_fuse_only_their_decoder_blocks_and_keep_keys():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled fused norms run on CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_decoder_norms_compiled_on_cuda_match_the_stock_network(dtype):
-    from networks.fused_norms import use_fused_norms
-
     torch.manual_seed(0)
     stock = build_network("REP3D", in_channels=1, out_channels=3, **TINY).cuda().train()
     fused = copy.deepcopy(stock)
