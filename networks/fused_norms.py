@@ -103,10 +103,26 @@ def fused_wanted(setting: bool | str, x: torch.Tensor) -> bool:
     return True
 
 
+def _probe(x: torch.Tensor) -> None:
+    """Compile both functions and run them forward and backward once on a small tensor like ``x``, so
+    that a compiler that cannot build them (its backward is compiled only at the first backward) fails
+    here, where it can be caught, and not in the middle of a training step."""
+    t = torch.randn(2, 4, 4, 4, 4, device=x.device, dtype=x.dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    r = torch.randn_like(t).requires_grad_()
+    with torch.enable_grad():
+        out = _compiled(norm_act)(t, None, None, 1e-5, 0.01).float().sum()
+        for r_norm in (True, False):
+            out = out + _compiled(norm_add_act)(t, None, None, 1e-5, r, None, None, 1e-5, r_norm, 0.01).float().sum()
+        out.backward()
+
+
 def _call(fn, x: torch.Tensor, *args):
     if not x.is_cuda or _STATE["failed"]:
         return fn(x, *args)
     try:
+        if not _STATE.get("probed"):
+            _probe(x)
+            _STATE["probed"] = True
         return _compiled(fn)(x, *args)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the stock forward
         _STATE["failed"] = True
