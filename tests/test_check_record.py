@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import rep3d.data.checks as checks
+import rep3d.data.loaders as loaders
 import rep3d.planning as planning
 from rep3d.data.cases import list_cases
 from rep3d.data.checks import CheckRecord, check_dataset
@@ -104,3 +105,28 @@ def test_a_kept_plan_is_reused_until_a_case_changes(demo, tmp_path, monkeypatch)
     resolve_dataset(None, demo, cache_dir=cache)
     assert os.path.abspath(image) in reads.paths  # planned again from the files
     assert len(os.listdir(cache)) >= 3  # two plans kept and the record
+
+
+def test_without_loader_workers_the_check_and_the_store_build_still_use_the_cores(demo, tmp_path, monkeypatch):
+    """The GPU path starts no loader workers (num_workers 0); checking and building are parallel anyway."""
+    seen: dict = {}
+    real_check, real_prepare = loaders.check_dataset, loaders.prepare_store
+
+    def check(*a, **k):
+        seen["check"] = k["num_workers"]
+        return real_check(*a, **k)
+
+    def prepare(*a, **k):
+        seen["store"] = k["num_workers"]
+        return real_prepare(*a, **k)
+
+    monkeypatch.setattr(loaders, "check_dataset", check)
+    monkeypatch.setattr(loaders, "prepare_store", prepare)
+    monkeypatch.setattr(loaders, "default_num_workers", lambda: 3)
+    train, _ = loaders.get_loaders(CFG, demo, num_workers=0, preprocessed=str(tmp_path / "pre"), progress=False)
+    train.close()
+    assert seen == {"check": 3, "store": 3}
+    assert train.check_note.startswith("data check: 4 cases in")
+    train, _ = loaders.get_loaders(CFG, demo, num_workers=0, preprocessed=str(tmp_path / "pre"), progress=False)
+    train.close()
+    assert "4 unchanged since their last check" in train.check_note
