@@ -13,22 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import (
-    CASE_BOX,
-    CASE_SHAPE,
-    CLASS_NAMES,
-    PREDICT_FAST,
-    TINY,
-    TINY_FLAGS,
-    PerVoxel,
-    tiny_model,
-    write_case,
-)
 
 import networks
 import rep3d.inference.predictor
 import rep3d.inference.sliding_window
 import test_seg
+from helpers import CASE_BOX, CASE_SHAPE, CLASS_NAMES, PREDICT_FAST, TINY, TINY_FLAGS, PerVoxel, tiny_model, write_case
 from networks import reparameterize_model
 from rep3d.data.loaders import get_test_loader
 from rep3d.inference.run import run_inference

@@ -6,16 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TINY
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 
+from helpers import TINY
 from networks import build_network
-from networks.fused_norms import (
-    FusedUnetBasicBlock,
-    FusedUnetResBlock,
-    fused_wanted,
-    use_fused_norms,
-)
+from networks.fused_norms import FusedUnetBasicBlock, FusedUnetResBlock, fused_wanted, use_fused_norms
 from networks.layout import (
     ChannelsLastInstanceNorm3d,
     memory_format_of,
