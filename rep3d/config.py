@@ -192,6 +192,8 @@ class TrainConfig:
         seed: seed of weights, crops and shuffling.
         amp: ``auto``, ``bf16``, ``fp16`` or ``off``.
         compile: run the training step through ``torch.compile``.
+        fused_norms: ``"off"`` or ``"auto"``: the decoder's norms, residual adds and activations fused into
+            compiled kernels on CUDA (:mod:`networks.fused_norms`; speed only, experimental).
         max_nonfinite: stop after this many non-finite losses in a row.
         loss: ``dicece`` (the paper's), ``dice_focal``, ``ce`` or ``dicece_nnunet`` (nnU-Net's: Dice over the
             foreground classes per case, smooth 1e-5, + cross-entropy).
@@ -216,6 +218,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"
     compile: bool = False
+    fused_norms: str = "off"
     max_nonfinite: int = 5
     loss: str = "dicece"
     class_weights: tuple[float, ...] | None = None

@@ -8,7 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 
-from helpers import TINY
+import main_train
+import test_seg
+from helpers import PREDICT_FAST, TINY, tiny_argv
 from networks import build_network
 from networks.fused_norms import FusedUnetBasicBlock, FusedUnetResBlock, fused_wanted, use_fused_norms
 from networks.layout import (
@@ -16,7 +18,9 @@ from networks.layout import (
     memory_format_of,
     to_channels_last_3d,
 )
+from rep3d.commands.train import run_config_from_args
 from rep3d.inference.sliding_window import compile_for_windows
+from rep3d.training.trainer import Trainer
 
 FFT_TINY = {**TINY, "dwconv": "fft"}
 CL = torch.channels_last_3d
@@ -193,3 +197,15 @@ def test_fused_decoder_norms_compiled_on_cuda_match_the_stock_network(dtype):
     (_, y_s, g_s), (_, y_f, g_f), _ = outs
     assert float((y_f - y_s).norm() / y_s.norm()) < tol
     assert float((g_f - g_s).norm() / g_s.norm()) < tol
+
+
+def test_fused_norms_flags_reach_the_networks(demo_root, tmp_path, tiny_checkpoint, capsys):
+    for flag, want in (("off", {False}), ("auto", {"auto"})):
+        config = run_config_from_args(main_train.parse_args(tiny_argv(demo_root, str(tmp_path / flag), "--fused_norms", flag)))
+        assert config.training.fused_norms == flag
+        net = Trainer(config).build_network()
+        assert {b.fused_norms for b in net.modules() if isinstance(b, FusedUnetResBlock)} == want
+    # --cuda_graph needs a GPU: a clear refusal on the CPU, naming the flag
+    rc = test_seg.main(["--trained_weights", tiny_checkpoint, "--input", demo_root, "--output", str(tmp_path / "pred"), "--cuda_graph", *PREDICT_FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--cuda_graph" in err and "Traceback" not in err
