@@ -5,6 +5,7 @@ place. The constants and writers behind them are in helpers.py."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 from helpers import TINY, TINY_FLAGS, write_tiny_checkpoint
@@ -28,6 +29,18 @@ def demo_root(tmp_path_factory) -> str:
     """The demo dataset (2 training cases, 1 validation case, 32^3), written once per session.
     Read-only: runs write into their own ``--output``."""
     return make_demo_dataset(str(tmp_path_factory.mktemp("demo")), n_train=2, n_val=1, size=(32, 32, 32))
+
+
+@pytest.fixture(scope="session")
+def _small_demo_source(tmp_path_factory) -> str:
+    return make_demo_dataset(str(tmp_path_factory.mktemp("small_demo")), n_train=3, n_val=1, size=(32, 32, 32))
+
+
+@pytest.fixture
+def demo(tmp_path, _small_demo_source) -> str:
+    """A fresh, writable copy of a 4-case demo dataset (3 training, 1 validation, 32^3) per test:
+    tests that modify, add or remove files take this one, not the shared ``demo_root``."""
+    return shutil.copytree(_small_demo_source, str(tmp_path / "demo"))
 
 
 @pytest.fixture(scope="module")

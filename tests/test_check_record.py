@@ -5,7 +5,6 @@ class count is still checked against the recorded label values."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -17,21 +16,10 @@ import rep3d.planning as planning
 from rep3d.data.cases import list_cases
 from rep3d.data.checks import CheckRecord, check_dataset
 from rep3d.data.dataset_config import DataError, get_dataset_config
-from rep3d.data.demo import make_demo_dataset
 from rep3d.data.store_layout import check_record_path, dataset_cache_dir
 from rep3d.planning import resolve_dataset
 
 CFG = get_dataset_config("demo")
-
-
-@pytest.fixture(scope="module")
-def _source(tmp_path_factory) -> str:
-    return make_demo_dataset(str(tmp_path_factory.mktemp("record_src")), n_train=3, n_val=1, size=(24, 24, 24))
-
-
-@pytest.fixture
-def demo(tmp_path, _source) -> str:
-    return shutil.copytree(_source, str(tmp_path / "demo"))
 
 
 class Reads:

@@ -26,7 +26,6 @@ from rep3d.commands.preprocess import main as preprocess_main
 from rep3d.data import store as store_mod
 from rep3d.data.cases import list_cases
 from rep3d.data.dataset_config import DataError, get_dataset_config
-from rep3d.data.demo import make_demo_dataset
 from rep3d.data.loaders import get_loaders
 from rep3d.data.store import (
     ENV_VAR,
@@ -47,17 +46,6 @@ from rep3d.metrics import DiceAccumulator
 def _store_in_tmp(tmp_path, monkeypatch):
     """No test writes a store to the user's cache folder."""
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "preprocessed"))
-
-
-@pytest.fixture(scope="module")
-def _demo_source(tmp_path_factory) -> str:
-    return make_demo_dataset(str(tmp_path_factory.mktemp("demo_src")), n_train=3, n_val=1, size=(32, 32, 32))
-
-
-@pytest.fixture
-def demo(tmp_path, _demo_source) -> str:
-    """A fresh copy of the demo dataset per test (tests modify it)."""
-    return shutil.copytree(_demo_source, str(tmp_path / "demo"))
 
 
 CFG = get_dataset_config("demo")
