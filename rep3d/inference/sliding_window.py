@@ -47,7 +47,9 @@ def graph_for_windows(model: nn.Module, sw_batch_size: int, amp_dtype: torch.dty
     dtype) runs ``warmup`` passes on a side stream (cuDNN autotuning, the FFT path's cached spectra), then
     captures one pass; each call copies its windows into the captured input and returns a copy of the
     captured output. A short last batch is padded to ``sw_batch_size`` and cropped back, as in
-    :func:`compile_for_windows`. CUDA inputs only; the weights must not change while it is in use.
+    :func:`compile_for_windows`. CUDA inputs only; the weights must not change while it is in use. Each
+    graphed model keeps the memory of one window batch's activations for as long as it lives (an
+    ensemble of K checkpoints keeps K such pools).
     The autocast of the capture (``amp_dtype``) is fixed at capture, without autocast's weight cache.
     """
     state: dict[str, Any] = {}
