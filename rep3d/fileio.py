@@ -45,6 +45,7 @@ __all__ = [
     "check_writable",
     "jsonable",
     "pyplot",
+    "read_json",
     "remove_stale_temporaries",
     "save_checkpoint_atomic",
     "save_figure_atomic",
@@ -183,6 +184,17 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     return str(value)
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The object in a JSON file, or None when the file is missing, unreadable, not JSON or not an object
+    (the readers of records, indexes, manifests and dataset.json treat all of these as absent)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:

@@ -10,6 +10,7 @@ import re
 
 from rep3d.data.dataset_config import DataError
 from rep3d.data.image_io import IMAGE_EXTENSIONS, image_ext, is_dicom_dir, strip_ext
+from rep3d.fileio import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -268,14 +269,8 @@ def _json_items(entries, base: str, source: str, key: str, problems: list[str], 
 
 
 def read_dataset_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    """A dataset.json's content, or None (missing, unreadable or not a JSON object)."""
+    return read_json(path)
 
 
 def dataset_json_classes(path: str) -> tuple[dict[int, str] | None, str | None]:

@@ -3,7 +3,6 @@ mismatched grids, bad label values, missing channels) reported at once in one :c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import struct
@@ -33,7 +32,7 @@ from rep3d.data.image_io import (
     strip_ext,
 )
 from rep3d.data.store_layout import case_identity
-from rep3d.fileio import WriteError, write_json
+from rep3d.fileio import WriteError, read_json, write_json
 from rep3d.runtime import thread_map
 
 logger = logging.getLogger(__name__)
@@ -259,14 +258,9 @@ class CheckRecord:
         self.path = path
         self.entries: dict[str, dict] = {}
         self.reused = 0
-        if path and os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    loaded = json.load(f)
-                if loaded.get("format") == CHECK_RECORD_VERSION:
-                    self.entries = dict(loaded.get("cases", {}))
-            except (OSError, ValueError, AttributeError):
-                self.entries = {}
+        loaded = read_json(path) if path else None
+        if loaded is not None and loaded.get("format") == CHECK_RECORD_VERSION:
+            self.entries = dict(loaded.get("cases", {}))
         self._changed = False
 
     @staticmethod

@@ -15,12 +15,11 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from rep3d.fileio import atomic_path, write_json
+from rep3d.fileio import atomic_path, read_json, write_json
 
 DEMO_ROOT_DEFAULT = "./demo_data"
 
@@ -193,13 +192,7 @@ def make_demo_dataset(
         raise ValueError(f"size must be 3 integers >= 16 (voxels at 2 mm), got {size}")
     params = {"generator": "rep3d-demo", "version": _VERSION, "n_train": n_train, "n_val": n_val, "n_test": n_test, "size": list(size), "seed": int(seed)}
     manifest_path = os.path.join(root, MANIFEST)
-    old = None
-    if os.path.isfile(manifest_path):
-        try:
-            with open(manifest_path) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            old = None
+    old = read_json(manifest_path)
     files = _expected_files(root, {"train": n_train, "val": n_val, "test": n_test})
     if old == params and all(os.path.isfile(p) for _, _, img, lab in files for p in (img, lab) if p):
         return root

@@ -74,7 +74,6 @@ from rep3d.data.store_layout import (  # the layout's public names are this modu
     _complete,
     _fresh_from_index,
     _read_cases,
-    _read_json,
     _remove_case_files,
     _store_write_error,
     case_id,
@@ -92,6 +91,7 @@ from rep3d.fileio import (
     FolderLockedError,
     WriteError,
     atomic_path,
+    read_json,
     remove_stale_temporaries,
     write_json,
 )
@@ -510,7 +510,7 @@ def wait_for_store(
         if metas is not None:
             report = StoreReport(path, "waited", len(metas), seconds=time.time() - t0, nbytes=sum(int(m["bytes"]) for m in metas.values()))
             return Store(path, settings, metas, report)
-        failed = _read_json(os.path.join(path, FAILED_FILE))
+        failed = read_json(os.path.join(path, FAILED_FILE))
         if failed is not None and float(failed.get("time", 0)) >= t0 - 1.0:
             if failed.get("type") == "DataError":
                 raise DataError([failed.get("message", "")], header="the store build of rank 0 failed:")

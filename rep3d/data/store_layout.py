@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rep3d.data.cases import case_name, image_paths
-from rep3d.fileio import WriteError
+from rep3d.fileio import WriteError, read_json
 
 #: Bumped whenever the arrays or their meaning change: a new version builds new stores.
 STORE_FORMAT_VERSION = 1
@@ -211,20 +211,12 @@ class Store:
         return sum(int(m.get("bytes", 0)) for m in self.cases.values())
 
 
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _read_cases(path: str) -> dict[str, dict]:
     folder = os.path.join(path, CASES)
     out = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         if name.endswith(".json") and not name.startswith("."):
-            meta = _read_json(os.path.join(folder, name))
+            meta = read_json(os.path.join(folder, name))
             if meta is not None and "files" in meta and "source" in meta:
                 out[name[: -len(".json")]] = meta
     return out
@@ -273,7 +265,7 @@ def _store_write_error(path: str, err: BaseException) -> StoreError:
 
 def _fresh_from_index(path: str, cases: Sequence[dict]) -> dict[str, dict] | None:
     """The case JSONs, when ``store.json`` lists every case of ``cases`` with its current source identity."""
-    index = _read_json(os.path.join(path, INDEX_FILE))
+    index = read_json(os.path.join(path, INDEX_FILE))
     if index is None or index.get("format") != STORE_FORMAT_VERSION:
         return None
     listed = index.get("cases", {})
