@@ -161,9 +161,16 @@ def pipeline_digest() -> str:
     return hashlib.sha256("".join(_code_digest(textwrap.dedent(p)) for p in _PIPELINE_SOURCES).encode()).hexdigest()[:16]
 
 
+def _locate(base: str, cfg: DatasetConfig, root: str | None, datalist: str | None, roi: Sequence[int] | None, crop_ratios: Sequence[float] | None) -> tuple[tuple[int, ...], dict, str]:
+    """``(roi, settings, folder)`` of this dataset's store for these settings."""
+    roi = tuple(int(r) for r in (roi or cfg.roi))
+    settings = store_settings(cfg, roi, crop_ratios)
+    return roi, settings, os.path.join(base, dataset_key(root, datalist), settings_hash(settings))
+
+
 def store_path(base: str, cfg: DatasetConfig, root: str | None, datalist: str | None, roi: Sequence[int] | None = None, crop_ratios: Sequence[float] | None = None) -> str:
     """``<base>/<dataset key>/<settings hash>``: the folder of this dataset's store for these settings."""
-    return os.path.join(base, dataset_key(root, datalist), settings_hash(store_settings(cfg, roi, crop_ratios)))
+    return _locate(base, cfg, root, datalist, roi, crop_ratios)[2]
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -415,9 +422,7 @@ def build_store(
     """
     say = log or (lambda m: None)
     t0 = time.time()
-    roi = tuple(int(r) for r in (roi or cfg.roi))
-    settings = store_settings(cfg, roi, crop_ratios)
-    path = os.path.join(base, dataset_key(root, datalist), settings_hash(settings))
+    roi, settings, path = _locate(base, cfg, root, datalist, roi, crop_ratios)
     wanted = {case_id(c): c for c in cases}
     try:
         os.makedirs(os.path.join(path, CASES), exist_ok=True)
@@ -501,9 +506,7 @@ def wait_for_store(
     """
     say = log or (lambda m: None)
     t0 = time.time()
-    roi = tuple(int(r) for r in (roi or cfg.roi))
-    settings = store_settings(cfg, roi, crop_ratios)
-    path = os.path.join(base, dataset_key(root, datalist), settings_hash(settings))
+    _, settings, path = _locate(base, cfg, root, datalist, roi, crop_ratios)
     said = 0.0
     while True:
         metas = _fresh_from_index(path, cases)
