@@ -20,6 +20,15 @@ def _flip_sets(spatial_dims: int) -> Iterator[tuple[int, ...]]:
         yield from itertools.combinations(dims, r)
 
 
+def _padded(x: torch.Tensor, sw_batch_size: int) -> tuple[torch.Tensor, int]:
+    """``x`` with a short last window batch zero-padded to ``sw_batch_size``, and its own batch size
+    (the output is cropped back to it): one shape for every batch of every volume."""
+    n = x.shape[0]
+    if n < sw_batch_size:
+        x = torch.cat([x, x.new_zeros((sw_batch_size - n, *x.shape[1:]))])
+    return x, n
+
+
 def compile_for_windows(model: nn.Module, sw_batch_size: int, **compile_kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile(model)`` for sliding-window inference, compiled for one input shape only.
 
@@ -31,9 +40,7 @@ def compile_for_windows(model: nn.Module, sw_batch_size: int, **compile_kwargs: 
     compiled = torch.compile(model, dynamic=False, **compile_kwargs)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if n < sw_batch_size:
-            x = torch.cat([x, x.new_zeros((sw_batch_size - n, *x.shape[1:]))])
+        x, n = _padded(x, sw_batch_size)
         return compiled(x)[:n]
 
     return predict
@@ -71,9 +78,7 @@ def graph_for_windows(model: nn.Module, sw_batch_size: int, amp_dtype: torch.dty
     def predict(x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             raise ValueError("graph_for_windows replays a CUDA graph: its inputs must be on a CUDA device")
-        n = x.shape[0]
-        if n < sw_batch_size:
-            x = torch.cat([x, x.new_zeros((sw_batch_size - n, *x.shape[1:]))])
+        x, n = _padded(x, sw_batch_size)
         if state.get("key") != (tuple(x.shape), x.dtype, x.device):
             capture(x)
         state["x"].copy_(x)
