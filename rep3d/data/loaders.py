@@ -374,23 +374,21 @@ def get_loaders(
     # starts no loader workers, still uses the cores for them.
     io_workers = num_workers if num_workers > 0 else default_num_workers()
     if check:
-        record = CheckRecord(check_record_path(preprocessed, root, datalist)) if preprocessed is None or str(preprocessed).lower() != OFF else None
+        record = CheckRecord(check_record_path(preprocessed, root, datalist))  # remembers nothing with --preprocessed off
         t_check = time.perf_counter()
         splits = check_dataset(cfg, root, ("train", "val"), datalist=datalist, fold=fold, roi=roi, num_workers=io_workers, record=record)
         train_cases, val_cases = splits["train"], splits["val"]
         n = len(train_cases) + len(val_cases)
-        unchanged = f", {record.reused} unchanged since their last check (headers read)" if record is not None and record.reused else ""
+        unchanged = f", {record.reused} unchanged since their last check (headers read)" if record.reused else ""
         check_note = f"data check: {n} cases in {time.perf_counter() - t_check:.1f} s{unchanged}"
     else:
         train_cases, val_cases = list_cases(root, "train", datalist, fold), list_cases(root, "val", datalist, fold)
         check_note = None
     rank, world = _rank_world(distributed)
-    store = None
-    if preprocessed is None or str(preprocessed).lower() != OFF:
-        store = prepare_store(
-            cfg, train_cases + val_cases, preprocessed, root=root, datalist=datalist, roi=roi, crop_ratios=crop_ratios,
-            num_workers=io_workers, rank=rank, progress=progress and rank == 0, log=log,
-        )  # fmt: skip
+    store = prepare_store(  # None with --preprocessed off
+        cfg, train_cases + val_cases, preprocessed, root=root, datalist=datalist, roi=roi, crop_ratios=crop_ratios,
+        num_workers=io_workers, rank=rank, progress=progress and rank == 0, log=log,
+    )  # fmt: skip
     if world > 1:
         if len(train_cases) < world:
             raise DataError([f"{len(train_cases)} training cases for {world} processes. Fix: use at most {len(train_cases)} processes"])

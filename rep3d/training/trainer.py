@@ -47,7 +47,7 @@ from rep3d.data.dataset_config import DataError
 from rep3d.data.demo import DEMO_ROOT_DEFAULT, make_demo_dataset
 from rep3d.data.loader_choice import choose_loader
 from rep3d.data.loaders import get_loaders
-from rep3d.data.store import OFF as STORE_OFF
+from rep3d.data.store import resolve_base
 from rep3d.fileio import (
     FolderLock,
     check_writable,
@@ -250,7 +250,7 @@ class Trainer:
         try:
             return choose_loader(
                 d.dataset, root=self._root(), datalist=d.datalist, fold=d.fold, device=self.device,
-                cache_rate=d.cache_rate, requested=requested, num_workers=d.num_workers, store=str(d.preprocessed).lower() != STORE_OFF,
+                cache_rate=d.cache_rate, requested=requested, num_workers=d.num_workers, store=resolve_base(d.preprocessed) is not None,
             )  # fmt: skip
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -280,7 +280,7 @@ class Trainer:
             self.loader_reason += "; " + loaders[0].check_note
         if store is not None and store.report is not None:
             self.loader_reason += "; " + store.report.describe()
-        elif str(d.preprocessed).lower() == STORE_OFF:
+        elif store is None:
             self.loader_reason += "; no pre-processed store (--preprocessed off): the cases are pre-processed in memory (the cached share at start, the others at every draw)"
         return loaders
 
