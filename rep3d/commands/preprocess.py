@@ -21,13 +21,13 @@ import sys
 from collections.abc import Sequence
 
 from rep3d.cli import HelpFormatter, add_dataset_args
+from rep3d.commands.train import dataset_from_args
 from rep3d.data.checks import CheckRecord, check_dataset
 from rep3d.data.dataset_config import DataError
 from rep3d.data.demo import DEMO_ROOT_DEFAULT, make_demo_dataset
 from rep3d.data.store import OFF, Store, build_store, resolve_base
-from rep3d.data.store_layout import check_record_path, dataset_cache_dir
+from rep3d.data.store_layout import check_record_path
 from rep3d.fileio import WriteError
-from rep3d.planning import resolve_dataset
 from rep3d.runtime import default_num_workers
 
 # main_train.py's data flags that do not change what is stored.
@@ -56,8 +56,7 @@ def preprocess(args: argparse.Namespace, log=print) -> Store:
     if base is None:
         raise ValueError(f"--preprocessed {OFF} means no store: there is nothing to build; pass a folder, or leave the flag out for the default")
     workers = default_num_workers() if args.num_workers in (None, 0) else int(args.num_workers)
-    values = {k: getattr(args, k) for k in ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi")}
-    cfg, _ = resolve_dataset(args.dataset, args.root, args.datalist, args.dataset_config, fold=args.fold, num_workers=workers, cache_dir=dataset_cache_dir(args.preprocessed, args.root, args.datalist), **values)
+    cfg, _ = dataset_from_args(args)  # as main_train.py resolves it: the same store
     root = args.root
     if root is None and args.datalist is None:
         root = DEMO_ROOT_DEFAULT  # main_train.py's demo data: the same store its demo run uses

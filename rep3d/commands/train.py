@@ -230,7 +230,7 @@ def _flag_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def _dataset_from_args(args: argparse.Namespace):
+def dataset_from_args(args: argparse.Namespace):
     """``(DatasetConfig, plan or None)``: a preset or ``custom`` with flags, or (``--root`` alone) planned from the data."""
 
     values = {k: getattr(args, k) for k in ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi")}
@@ -258,7 +258,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """
     problems = _flag_problems(args)
     try:
-        dataset, plan = _dataset_from_args(args)
+        dataset, plan = dataset_from_args(args)
     except DataError as err:  # a missing folder and the other dataset problems: all in one message
         every = problems + err.problems
         raise DataError(every, header=f"{len(every)} problem{'s' if len(every) != 1 else ''} with the flags and the data; nothing was trained:") from None
@@ -328,7 +328,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, dict | None, str |
         if key != "dwconv" and key != "img_size" and jsonable(value) != jsonable(saved.network.options.get(key)):
             conflicts.append(f"--{key} {value} (checkpoint: {saved.network.options.get(key, 'the network default')})")
     if given & set(_DATASET_FLAGS):
-        dataset, _ = _dataset_from_args(args)
+        dataset, _ = dataset_from_args(args)
         for key in ("spacing", "intensity", "a_min", "a_max", "num_classes", "class_names", "roi"):
             if jsonable(getattr(dataset, key)) != jsonable(getattr(saved.data.dataset, key)):
                 conflicts.append(f"{key} {getattr(dataset, key)} (checkpoint: {getattr(saved.data.dataset, key)})")
@@ -412,15 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "main_train.py"
     try:
         train(args)
-    except (DataError, networks.CheckpointError, ConfigError) as err:
+    except (DataError, networks.CheckpointError, ConfigError, FolderLockedError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 1
-    except FolderLockedError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
     except WriteError as err:
         # before anything trained (--output unwritable) or mid-run (disk full): every file written
         # before is intact; the checkpoint of the last validation is the one to resume from

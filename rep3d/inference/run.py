@@ -12,7 +12,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from rep3d.data.cases import case_name, list_cases, list_images, nifti_files
+from rep3d.data.cases import (
+    case_name,
+    image_paths,
+    list_cases,
+    list_images,
+    nifti_files,
+)
 from rep3d.data.checks import check_input_channels
 from rep3d.data.dataset_config import DataError, DatasetConfig
 from rep3d.data.demo import DEMO_ROOT_DEFAULT, make_demo_dataset
@@ -115,10 +121,6 @@ def resolve_inputs(args: argparse.Namespace, cfg: DatasetConfig | None = None) -
         if problems:
             raise DataError(problems, header=f"{len(problems)} input(s) lack the {cfg.in_channels} channel(s) the model was trained with ({', '.join(cfg.channel_names)}); nothing was predicted:")
     return cases
-
-
-def _first(image: str | list[str]) -> str:
-    return image if isinstance(image, str) else image[0]
 
 
 def _input_folders(args: argparse.Namespace, cases: list[dict]) -> list[str]:
@@ -231,7 +233,7 @@ def _predict_cases(args: argparse.Namespace, predictor: Predictor, cases: list[d
         else:
             todo = []
             for c in cases:
-                out_path = output_path_like(_first(c["image"]), args.output, "_seg", name=case_name(c["image"], "image"))
+                out_path = output_path_like(image_paths(c["image"])[0], args.output, "_seg", name=case_name(c["image"], "image"))
                 (done.append((c, out_path)) if os.path.isfile(out_path) else todo.append(c))
             if done:
                 print(f"--continue: skipped {len(done)} case(s) whose prediction is already in {args.output} ({len(todo)} to predict)")
