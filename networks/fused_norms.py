@@ -183,8 +183,10 @@ def use_fused_norms(module: nn.Module, setting: bool | str = "auto") -> int:
     """Give every ``UnetResBlock`` / ``UnetBasicBlock`` inside ``module`` with plain instance norms and a
     LeakyReLU the fused forward (same modules, parameters and state dict); returns how many blocks.
 
-    ``setting``: ``"auto"`` (CUDA, eager, Triton), True (always; uncompiled off CUDA) or False (stock).
+    ``setting``: ``"auto"`` (CUDA, eager, Triton), True (always; uncompiled off CUDA), or False / ``"off"``
+    (stock): the ``--fused_norms`` value can be passed as it is.
     """
+    setting = False if setting == "off" else setting
     count = 0
     for block in module.modules():
         if type(block) in (UnetResBlock, FusedUnetResBlock) and _fusable(block):

@@ -300,6 +300,8 @@ class RunConfig:
             problems.append(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {t.optim}")
         if t.loss not in LOSSES:
             problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {t.loss}")
+        if t.fused_norms not in ("off", "auto"):
+            problems.append(f"--fused_norms must be off or auto, got {t.fused_norms}")
         if t.recipe not in RECIPES:
             problems.append(f"--recipe must be one of {', '.join(RECIPES)}, got {t.recipe}")
         if t.grad_clip is not None and not (t.grad_clip > 0 and math.isfinite(t.grad_clip)):

@@ -218,7 +218,7 @@ class Predictor:
         self.models = []
         for m in members:
             model = load_model(m, self.device, m["path"])
-            use_fused_norms(model, "auto" if fused_norms == "auto" else False)
+            use_fused_norms(model, fused_norms)
             if compile:
                 model = compile_for_windows(model, self.sw_batch_size)
             elif cuda_graph:

@@ -176,7 +176,7 @@ class Trainer:
         try:
             model = net_cfg.build()
             networks.check_roi(model, self.config.data.roi, net_cfg.in_channels)
-            use_fused_norms(model, "auto" if self.config.training.fused_norms == "auto" else False)
+            use_fused_norms(model, self.config.training.fused_norms)
         except ValueError as err:
             raise ConfigError(f"--network {net_cfg.name}: {err}") from None
         return model
