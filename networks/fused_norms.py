@@ -19,6 +19,7 @@ is returned in the dtype of the normalised input.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 
@@ -84,8 +85,10 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
+@functools.lru_cache(maxsize=1)
 def _triton_available() -> bool:
-    """Whether Triton is installed (inductor's CUDA kernels need it); found, not imported."""
+    """Whether Triton is installed (inductor's CUDA kernels need it); found, not imported, and looked up
+    once per process (every fused block asks at every forward)."""
     return importlib.util.find_spec("triton") is not None
 
 
