@@ -1,18 +1,22 @@
 """Issue 25: the training step and deploy inference of REP3D against the nnU-Net topology, with a
 torch.profiler breakdown (GPU kernel time by op, the gaps between kernels, launches per step).
 
-One run, one process, medians after warm-up (CUDA events):
+One run, one process, medians after warm-up (CUDA events). A variant is ``NETWORK[@STATS][+compile]``:
+``@STATS`` picks how the decoder's channels-last instance norms compute their statistics
+(:data:`networks.layout.instance_stats`: ``batch_norm``, ``sums``, ``var_mean``), ``+compile`` runs the
+network through ``torch.compile`` (its first step / call, timed apart, includes the compilation).
 
-* check: REP3D with the decoder's fused norms (networks/fused_norms.py) against the stock blocks, same
-  weights and input: relative L2 difference of logits and gradients, float32 and bf16;
+* check: REP3D's logits and gradients with each way of the statistics against ``batch_norm``;
+* norms: the statistics alone on the decoder's activations (time, accuracy against float64), and the
+  whole norm forward + backward, against ``F.instance_norm`` on NCDHW;
 * step: 2 x 1 x 96^3 crops, 16 classes, MONAI DiceCE, fused AdamW (lr 1e-4, the same fixed recipe for
   every network, so that the ratio stays comparable across runs), bf16 autocast, cudnn.benchmark;
-  REP3D (LRBM) with stock and with fused decoder norms (first step timed apart: it compiles), REP3D Fixed
-  Prior, the nnU-Net 3d_fullres topology for a 96^3 patch (MONAI DynUNet);
-* infer: deploy-mode sliding window over 1 x 1 x 256 x 256 x 160 (roi 96, overlap 0.5, gaussian), REP3D
-  (stock, fused norms) against the nnU-Net topology at 4 and 8 windows per pass, and on CUDA each also
-  replayed as a CUDA graph per window batch (:func:`rep3d.inference.sliding_window.graph_for_windows`);
-* profile: torch.profiler of one REP3D (LRBM, fused norms) step and of one deploy window batch.
+  REP3D (LRBM), REP3D Fixed Prior, the nnU-Net 3d_fullres topology for a 96^3 patch (MONAI DynUNet);
+* infer: deploy-mode sliding window over 1 x 1 x 256 x 256 x 160 (roi 96, 4 windows a pass, overlap 0.5,
+  gaussian), REP3D against the nnU-Net topology; ``+compile`` through
+  :func:`rep3d.inference.sliding_window.compile_for_windows`;
+* profile: torch.profiler of one REP3D (LRBM) training step and of one deploy window batch
+  (``--profile_stats``), and of one nnU-Net topology step.
 
 Usage, on the GPU machine from the repository root::
 
@@ -33,10 +37,18 @@ import torch
 from monai.losses import DiceCELoss
 
 import networks
-from networks.fused_norms import use_fused_norms
-from rep3d.inference.sliding_window import graph_for_windows, sliding_window_predict
+from networks import layout
+from networks.layout import ChannelsLastInstanceNorm3d
+from rep3d.inference.sliding_window import compile_for_windows, sliding_window_predict
 
 RESULTS: dict = {}
+JSON_PATH: list[str] = []  # where main() writes RESULTS: after every section and every timed variant
+
+
+def _save() -> None:
+    for path in JSON_PATH:
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
 
 
 def _sync(device: torch.device) -> None:
@@ -64,12 +76,16 @@ def median_ms(fn, device: torch.device, warmup: int, reps: int) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
+def variant(key: str) -> tuple[str, str, bool]:
+    """``"REP3D@sums+compile"`` -> (network ``REP3D``, instance statistics ``sums``, compiled): ``@`` picks
+    :data:`networks.layout.instance_stats` for the run, ``+compile`` runs it through ``torch.compile``."""
+    compiled = key.endswith("+compile")
+    key = key.removesuffix("+compile")
+    name, _, stats = key.partition("@")
+    return name, stats or "batch_norm", compiled
+
+
 def build(name: str, classes: int, roi, tiny: bool, deploy: bool = False) -> torch.nn.Module:
-    """``REP3D_fused``: REP3D with the decoder's norms fused (networks/fused_norms.py, ``"auto"``)."""
-    if name == "REP3D_fused":
-        model = build("REP3D", classes, roi, tiny, deploy)
-        use_fused_norms(model, "auto")
-        return model
     kw: dict = {}
     if name.startswith("REP3D"):
         kw = {"dwconv": "auto"}
@@ -101,94 +117,167 @@ def train_step(model, device, roi, batch, classes):
     return step
 
 
-def section_step(device, roi, batch, classes, reps, tiny) -> None:
+STEP_VARIANTS = "REP3D,REP3D@sums,REP3D@var_mean,REP3D_FixedPrior,nnUNet,REP3D+compile,nnUNet+compile"
+INFER_VARIANTS = "REP3D,REP3D@sums,REP3D@var_mean,nnUNet,REP3D+compile,nnUNet+compile"
+
+
+def _ratios(rows: dict, pairs) -> None:
+    for a, b in pairs:
+        if "median_ms" in rows.get(a, {}) and "median_ms" in rows.get(b, {}):
+            rows[f"ratio {a} / {b}"] = rows[a]["median_ms"] / rows[b]["median_ms"]
+            print(f"  ratio {a} / {b}: {rows[f'ratio {a} / {b}']:.3f}", flush=True)
+
+
+def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
     rows = {}
-    for name in ("REP3D", "REP3D_fused", "REP3D_FixedPrior", "nnUNet"):
+    for key in keys:
+        name, stats, compiled = variant(key)
+        layout.instance_stats = stats
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny).to(device).train()
-        step = train_step(model, device, roi, batch, classes)
+        step = train_step(torch.compile(model) if compiled else model, device, roi, batch, classes)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        step()  # the first step: cuDNN autotuning, and the fused norms' compilation
-        _sync(device)
-        first_s = time.perf_counter() - t0
-        r = median_ms(step, device, warmup=3, reps=reps)
+        try:
+            step()  # the first step: cuDNN autotuning, and torch.compile's compilation
+            _sync(device)
+            first_s = time.perf_counter() - t0
+            r = median_ms(step, device, warmup=3, reps=reps)
+        except Exception as e:  # a variant that fails (e.g. to compile) is recorded, and the others still run
+            rows[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"step {key}: FAILED {rows[key]['error'][:300]}", flush=True)
+            layout.instance_stats = "batch_norm"
+            continue
         r["first_step_s"] = first_s
         r["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         r["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        rows[name] = r
-        print(f"step {name}: {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), peak {r['peak_gib'] or 0:.2f} GiB, {r['params_m']:.1f}M params", flush=True)
+        rows[key] = r
+        print(f"step {key}: {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), first step {first_s:.1f} s, peak {r['peak_gib'] or 0:.2f} GiB, {r['params_m']:.1f}M params", flush=True)
         del model, step
+        layout.instance_stats = "batch_norm"
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rows["ratio_rep3d_to_nnunet"] = rows["REP3D"]["median_ms"] / rows["nnUNet"]["median_ms"]
-    rows["ratio_lrbm_to_fixed"] = rows["REP3D"]["median_ms"] / rows["REP3D_FixedPrior"]["median_ms"]
-    rows["ratio_fused_rep3d_to_nnunet"] = rows["REP3D_fused"]["median_ms"] / rows["nnUNet"]["median_ms"]
-    print(f"step ratios: REP3D / nnUNet {rows['ratio_rep3d_to_nnunet']:.2f} (fused norms {rows['ratio_fused_rep3d_to_nnunet']:.2f}), LRBM / Fixed {rows['ratio_lrbm_to_fixed']:.3f}", flush=True)
-    RESULTS["step"] = rows
+        RESULTS["step"] = rows
+        _save()
+    _ratios(rows, [(k, "nnUNet") for k in keys if k.startswith("REP3D")] + [("REP3D", "REP3D_FixedPrior"), ("nnUNet+compile", "nnUNet"), ("REP3D+compile", "nnUNet+compile")])
 
 
-def section_infer(device, roi, volume, classes, tiny, reps) -> None:
+def section_infer(device, roi, volume, classes, tiny, reps, keys) -> None:
     rows = {}
     vol = torch.randn(1, 1, *volume, device=device)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    variants = [("REP3D", 4, False), ("REP3D_fused", 4, False), ("nnUNet", 4, False), ("REP3D_fused", 8, False), ("nnUNet", 8, False)]
-    if device.type == "cuda":  # the same eager kernels replayed as one CUDA graph per window batch
-        variants += [("REP3D", 4, True), ("REP3D_fused", 4, True), ("nnUNet", 4, True)]
-    for name, sw, graphed in variants:
+    sw = 4
+    for key in keys:
+        name, stats, compiled = variant(key)
+        layout.instance_stats = stats
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny, deploy=True).to(device).eval()
-        if graphed:
-            model = graph_for_windows(model, sw, amp)
+        windows = compile_for_windows(model, sw) if compiled else model
 
-        def run(model=model, sw=sw):
+        def run(windows=windows):
             with torch.no_grad():
-                return sliding_window_predict(model, vol, roi, sw_batch_size=sw, overlap=0.5, mode="gaussian", amp_dtype=amp)
+                return sliding_window_predict(windows, vol, roi, sw_batch_size=sw, overlap=0.5, mode="gaussian", amp_dtype=amp)
 
         t0 = time.perf_counter()
-        run()
-        _sync(device)
-        first_s = time.perf_counter() - t0
-        r = median_ms(run, device, warmup=2, reps=reps)
+        try:
+            run()
+            _sync(device)
+            first_s = time.perf_counter() - t0
+            r = median_ms(run, device, warmup=2, reps=reps)
+        except Exception as e:
+            rows[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"infer {key}: FAILED {rows[key]['error'][:300]}", flush=True)
+            layout.instance_stats = "batch_norm"
+            continue
         r["first_call_s"] = first_s
-        key = (name if sw == 4 else f"{name}_sw{sw}") + ("_graph" if graphed else "")
         rows[key] = r
         print(f"infer {key}: {r['median_ms'] / 1e3:.3f} s per volume (first call {first_s:.1f} s)", flush=True)
-        del model
-    rows["ratio_rep3d_to_nnunet"] = rows["REP3D"]["median_ms"] / rows["nnUNet"]["median_ms"]
-    rows["ratio_fused_rep3d_to_nnunet"] = rows["REP3D_fused"]["median_ms"] / rows["nnUNet"]["median_ms"]
-    rows["ratio_fused_rep3d_to_nnunet_sw8"] = rows["REP3D_fused_sw8"]["median_ms"] / rows["nnUNet_sw8"]["median_ms"]
-    if "REP3D_fused_graph" in rows:
-        rows["ratio_fused_graph_rep3d_to_nnunet"] = rows["REP3D_fused_graph"]["median_ms"] / rows["nnUNet"]["median_ms"]
-        rows["ratio_fused_graph_rep3d_to_nnunet_graph"] = rows["REP3D_fused_graph"]["median_ms"] / rows["nnUNet_graph"]["median_ms"]
-        print(f"infer ratio, REP3D fused + CUDA graph / nnUNet eager {rows['ratio_fused_graph_rep3d_to_nnunet']:.2f}, / nnUNet graphed {rows['ratio_fused_graph_rep3d_to_nnunet_graph']:.2f}", flush=True)
-    print(f"infer ratio REP3D / nnUNet {rows['ratio_rep3d_to_nnunet']:.2f} (fused norms {rows['ratio_fused_rep3d_to_nnunet']:.2f}; fused, 8 windows a pass {rows['ratio_fused_rep3d_to_nnunet_sw8']:.2f})", flush=True)
-    RESULTS["infer"] = rows
+        del model, windows
+        layout.instance_stats = "batch_norm"
+        RESULTS["infer"] = rows
+        _save()
+    _ratios(rows, [(k, "nnUNet") for k in keys if k.startswith("REP3D")] + [("nnUNet+compile", "nnUNet"), ("REP3D+compile", "nnUNet+compile")])
+
+
+def section_norms(device, reps) -> None:
+    """The instance norm's statistics alone, each way (:data:`networks.layout.instance_stats`), on the
+    decoder's bf16 channels-last activations; their accuracy against float64; the whole norm forward +
+    backward each way against ``F.instance_norm`` on NCDHW (what DynUNet runs)."""
+    rows: dict = {}
+    shapes = [(2, 48, 96, 96, 96), (4, 48, 96, 96, 96), (2, 96, 48, 48, 48), (4, 192, 24, 24, 24)]
+    for shape in shapes:
+        x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+        gib = x.numel() * x.element_size() / 2**30
+        for stats in ("batch_norm", "sums", "var_mean"):
+            if stats == "batch_norm" and device.type != "cuda":
+                continue
+            layout.instance_stats = stats
+            r = median_ms(lambda x=x: layout._stats(x, 1e-5), device, warmup=3, reps=reps)
+            r["gib_per_s_read"] = gib / (r["median_ms"] / 1e3)
+            rows[f"stats {stats} {shape}"] = r
+            print(f"norm stats {stats:10s} {shape}: {r['median_ms']:.3f} ms ({r['gib_per_s_read']:.0f} GiB/s of input)", flush=True)
+        layout.instance_stats = "batch_norm"
+    # accuracy: |mean| / std of 0, 3 and 30, float64 reference
+    for ratio in (0.0, 3.0, 30.0):
+        x = (torch.randn(2, 48, 48, 48, 48, device=device) + ratio).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+        var, _ = torch.var_mean(x.double(), dim=(2, 3, 4), correction=0)
+        ref = torch.rsqrt(var + 1e-5)
+        for stats in ("batch_norm", "sums", "var_mean"):
+            if stats == "batch_norm" and device.type != "cuda":
+                continue
+            layout.instance_stats = stats
+            _, inv = layout._stats(x, 1e-5)
+            err = float(((inv.double() - ref) / ref).abs().max())
+            rows[f"invstd max rel error {stats} mean/std {ratio}"] = err
+            print(f"norm stats {stats:10s} |mean|/std {ratio:4.0f}: max rel error of 1/std {err:.1e}", flush=True)
+        layout.instance_stats = "batch_norm"
+    # whole norm, forward + backward, (2, 48, 96^3) bf16
+    shape = (2, 48, 96, 96, 96)
+    for stats in ("batch_norm", "sums", "var_mean", "F.instance_norm NCDHW"):
+        cl = not stats.startswith("F.")
+        x = torch.randn(shape, device=device, dtype=torch.bfloat16)
+        x = (x.contiguous(memory_format=torch.channels_last_3d) if cl else x.contiguous()).requires_grad_()
+        g = torch.randn_like(x)
+        if cl:
+            if stats == "batch_norm" and device.type != "cuda":
+                continue
+            layout.instance_stats = stats
+            norm = ChannelsLastInstanceNorm3d(48).to(device)
+        else:
+            norm = torch.nn.InstanceNorm3d(48).to(device)
+
+        def fwd_bwd(norm=norm, x=x, g=g):
+            norm(x).backward(g)
+
+        rows[f"norm fwd+bwd {stats}"] = r = median_ms(fwd_bwd, device, warmup=3, reps=reps)
+        print(f"norm fwd+bwd {stats:22s} {shape}: {r['median_ms']:.3f} ms", flush=True)
+        layout.instance_stats = "batch_norm"
+    RESULTS["norms"] = rows
 
 
 def section_check(device, roi, batch, classes, tiny) -> None:
-    """Fused against stock decoder norms, same weights and input: relative L2 difference of the logits
-    and of the parameter gradients, in float32 and under bf16 autocast."""
+    """Each way of the instance statistics against ``batch_norm``, same weights and input: relative L2
+    difference of REP3D's logits and parameter gradients, float32 and bf16 autocast."""
     rows = {}
     torch.manual_seed(0)
-    fused = build("REP3D_fused", classes, roi, tiny).to(device).train()
-    stock = build("REP3D", classes, roi, tiny).to(device).train()
-    stock.load_state_dict(fused.state_dict())
+    model = build("REP3D", classes, roi, tiny).to(device).train()
     x = torch.randn(batch, 1, *roi, device=device)
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
     for label, dtype in (("float32", None), ("bf16", torch.bfloat16)):
-        outs = []
-        for model in (fused, stock):
+        outs = {}
+        for stats in ("batch_norm", "sums", "var_mean"):
+            layout.instance_stats = stats
             model.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 y = model(x)
             (y.float() ** 2).mean().backward()
-            grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-            outs.append((y.detach().float(), grads))
-        rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
-        rows[label] = {"logits_rel_l2": rel(outs[0][0], outs[1][0]), "grads_rel_l2": rel(outs[0][1], outs[1][1])}
-        print(f"fused vs stock norms, {label}: logits rel L2 {rows[label]['logits_rel_l2']:.2e}, gradients {rows[label]['grads_rel_l2']:.2e}", flush=True)
-    RESULTS["check_fused"] = rows
+            outs[stats] = (y.detach().float(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
+        layout.instance_stats = "batch_norm"
+        for stats in ("sums", "var_mean"):
+            rows[f"{stats} {label}"] = {"logits_rel_l2": rel(outs[stats][0], outs["batch_norm"][0]), "grads_rel_l2": rel(outs[stats][1], outs["batch_norm"][1])}
+            print(f"{stats} vs batch_norm statistics, {label}: logits rel L2 {rows[f'{stats} {label}']['logits_rel_l2']:.2e}, gradients {rows[f'{stats} {label}']['grads_rel_l2']:.2e}", flush=True)
+    RESULTS["check_stats"] = rows
 
 
 def _category(name: str) -> str:
@@ -264,7 +353,7 @@ def profile(label: str, fn, device, steps: int = 3, top: int = 25) -> dict:
 
 def section_profile(device, roi, batch, classes, tiny) -> None:
     torch.manual_seed(0)
-    model = build("REP3D_fused", classes, roi, tiny).to(device).train()
+    model = build("REP3D", classes, roi, tiny).to(device).train()
     RESULTS["profile_step_rep3d"] = profile("REP3D (LRBM) training step", train_step(model, device, roi, batch, classes), device)
     # The LRBM masks alone (what the generator costs per step, forward + backward)
     mods = [m for m in model.modules() if type(m).__name__ == "KernelModulation" and m.generator is not None]
@@ -277,7 +366,7 @@ def section_profile(device, roi, batch, classes, tiny) -> None:
     RESULTS["lrbm_masks_fwd_bwd"]["blocks"] = len(mods)
     print(f"LRBM masks of {len(mods)} blocks, fwd+bwd: {RESULTS['lrbm_masks_fwd_bwd']['median_ms']:.2f} ms", flush=True)
     del model
-    deploy = build("REP3D_fused", classes, roi, tiny, deploy=True).to(device).eval()
+    deploy = build("REP3D", classes, roi, tiny, deploy=True).to(device).eval()
     x = torch.randn(4, 1, *roi, device=device)
 
     def window():
@@ -305,7 +394,10 @@ def environment(device) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="check,step,infer,profile")
+    p.add_argument("--sections", default="check,norms,step,infer,profile")
+    p.add_argument("--step", default=STEP_VARIANTS, help="training-step variants: NETWORK[@STATS][+compile], comma-separated")
+    p.add_argument("--infer", default=INFER_VARIANTS, help="deploy-inference variants, as --step")
+    p.add_argument("--profile_stats", default="batch_norm", help="instance statistics of the profiled REP3D runs")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="tiny shapes on any device: a smoke test")
     p.add_argument("--json", default=None)
@@ -313,21 +405,21 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     roi, volume, batch, classes = ((32, 32, 32), (48, 48, 40), 2, 3) if a.quick else ((96, 96, 96), (256, 256, 160), 2, 16)
+    JSON_PATH[:] = [a.json] if a.json else []
     RESULTS["environment"] = environment(device)
     RESULTS["setup"] = {"roi": roi, "volume": volume, "batch": batch, "classes": classes}
     print(json.dumps(RESULTS["environment"]), flush=True)
     sections = a.sections.split(",")
     for name, fn in (
         ("check", lambda: section_check(device, roi, batch, classes, a.quick)),
-        ("step", lambda: section_step(device, roi, batch, classes, a.reps, a.quick)),
-        ("infer", lambda: section_infer(device, roi, volume, classes, a.quick, max(3, a.reps // 3))),
-        ("profile", lambda: section_profile(device, roi, batch, classes, a.quick)),
+        ("norms", lambda: section_norms(device, a.reps)),
+        ("step", lambda: section_step(device, roi, batch, classes, a.reps, a.quick, a.step.split(","))),
+        ("infer", lambda: section_infer(device, roi, volume, classes, a.quick, max(3, a.reps // 3), a.infer.split(","))),
+        ("profile", lambda: (setattr(layout, "instance_stats", a.profile_stats), section_profile(device, roi, batch, classes, a.quick))),
     ):
         if name in sections:
             fn()
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump(RESULTS, f, indent=1, default=str)
+            _save()
     return RESULTS
 
 

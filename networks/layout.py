@@ -41,6 +41,34 @@ def to_channels_last_3d(x: torch.Tensor) -> torch.Tensor:
     return out.copy_(x)
 
 
+#: How :class:`_ChannelsLastInstanceNormCUDA` computes each sample's per-channel mean and 1/std (the
+#: forward's statistics; the normalisation and the backward are the same for all): ``"batch_norm"``,
+#: PyTorch's channels-last Welford kernel one sample at a time; ``"sums"``, float32 sums of x and x^2 of
+#: the whole batch in two reductions (``var = E[x^2] - mean^2``); ``"var_mean"``, ``torch.var_mean`` of a
+#: float32 copy. Being measured on the GPU (issue 25, benchmarks/step_profile.py).
+instance_stats = "batch_norm"
+
+
+def _stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and 1/sqrt(var + eps) of a channels-last (N, C, D, H, W) tensor, float32, (N, C)."""
+    n, c = x.shape[:2]
+    if instance_stats == "batch_norm":
+        x4 = x.view(n, c, -1, x.shape[-1])
+        stats = [torch.batch_norm_stats(x4[i : i + 1], eps) for i in range(n)]
+        return torch.stack([m for m, _ in stats]), torch.stack([s for _, s in stats])
+    v = x.permute(0, 2, 3, 4, 1).reshape(n, -1, c)  # a view of the NDHWC memory: (N, voxels, C)
+    if instance_stats == "sums":
+        count = v.shape[1]
+        mean = v.sum(1, dtype=torch.float32) / count
+        root = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32)
+        var = (root * root / count - mean * mean).clamp_min_(0)
+    elif instance_stats == "var_mean":
+        var, mean = torch.var_mean(v.float(), dim=1, correction=0)
+    else:
+        raise ValueError(f"instance_stats must be 'batch_norm', 'sums' or 'var_mean', got {instance_stats!r}")
+    return mean, torch.rsqrt(var + eps)
+
+
 class _ChannelsLastInstanceNormCUDA(torch.autograd.Function):
     """Instance norm of a channels-last (NDHWC) CUDA tensor with PyTorch's channels-last batch-norm kernels
     (the SyncBatchNorm building blocks), one sample at a time, each sample seen as a 4-D (1, C, D*H, W)
@@ -53,13 +81,10 @@ class _ChannelsLastInstanceNormCUDA(torch.autograd.Function):
         x4 = x.view(n, c, d * h, w)
         out = torch.empty_like(x, memory_format=torch.channels_last_3d)
         out4 = out.view(n, c, d * h, w)
-        means, invstds = [], []
+        mean, invstd = _stats(x, eps)
         for i in range(n):
-            mean, invstd = torch.batch_norm_stats(x4[i : i + 1], eps)
-            torch.batch_norm_elemt(x4[i : i + 1], weight, bias, mean, invstd, eps, out=out4[i : i + 1])
-            means.append(mean)
-            invstds.append(invstd)
-        ctx.save_for_backward(x, weight, torch.stack(means), torch.stack(invstds))
+            torch.batch_norm_elemt(x4[i : i + 1], weight, bias, mean[i], invstd[i], eps, out=out4[i : i + 1])
+        ctx.save_for_backward(x, weight, mean, invstd)
         return out
 
     @staticmethod
