@@ -3,7 +3,7 @@ torch.profiler breakdown (GPU kernel time by op, the gaps between kernels, launc
 
 One run, one process, medians after warm-up (CUDA events). A variant is ``NETWORK[@STATS][+compile]``:
 ``@STATS`` picks how the decoder's channels-last instance norms compute their statistics
-(:data:`networks.layout.instance_stats`: ``batch_norm``, ``sums``, ``var_mean``), ``+compile`` runs the
+(:data:`networks.layout.instance_stats`: ``auto`` (the default), ``batch_norm``, ``sums``), ``+compile`` runs the
 network through ``torch.compile`` (its first step / call, timed apart, includes the compilation).
 
 * check: REP3D's logits and gradients with each way of the statistics against ``batch_norm``;
@@ -82,7 +82,7 @@ def variant(key: str) -> tuple[str, str, bool]:
     compiled = key.endswith("+compile")
     key = key.removesuffix("+compile")
     name, _, stats = key.partition("@")
-    return name, stats or "batch_norm", compiled
+    return name, stats or "auto", compiled
 
 
 def build(name: str, classes: int, roi, tiny: bool, deploy: bool = False) -> torch.nn.Module:
@@ -117,8 +117,8 @@ def train_step(model, device, roi, batch, classes):
     return step
 
 
-STEP_VARIANTS = "REP3D,REP3D@sums,REP3D@var_mean,REP3D_FixedPrior,nnUNet,REP3D+compile,nnUNet+compile"
-INFER_VARIANTS = "REP3D,REP3D@sums,REP3D@var_mean,nnUNet,REP3D+compile,nnUNet+compile"
+STEP_VARIANTS = "REP3D,REP3D@batch_norm,REP3D@sums,REP3D_FixedPrior,nnUNet,REP3D+compile,nnUNet+compile"
+INFER_VARIANTS = "REP3D,REP3D@batch_norm,REP3D@sums,nnUNet,REP3D+compile,nnUNet+compile"
 
 
 def _ratios(rows: dict, pairs) -> None:
@@ -147,7 +147,7 @@ def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
         except Exception as e:  # a variant that fails (e.g. to compile) is recorded, and the others still run
             rows[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"step {key}: FAILED {rows[key]['error'][:300]}", flush=True)
-            layout.instance_stats = "batch_norm"
+            layout.instance_stats = "auto"
             continue
         r["first_step_s"] = first_s
         r["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -155,7 +155,7 @@ def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
         rows[key] = r
         print(f"step {key}: {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), first step {first_s:.1f} s, peak {r['peak_gib'] or 0:.2f} GiB, {r['params_m']:.1f}M params", flush=True)
         del model, step
-        layout.instance_stats = "batch_norm"
+        layout.instance_stats = "auto"
         if device.type == "cuda":
             torch.cuda.empty_cache()
         RESULTS["step"] = rows
@@ -188,13 +188,13 @@ def section_infer(device, roi, volume, classes, tiny, reps, keys) -> None:
         except Exception as e:
             rows[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"infer {key}: FAILED {rows[key]['error'][:300]}", flush=True)
-            layout.instance_stats = "batch_norm"
+            layout.instance_stats = "auto"
             continue
         r["first_call_s"] = first_s
         rows[key] = r
         print(f"infer {key}: {r['median_ms'] / 1e3:.3f} s per volume (first call {first_s:.1f} s)", flush=True)
         del model, windows
-        layout.instance_stats = "batch_norm"
+        layout.instance_stats = "auto"
         RESULTS["infer"] = rows
         _save()
     _ratios(rows, [(k, "nnUNet") for k in keys if k.startswith("REP3D")] + [("nnUNet+compile", "nnUNet"), ("REP3D+compile", "nnUNet+compile")])
@@ -209,7 +209,7 @@ def section_norms(device, reps) -> None:
     for shape in shapes:
         x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
         gib = x.numel() * x.element_size() / 2**30
-        for stats in ("batch_norm", "sums", "var_mean"):
+        for stats in ("batch_norm", "sums"):
             if stats == "batch_norm" and device.type != "cuda":
                 continue
             layout.instance_stats = stats
@@ -217,13 +217,13 @@ def section_norms(device, reps) -> None:
             r["gib_per_s_read"] = gib / (r["median_ms"] / 1e3)
             rows[f"stats {stats} {shape}"] = r
             print(f"norm stats {stats:10s} {shape}: {r['median_ms']:.3f} ms ({r['gib_per_s_read']:.0f} GiB/s of input)", flush=True)
-        layout.instance_stats = "batch_norm"
+        layout.instance_stats = "auto"
     # accuracy: |mean| / std of 0, 3 and 30, float64 reference
     for ratio in (0.0, 3.0, 30.0):
         x = (torch.randn(2, 48, 48, 48, 48, device=device) + ratio).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
         var, _ = torch.var_mean(x.double(), dim=(2, 3, 4), correction=0)
         ref = torch.rsqrt(var + 1e-5)
-        for stats in ("batch_norm", "sums", "var_mean"):
+        for stats in ("batch_norm", "sums"):
             if stats == "batch_norm" and device.type != "cuda":
                 continue
             layout.instance_stats = stats
@@ -231,10 +231,10 @@ def section_norms(device, reps) -> None:
             err = float(((inv.double() - ref) / ref).abs().max())
             rows[f"invstd max rel error {stats} mean/std {ratio}"] = err
             print(f"norm stats {stats:10s} |mean|/std {ratio:4.0f}: max rel error of 1/std {err:.1e}", flush=True)
-        layout.instance_stats = "batch_norm"
+        layout.instance_stats = "auto"
     # whole norm, forward + backward, (2, 48, 96^3) bf16
     shape = (2, 48, 96, 96, 96)
-    for stats in ("batch_norm", "sums", "var_mean", "F.instance_norm NCDHW"):
+    for stats in ("batch_norm", "sums", "F.instance_norm NCDHW"):
         cl = not stats.startswith("F.")
         x = torch.randn(shape, device=device, dtype=torch.bfloat16)
         x = (x.contiguous(memory_format=torch.channels_last_3d) if cl else x.contiguous()).requires_grad_()
@@ -252,7 +252,7 @@ def section_norms(device, reps) -> None:
 
         rows[f"norm fwd+bwd {stats}"] = r = median_ms(fwd_bwd, device, warmup=3, reps=reps)
         print(f"norm fwd+bwd {stats:22s} {shape}: {r['median_ms']:.3f} ms", flush=True)
-        layout.instance_stats = "batch_norm"
+        layout.instance_stats = "auto"
     RESULTS["norms"] = rows
 
 
@@ -266,15 +266,15 @@ def section_check(device, roi, batch, classes, tiny) -> None:
     rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
     for label, dtype in (("float32", None), ("bf16", torch.bfloat16)):
         outs = {}
-        for stats in ("batch_norm", "sums", "var_mean"):
+        for stats in ("batch_norm", "sums"):
             layout.instance_stats = stats
             model.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 y = model(x)
             (y.float() ** 2).mean().backward()
             outs[stats] = (y.detach().float(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
-        layout.instance_stats = "batch_norm"
-        for stats in ("sums", "var_mean"):
+        layout.instance_stats = "auto"
+        for stats in ("sums",):
             rows[f"{stats} {label}"] = {"logits_rel_l2": rel(outs[stats][0], outs["batch_norm"][0]), "grads_rel_l2": rel(outs[stats][1], outs["batch_norm"][1])}
             print(f"{stats} vs batch_norm statistics, {label}: logits rel L2 {rows[f'{stats} {label}']['logits_rel_l2']:.2e}, gradients {rows[f'{stats} {label}']['grads_rel_l2']:.2e}", flush=True)
     RESULTS["check_stats"] = rows
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sections", default="check,norms,step,infer,profile")
     p.add_argument("--step", default=STEP_VARIANTS, help="training-step variants: NETWORK[@STATS][+compile], comma-separated")
     p.add_argument("--infer", default=INFER_VARIANTS, help="deploy-inference variants, as --step")
-    p.add_argument("--profile_stats", default="batch_norm", help="instance statistics of the profiled REP3D runs")
+    p.add_argument("--profile_stats", default="auto", help="instance statistics of the profiled REP3D runs")
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="tiny shapes on any device: a smoke test")
     p.add_argument("--json", default=None)

@@ -42,30 +42,39 @@ def to_channels_last_3d(x: torch.Tensor) -> torch.Tensor:
 
 
 #: How :class:`_ChannelsLastInstanceNormCUDA` computes each sample's per-channel mean and 1/std (the
-#: forward's statistics; the normalisation and the backward are the same for all): ``"batch_norm"``,
-#: PyTorch's channels-last Welford kernel one sample at a time; ``"sums"``, float32 sums of x and x^2 of
-#: the whole batch in two reductions (``var = E[x^2] - mean^2``); ``"var_mean"``, ``torch.var_mean`` of a
-#: float32 copy. Being measured on the GPU (issue 25, benchmarks/step_profile.py).
-instance_stats = "batch_norm"
+#: normalisation and the backward are the same whichever): ``"batch_norm"``, PyTorch's channels-last
+#: Welford kernel, one sample at a time; ``"sums"``, float32 sums of x and x^2 over the whole batch in two
+#: reductions, ``var = E[x^2] - mean^2``, which loses about 1e-7 (mean / std)^2 of 1/std to cancellation
+#: (1.3e-4 at |mean| / std = 30, measured); ``"auto"``: ``"sums"`` for bf16 / fp16 activations (whose own
+#: rounding, 4e-3 in bf16, is far larger) of at least :data:`SUMS_MIN_VOXELS` voxels a sample, where it is
+#: the faster (H200: 0.48 against 0.88 ms for 4 x 48 x 96^3; slower at 2 x 96 x 48^3, 0.30 against 0.14 ms:
+#: benchmarks/RESULTS.md, issue 25), else ``"batch_norm"``.
+instance_stats = "auto"
+SUMS_MIN_VOXELS = 2**18
+
+
+def stats_mode(x: torch.Tensor) -> str:
+    """Which way :data:`instance_stats` computes the statistics of ``x``."""
+    if instance_stats == "auto":
+        reduced = x.dtype in (torch.bfloat16, torch.float16)
+        return "sums" if reduced and x[0, 0].numel() >= SUMS_MIN_VOXELS else "batch_norm"
+    if instance_stats not in ("batch_norm", "sums"):
+        raise ValueError(f"instance_stats must be 'auto', 'batch_norm' or 'sums', got {instance_stats!r}")
+    return instance_stats
 
 
 def _stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and 1/sqrt(var + eps) of a channels-last (N, C, D, H, W) tensor, float32, (N, C)."""
     n, c = x.shape[:2]
-    if instance_stats == "batch_norm":
+    if stats_mode(x) == "batch_norm":
         x4 = x.view(n, c, -1, x.shape[-1])
         stats = [torch.batch_norm_stats(x4[i : i + 1], eps) for i in range(n)]
         return torch.stack([m for m, _ in stats]), torch.stack([s for _, s in stats])
     v = x.permute(0, 2, 3, 4, 1).reshape(n, -1, c)  # a view of the NDHWC memory: (N, voxels, C)
-    if instance_stats == "sums":
-        count = v.shape[1]
-        mean = v.sum(1, dtype=torch.float32) / count
-        root = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32)
-        var = (root * root / count - mean * mean).clamp_min_(0)
-    elif instance_stats == "var_mean":
-        var, mean = torch.var_mean(v.float(), dim=1, correction=0)
-    else:
-        raise ValueError(f"instance_stats must be 'batch_norm', 'sums' or 'var_mean', got {instance_stats!r}")
+    count = v.shape[1]
+    mean = v.sum(1, dtype=torch.float32) / count
+    root = torch.linalg.vector_norm(v, dim=1, dtype=torch.float32)
+    var = (root * root / count - mean * mean).clamp_min_(0)
     return mean, torch.rsqrt(var + eps)
 
 

@@ -59,7 +59,7 @@ def test_channels_last_instance_norm_equals_instance_norm(n, affine):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the custom CUDA autograd path needs a GPU")
-@pytest.mark.parametrize("stats", ["batch_norm", "sums", "var_mean"])
+@pytest.mark.parametrize("stats", ["batch_norm", "sums"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_channels_last_instance_norm_cuda_matches(n, stats, monkeypatch):
     monkeypatch.setattr(layout, "instance_stats", stats)
@@ -78,20 +78,29 @@ def test_channels_last_instance_norm_cuda_matches(n, stats, monkeypatch):
         assert (a.double() - b).abs().max() <= tol * b.abs().max()
 
 
-@pytest.mark.parametrize("stats", ["sums", "var_mean"])
-def test_instance_statistics_of_the_whole_batch_match_float64(stats, monkeypatch):
-    monkeypatch.setattr(layout, "instance_stats", stats)
+def test_instance_statistics_as_sums_match_float64(monkeypatch):
+    monkeypatch.setattr(layout, "instance_stats", "sums")
     torch.manual_seed(0)
     x = (torch.randn(3, 5, 6, 7, 8) * torch.tensor([0.5, 1.0, 3.0, 0.5, 2.0]).view(1, 5, 1, 1, 1) + 4.0).contiguous(memory_format=CL)
-    mean, invstd = layout._stats(x, 1e-5)  # |mean| / std up to 8 ('sums' loses ~1e-7 (mean/std)^2 to cancellation)
-    ref = x.double()
-    var, m = torch.var_mean(ref, dim=(2, 3, 4), correction=0)
+    mean, invstd = layout._stats(x, 1e-5)  # |mean| / std up to 8: ~1e-7 (mean/std)^2 lost to cancellation
+    var, m = torch.var_mean(x.double(), dim=(2, 3, 4), correction=0)
     assert mean.dtype == invstd.dtype == torch.float32 and mean.shape == (3, 5)
     torch.testing.assert_close(mean.double(), m, rtol=1e-6, atol=0)
     torch.testing.assert_close(invstd.double(), torch.rsqrt(var + 1e-5), rtol=1e-4, atol=0)
+
+
+def test_instance_statistics_auto_sums_only_long_reduced_precision_samples(monkeypatch):
+    big, small = (1, 2, 64, 64, 64), (2, 4, 32, 32, 32)  # 2^18 and 2^15 voxels a sample
+    assert layout.instance_stats == "auto"
+    assert layout.stats_mode(torch.empty(big, dtype=torch.bfloat16)) == "sums"
+    assert layout.stats_mode(torch.empty(big, dtype=torch.float16)) == "sums"
+    assert layout.stats_mode(torch.empty(big)) == "batch_norm"  # float32: keep Welford's accuracy
+    assert layout.stats_mode(torch.empty(small, dtype=torch.bfloat16)) == "batch_norm"
+    monkeypatch.setattr(layout, "instance_stats", "batch_norm")
+    assert layout.stats_mode(torch.empty(big, dtype=torch.bfloat16)) == "batch_norm"
     monkeypatch.setattr(layout, "instance_stats", "welford")
     with pytest.raises(ValueError, match="instance_stats"):
-        layout._stats(x, 1e-5)
+        layout.stats_mode(torch.empty(small))
 
 
 def test_to_channels_last_single_channel_gets_channels_last_strides():
