@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 
-from .fused_norms import use_fused_norms
 from .layout import decoder_uses_channels_last, memory_format_of, to_channels_last_3d, use_channels_last_instance_norms
 
 
@@ -172,10 +171,6 @@ class UnetrDecoderNet(nn.Module):
     #: (see :func:`networks.layout.decoder_uses_channels_last`). Speed only: the result is the same either
     #: way and the logits come back contiguous (NCDHW).
     decoder_channels_last: bool | str = "auto"
-    #: Fuse the decoder's norms, residual adds and activations: ``"auto"`` (CUDA in eager mode, with Triton),
-    #: True or False (see :mod:`networks.fused_norms`). Speed only. Off until it is measured on a GPU
-    #: (issue 25): ``networks.fused_norms.use_fused_norms(net, "auto")`` turns it on.
-    fused_decoder_norms: bool | str = False
 
     def _build_decoder(
         self,
@@ -203,9 +198,6 @@ class UnetrDecoderNet(nn.Module):
         # MONAI's instance norms copy channels-last tensors to NCDHW; these keep the decoder's layout
         # (same parameters and keys). The encoders have none: this swaps the decoder's.
         use_channels_last_instance_norms(self)
-        # Each norm + LeakyReLU (+ residual) of the decoder's blocks can run as one compiled kernel on CUDA
-        # (speed only; same modules and keys: networks/fused_norms.py); fused_decoder_norms says when.
-        use_fused_norms(self, self.fused_decoder_norms)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""

@@ -192,8 +192,6 @@ class TrainConfig:
         seed: seed of weights, crops and shuffling.
         amp: ``auto``, ``bf16``, ``fp16`` or ``off``.
         compile: run the training step through ``torch.compile``.
-        fused_norms: ``"off"`` or ``"auto"``: the decoder's norms, residual adds and activations fused into
-            compiled kernels on CUDA (:mod:`networks.fused_norms`; speed only, experimental).
         max_nonfinite: stop after this many non-finite losses in a row.
         loss: ``dicece`` (the paper's), ``dice_focal``, ``ce`` or ``dicece_nnunet`` (nnU-Net's: Dice over the
             foreground classes per case, smooth 1e-5, + cross-entropy).
@@ -218,7 +216,6 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"
     compile: bool = False
-    fused_norms: str = "off"
     max_nonfinite: int = 5
     loss: str = "dicece"
     class_weights: tuple[float, ...] | None = None
@@ -300,8 +297,6 @@ class RunConfig:
             problems.append(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {t.optim}")
         if t.loss not in LOSSES:
             problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {t.loss}")
-        if t.fused_norms not in ("off", "auto"):
-            problems.append(f"--fused_norms must be off or auto, got {t.fused_norms}")
         if t.recipe not in RECIPES:
             problems.append(f"--recipe must be one of {', '.join(RECIPES)}, got {t.recipe}")
         if t.grad_clip is not None and not (t.grad_clip > 0 and math.isfinite(t.grad_clip)):

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import networks
 import rep3d.inference.predictor
 import rep3d.inference.sliding_window
 import test_seg
@@ -22,7 +21,7 @@ from helpers import CASE_BOX, CASE_SHAPE, CLASS_NAMES, PREDICT_FAST, TINY, TINY_
 from networks import reparameterize_model
 from rep3d.data.loaders import get_test_loader
 from rep3d.inference.run import run_inference
-from rep3d.inference.sliding_window import graph_for_windows, predict_volume
+from rep3d.inference.sliding_window import predict_volume
 from rep3d.metrics import case_metrics, metrics_table, summarize_metrics
 
 NAMES = CLASS_NAMES
@@ -276,18 +275,3 @@ def test_help_is_grouped_and_lists_no_training_flags(capsys):
     with pytest.warns(UserWarning, match="--cache_rate is a training option"):
         args = test_seg.parse_args(["--trained_weights", "x.pth", "--cache_rate", "0.2", "--threads", "2"])
     assert args.trained_weights == ["x.pth"] and args.threads == 2
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_for_windows_equals_the_eager_model_on_cuda():
-    torch.manual_seed(0)
-    model = networks.build_deploy_network("REP3D", 1, 3, **TINY).cuda().eval()
-    graphed = graph_for_windows(model, sw_batch_size=3, amp_dtype=None)
-    g = torch.Generator("cuda").manual_seed(0)
-    for n in (3, 2, 3):  # a full batch, a padded last batch, the captured graph again
-        x = torch.randn(n, 1, 32, 32, 32, device="cuda", generator=g)
-        with torch.no_grad():
-            ref = model(x)
-        out = graphed(x)
-        assert out.shape == ref.shape
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

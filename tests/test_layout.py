@@ -6,21 +6,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 
-import main_train
-import test_seg
-from helpers import PREDICT_FAST, TINY, tiny_argv
+from helpers import TINY
 from networks import build_network, layout
-from networks.fused_norms import FusedUnetBasicBlock, FusedUnetResBlock, fused_wanted, use_fused_norms
 from networks.layout import (
     ChannelsLastInstanceNorm3d,
     memory_format_of,
     to_channels_last_3d,
 )
-from rep3d.commands.train import run_config_from_args
 from rep3d.inference.sliding_window import compile_for_windows
-from rep3d.training.trainer import Trainer
 
 FFT_TINY = {**TINY, "dwconv": "fft"}
 CL = torch.channels_last_3d
@@ -168,73 +162,3 @@ def test_compile_for_windows_pads_the_last_batch(monkeypatch):
     torch.testing.assert_close(out, net(x))
     predict(torch.randn(4, 1, 4, 4, 4))
     assert calls == [4, 4]
-
-
-@pytest.mark.parametrize("block_kind", ["res_same", "res_widen", "basic"])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
-def test_fused_decoder_blocks_equal_the_stock_blocks_in_float64(block_kind, layout):
-    torch.manual_seed(0)
-    c_in, c_out = (6, 6) if block_kind == "res_same" else (3, 6)
-    cls = UnetBasicBlock if block_kind == "basic" else UnetResBlock
-    stock = cls(3, c_in, c_out, kernel_size=3, stride=1, norm_name="instance").double()
-    fused = copy.deepcopy(stock)
-    assert use_fused_norms(fused, True) == 1
-    assert type(fused) is (FusedUnetBasicBlock if block_kind == "basic" else FusedUnetResBlock)
-    assert sorted(fused.state_dict()) == sorted(stock.state_dict())
-    x = (torch.randn(2, c_in, 6, 7, 5, dtype=torch.float64) * 0.3 + 1.5).contiguous(memory_format=layout)
-    g = torch.randn(2, c_out, 6, 7, 5, dtype=torch.float64)
-    outs = []
-    for block in (stock, fused):
-        xi = x.clone().requires_grad_()
-        y = block(xi)
-        (y * g).sum().backward()
-        outs.append((y, xi.grad, [p.grad for p in block.parameters()]))
-    (y_s, gx_s, gp_s), (y_f, gx_f, gp_f) = outs
-    assert memory_format_of(y_f) == memory_format_of(y_s)  # the layout the stock block gives
-    torch.testing.assert_close(y_f, y_s, rtol=0, atol=1e-12)
-    torch.testing.assert_close(gx_f, gx_s, rtol=0, atol=1e-10)
-    for a, b in zip(gp_f, gp_s):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-
-
-def test_networks_fuse_only_their_decoder_blocks_and_keep_keys():
-    net = build_network("REP3D", in_channels=1, out_channels=3, **TINY)
-    blocks = [m for m in net.modules() if isinstance(m, FusedUnetResBlock)]
-    assert len(blocks) == 10  # encoder1-5, decoder5-2 conv blocks, decoder1
-    assert {b.fused_norms for b in blocks} == {False}  # off by default until measured on a GPU
-    assert use_fused_norms(net, "auto") == 10 and {b.fused_norms for b in blocks} == {"auto"}
-    assert not fused_wanted("auto", torch.zeros(1))  # CPU: the stock forward
-    assert fused_wanted(True, torch.zeros(1)) and not fused_wanted(False, torch.zeros(1))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled fused norms run on CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_decoder_norms_compiled_on_cuda_match_the_stock_network(dtype):
-    torch.manual_seed(0)
-    stock = build_network("REP3D", in_channels=1, out_channels=3, **TINY).cuda().train()
-    fused = copy.deepcopy(stock)
-    assert use_fused_norms(fused, "auto") == 10
-    outs = []
-    for net, n in ((stock, 2), (fused, 2), (fused, 1)):  # batch 1 after 2: the dynamic compilation serves both
-        x = torch.randn(n, 1, 32, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(n))
-        net.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            y = net(x)
-        (y.float() ** 2).mean().backward()
-        outs.append((n, y.detach().float(), torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])))
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    (_, y_s, g_s), (_, y_f, g_f), _ = outs
-    assert float((y_f - y_s).norm() / y_s.norm()) < tol
-    assert float((g_f - g_s).norm() / g_s.norm()) < tol
-
-
-def test_fused_norms_flags_reach_the_networks(demo_root, tmp_path, tiny_checkpoint, capsys):
-    for flag, want in (("off", {False}), ("auto", {"auto"})):
-        config = run_config_from_args(main_train.parse_args(tiny_argv(demo_root, str(tmp_path / flag), "--fused_norms", flag)))
-        assert config.training.fused_norms == flag
-        net = Trainer(config).build_network()
-        assert {b.fused_norms for b in net.modules() if isinstance(b, FusedUnetResBlock)} == want
-    # --cuda_graph needs a GPU: a clear refusal on the CPU, naming the flag
-    rc = test_seg.main(["--trained_weights", tiny_checkpoint, "--input", demo_root, "--output", str(tmp_path / "pred"), "--cuda_graph", *PREDICT_FAST])
-    err = capsys.readouterr().err
-    assert rc == 2 and "--cuda_graph" in err and "Traceback" not in err

@@ -75,7 +75,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
 _FIELDS: dict[str, tuple[str, str]] = {
     **{k: ("training", k) for k in (
         "output", "max_iter", "eval_step", "lr", "optim", "weight_decay", "lr_schedule", "warmup_iters", "seed", "amp",
-        "compile", "fused_norms", "max_nonfinite", "loss", "class_weights", "pretrained_weights", "freeze_encoder", "gpu",
+        "compile", "max_nonfinite", "loss", "class_weights", "pretrained_weights", "freeze_encoder", "gpu",
         "recipe", "grad_clip", "deterministic",
     )},
     **{k: ("data", k) for k in ("root", "datalist", "fold", "batch_size", "crop_sample", "cache_rate", "num_workers", "loader", "crop_ratios", "preprocessed")},
@@ -132,15 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed (weights, crops, shuffling)")
     t.add_argument(
         "--compile", action="store_true",
-        help="run the training steps through torch.compile (on an H100, 63 instead of 68 ms per REP3D iteration, "
-        "after a one-off compilation of 1-2 min: worth it for long GPU runs, not for short or CPU runs); "
-        "validation uses the uncompiled model",
-    )  # fmt: skip
-    t.add_argument(
-        "--fused_norms", choices=("off", "auto"), default="off",
-        help="experimental: 'auto' runs the decoder's instance norms, residual adds and LeakyReLUs as compiled fused kernels on "
-        "CUDA (torch.compile of small functions, a one-off compilation at the first steps; same weights and checkpoints). "
-        "Off until measured on a GPU (benchmarks/RESULTS.md, issue 25)",
+        help="run the training steps through torch.compile (on an H200, 55.8 instead of 60.8 ms per REP3D step, after a "
+        "one-off compilation of about 80 s: it pays back after about 16,000 iterations, so for long GPU runs, not for short "
+        "or CPU runs); validation uses the uncompiled model",
     )  # fmt: skip
     t.add_argument("--max_nonfinite", type=int, default=5, help="stop after this many non-finite losses in a row (each is skipped)")
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT", help="continue a run from <output>/checkpoint_last.pth (or the given file): same step, optimizer, scheduler, scaler; settings not given now are the run's")

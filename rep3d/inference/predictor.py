@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from networks.fused_norms import use_fused_norms
 from rep3d.data.dataset_config import DatasetConfig
 from rep3d.data.loaders import get_test_loader
 from rep3d.inference.checkpoint import (
@@ -32,7 +31,6 @@ from rep3d.inference.postprocess import (
 from rep3d.inference.sliding_window import (
     compile_for_windows,
     ensemble_probabilities,
-    graph_for_windows,
 )
 from rep3d.inference.writer import native_probabilities
 from rep3d.runtime import cpu_has_native_bf16, is_oom, resolve_amp
@@ -70,7 +68,7 @@ def describe_precision(device: torch.device, amp_dtype: torch.dtype | None, expo
 
 
 #: Predictor options that only checkpoints take (an export is already built, folded and fixed).
-_CHECKPOINT_ONLY = ("dwconv", "compile", "fused_norms", "cuda_graph", "flags")
+_CHECKPOINT_ONLY = ("dwconv", "compile", "flags")
 
 
 def _is_export(weights: str | os.PathLike | Sequence[str]) -> bool:
@@ -108,8 +106,6 @@ class Predictor:
         resample_probabilities: labels from the linearly resampled probabilities instead of nearest-neighbour
             resampled labels.
         compile: run the windows through ``torch.compile`` (checkpoints only).
-        fused_norms: ``"off"`` or ``"auto"``: fused decoder norms on CUDA (:mod:`networks.fused_norms`; checkpoints only).
-        cuda_graph: replay each window batch as a CUDA graph (:func:`graph_for_windows`; checkpoints on a GPU only).
         stitch_on_cpu: keep the stitched volume in RAM when the windows run on a GPU.
         flags: command-line flag values (``test_seg.py`` passes ``vars(args)``): pre-processing and
             network settings for checkpoints that carry none.
@@ -136,8 +132,6 @@ class Predictor:
         *,
         dwconv: str = "auto",
         compile: bool = False,
-        fused_norms: str = "off",
-        cuda_graph: bool = False,
         flags: dict | None = None,
         postprocess: str | Sequence[int] = "none",
         **options,
@@ -146,7 +140,7 @@ class Predictor:
         ``best_metric_model.pth``, else one per fold sub-folder). ``options``: see the class."""
         self = cls.__new__(cls)
         self._setup(**options)
-        self._load_checkpoints(weights, flags, dwconv, compile, fused_norms, cuda_graph)
+        self._load_checkpoints(weights, flags, dwconv, compile)
         self.post_classes = self._post_classes(postprocess)
         return self
 
@@ -200,15 +194,7 @@ class Predictor:
         self.rois = [tuple(self.cfg.roi)]
         self.names = [self.export["network"]["name"]]
 
-    def _load_checkpoints(
-        self, weights: str | Sequence[str], flags: dict | None, dwconv: str, compile: bool, fused_norms: str = "off", cuda_graph: bool = False
-    ) -> None:
-        if fused_norms not in ("off", "auto"):
-            raise InferenceError(f"--fused_norms must be 'off' or 'auto', got {fused_norms!r}")
-        if cuda_graph and self.device.type != "cuda":
-            raise InferenceError(f"--cuda_graph replays CUDA graphs and this run is on {self.device}: drop it, or predict on a GPU (--gpu N)")
-        if cuda_graph and compile:
-            raise InferenceError("--cuda_graph and --compile both replace the eager windows: pick one (--compile mode 'reduce-overhead' graphs its own kernels)")
+    def _load_checkpoints(self, weights: str | Sequence[str], flags: dict | None, dwconv: str, compile: bool) -> None:
         flags = dict(flags or {})
         flags.setdefault("dwconv", dwconv)
         self.checkpoints = expand_weights(weights)
@@ -218,11 +204,8 @@ class Predictor:
         self.models = []
         for m in members:
             model = load_model(m, self.device, m["path"])
-            use_fused_norms(model, fused_norms)
             if compile:
                 model = compile_for_windows(model, self.sw_batch_size)
-            elif cuda_graph:
-                model = graph_for_windows(model, self.sw_batch_size, self.amp_dtype)
             self.models.append(model)
         self.rois = [tuple(m["cfg"].roi) for m in members]
         self.names = [m["network"] for m in members]

@@ -207,7 +207,7 @@ def run_inference(args: argparse.Namespace) -> dict:
     predictor = Predictor(
         args.trained_weights, device=device, sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode=args.mode, tta=args.tta,
         amp=args.amp, postprocess=postprocess, threads=args.threads, dwconv=args.dwconv, resample_probabilities=args.resample_probabilities,
-        compile=args.compile, fused_norms=args.fused_norms, cuda_graph=args.cuda_graph, stitch_on_cpu=bool(args.stitch_on_cpu or args.sw_device == "cpu"), flags=flags,
+        compile=args.compile, stitch_on_cpu=bool(args.stitch_on_cpu or args.sw_device == "cpu"), flags=flags,
     )  # fmt: skip
     cfg = predictor.cfg
     cases = resolve_inputs(args, cfg)

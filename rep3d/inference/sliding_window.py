@@ -46,48 +46,6 @@ def compile_for_windows(model: nn.Module, sw_batch_size: int, **compile_kwargs: 
     return predict
 
 
-def graph_for_windows(model: nn.Module, sw_batch_size: int, amp_dtype: torch.dtype | None = None, warmup: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The eager ``model`` replayed as a CUDA graph for sliding-window inference (one window-batch shape).
-
-    The same kernels as eager mode, launched as one graph per window batch instead of one at a time from
-    Python: what the launches cost disappears. The first call (and any call with a new shape, device or
-    dtype) runs ``warmup`` passes on a side stream (cuDNN autotuning, the FFT path's cached spectra), then
-    captures one pass; each call copies its windows into the captured input and returns a copy of the
-    captured output. A short last batch is padded to ``sw_batch_size`` and cropped back, as in
-    :func:`compile_for_windows`. CUDA inputs only; the weights must not change while it is in use. Each
-    graphed model keeps the memory of one window batch's activations for as long as it lives (an
-    ensemble of K checkpoints keeps K such pools).
-    The autocast of the capture (``amp_dtype``) is fixed at capture, without autocast's weight cache.
-    """
-    state: dict[str, Any] = {}
-
-    def capture(x: torch.Tensor) -> None:
-        static_x = x.clone()
-        amp = dict(device_type="cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None, cache_enabled=False)
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side), torch.no_grad(), torch.autocast(**amp):
-            for _ in range(max(1, warmup)):
-                model(static_x)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph), torch.autocast(**amp):
-            static_y = model(static_x)
-        state.update(key=(tuple(x.shape), x.dtype, x.device), graph=graph, x=static_x, y=static_y)
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
-            raise ValueError("graph_for_windows replays a CUDA graph: its inputs must be on a CUDA device")
-        x, n = _padded(x, sw_batch_size)
-        if state.get("key") != (tuple(x.shape), x.dtype, x.device):
-            capture(x)
-        state["x"].copy_(x)
-        state["graph"].replay()
-        return state["y"][:n].clone()
-
-    return predict
-
-
 def sliding_window_predict(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,

@@ -38,7 +38,6 @@ import torch
 import torch.nn as nn
 
 import networks
-from networks.fused_norms import use_fused_norms
 from rep3d.analysis.kernels import KernelDynamics
 from rep3d.checkpoints import load_fitting_weights
 from rep3d.config import ConfigError, RunConfig
@@ -176,7 +175,6 @@ class Trainer:
         try:
             model = net_cfg.build()
             networks.check_roi(model, self.config.data.roi, net_cfg.in_channels)
-            use_fused_norms(model, self.config.training.fused_norms)
         except ValueError as err:
             raise ConfigError(f"--network {net_cfg.name}: {err}") from None
         return model
