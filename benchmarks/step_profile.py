@@ -3,7 +3,7 @@ torch.profiler breakdown (GPU kernel time by op, the gaps between kernels, launc
 
 One run, one process, medians after warm-up (CUDA events). A variant is ``NETWORK[@STATS][+compile]``:
 ``@STATS`` picks how the decoder's channels-last instance norms compute their statistics
-(:data:`networks.layout.instance_stats`: ``auto`` (the default), ``batch_norm``, ``sums``), ``+compile`` runs the
+(`networks.layout.instance_norm_impl`: ``auto`` (the default), ``triton``, ``batch_norm``, ``sums``), ``+compile`` runs the
 network through ``torch.compile`` (its first step / call, timed apart, includes the compilation).
 
 * check: REP3D's logits and gradients with each way of the statistics against ``batch_norm``;
@@ -78,7 +78,7 @@ def median_ms(fn, device: torch.device, warmup: int, reps: int) -> dict:
 
 def variant(key: str) -> tuple[str, str, bool]:
     """``"REP3D@sums+compile"`` -> (network ``REP3D``, instance statistics ``sums``, compiled): ``@`` picks
-    :data:`networks.layout.instance_stats` for the run, ``+compile`` runs it through ``torch.compile``."""
+    `networks.layout.instance_norm_impl` for the run, ``+compile`` runs it through ``torch.compile``."""
     compiled = key.endswith("+compile")
     key = key.removesuffix("+compile")
     name, _, stats = key.partition("@")
@@ -117,8 +117,8 @@ def train_step(model, device, roi, batch, classes):
     return step
 
 
-STEP_VARIANTS = "REP3D,REP3D@batch_norm,REP3D@sums,REP3D_FixedPrior,nnUNet,REP3D+compile,nnUNet+compile"
-INFER_VARIANTS = "REP3D,REP3D@batch_norm,REP3D@sums,nnUNet,REP3D+compile,nnUNet+compile"
+STEP_VARIANTS = "REP3D,REP3D@triton,REP3D@batch_norm,REP3D@sums,REP3D_FixedPrior,nnUNet,REP3D+compile,nnUNet+compile"
+INFER_VARIANTS = "REP3D,REP3D@triton,REP3D@batch_norm,REP3D@sums,nnUNet,REP3D+compile,nnUNet+compile"
 
 
 def _ratios(rows: dict, pairs) -> None:
@@ -132,7 +132,7 @@ def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
     rows = {}
     for key in keys:
         name, stats, compiled = variant(key)
-        layout.instance_stats = stats
+        layout.instance_norm_impl = stats
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny).to(device).train()
         step = train_step(torch.compile(model) if compiled else model, device, roi, batch, classes)
@@ -147,7 +147,7 @@ def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
         except Exception as e:  # a variant that fails (e.g. to compile) is recorded, and the others still run
             rows[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"step {key}: FAILED {rows[key]['error'][:300]}", flush=True)
-            layout.instance_stats = "auto"
+            layout.instance_norm_impl = "auto"
             continue
         r["first_step_s"] = first_s
         r["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -155,7 +155,7 @@ def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
         rows[key] = r
         print(f"step {key}: {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), first step {first_s:.1f} s, peak {r['peak_gib'] or 0:.2f} GiB, {r['params_m']:.1f}M params", flush=True)
         del model, step
-        layout.instance_stats = "auto"
+        layout.instance_norm_impl = "auto"
         if device.type == "cuda":
             torch.cuda.empty_cache()
         RESULTS["step"] = rows
@@ -170,7 +170,7 @@ def section_infer(device, roi, volume, classes, tiny, reps, keys) -> None:
     sw = 4
     for key in keys:
         name, stats, compiled = variant(key)
-        layout.instance_stats = stats
+        layout.instance_norm_impl = stats
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny, deploy=True).to(device).eval()
         windows = compile_for_windows(model, sw) if compiled else model
@@ -188,71 +188,68 @@ def section_infer(device, roi, volume, classes, tiny, reps, keys) -> None:
         except Exception as e:
             rows[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"infer {key}: FAILED {rows[key]['error'][:300]}", flush=True)
-            layout.instance_stats = "auto"
+            layout.instance_norm_impl = "auto"
             continue
         r["first_call_s"] = first_s
         rows[key] = r
         print(f"infer {key}: {r['median_ms'] / 1e3:.3f} s per volume (first call {first_s:.1f} s)", flush=True)
         del model, windows
-        layout.instance_stats = "auto"
+        layout.instance_norm_impl = "auto"
         RESULTS["infer"] = rows
         _save()
     _ratios(rows, [(k, "nnUNet") for k in keys if k.startswith("REP3D")] + [("nnUNet+compile", "nnUNet"), ("REP3D+compile", "nnUNet+compile")])
 
 
+NORM_IMPLS = ("triton", "batch_norm", "sums")
+
+
 def section_norms(device, reps) -> None:
-    """The instance norm's statistics alone, each way (:data:`networks.layout.instance_stats`), on the
-    decoder's bf16 channels-last activations; their accuracy against float64; the whole norm forward +
-    backward each way against ``F.instance_norm`` on NCDHW (what DynUNet runs)."""
+    """The decoder's instance norm alone, each way (`networks.layout.instance_norm_impl`), on bf16
+    channels-last activations: forward, and forward + backward, against ``F.instance_norm`` on NCDHW (what
+    DynUNet runs); then each way's float32 output against float64 for |mean| / std of 0, 3 and 30."""
     rows: dict = {}
-    shapes = [(2, 48, 96, 96, 96), (4, 48, 96, 96, 96), (2, 96, 48, 48, 48), (4, 192, 24, 24, 24)]
-    for shape in shapes:
-        x = torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
-        gib = x.numel() * x.element_size() / 2**30
-        for stats in ("batch_norm", "sums"):
-            if stats == "batch_norm" and device.type != "cuda":
+    cl = torch.channels_last_3d
+    for shape in [(2, 48, 96, 96, 96), (4, 48, 96, 96, 96), (2, 96, 48, 48, 48), (4, 192, 24, 24, 24)]:
+        gib = torch.Size(shape).numel() * 2 / 2**30
+        for impl in NORM_IMPLS + ("F.instance_norm NCDHW",):
+            if device.type != "cuda" and impl in ("triton", "batch_norm"):
                 continue
-            layout.instance_stats = stats
-            r = median_ms(lambda x=x: layout._stats(x, 1e-5), device, warmup=3, reps=reps)
-            r["gib_per_s_read"] = gib / (r["median_ms"] / 1e3)
-            rows[f"stats {stats} {shape}"] = r
-            print(f"norm stats {stats:10s} {shape}: {r['median_ms']:.3f} ms ({r['gib_per_s_read']:.0f} GiB/s of input)", flush=True)
-        layout.instance_stats = "auto"
-    # accuracy: |mean| / std of 0, 3 and 30, float64 reference
+            ncdhw = impl.startswith("F.")
+            x = torch.randn(shape, device=device, dtype=torch.bfloat16)
+            x = (x.contiguous() if ncdhw else x.contiguous(memory_format=cl)).requires_grad_()
+            g = torch.randn_like(x)
+            norm = (torch.nn.InstanceNorm3d(shape[1]) if ncdhw else ChannelsLastInstanceNorm3d(shape[1])).to(device)
+            layout.instance_norm_impl = "auto" if ncdhw else impl
+
+            def fwd(norm=norm, x=x):
+                with torch.no_grad():
+                    norm(x)
+
+            def fwd_bwd(norm=norm, x=x, g=g):
+                norm(x).backward(g)
+
+            try:
+                f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+            except Exception as e:
+                rows[f"norm {impl} {shape}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                print(f"norm {impl} {shape}: FAILED {rows[f'norm {impl} {shape}']['error'][:300]}", flush=True)
+                continue
+            finally:
+                layout.instance_norm_impl = "auto"
+            rows[f"norm fwd {impl} {shape}"], rows[f"norm fwd+bwd {impl} {shape}"] = f, fb
+            print(f"norm {impl:22s} {shape}: forward {f['median_ms']:.3f} ms ({gib / f['median_ms'] * 1e3:.0f} GiB/s of input), forward + backward {fb['median_ms']:.3f} ms", flush=True)
     for ratio in (0.0, 3.0, 30.0):
-        x = (torch.randn(2, 48, 48, 48, 48, device=device) + ratio).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
-        var, _ = torch.var_mean(x.double(), dim=(2, 3, 4), correction=0)
-        ref = torch.rsqrt(var + 1e-5)
-        for stats in ("batch_norm", "sums"):
-            if stats == "batch_norm" and device.type != "cuda":
+        x = (torch.randn(2, 48, 48, 48, 48, device=device) + ratio).contiguous(memory_format=cl)
+        ref = torch.nn.functional.instance_norm(x.double(), eps=1e-5)
+        for impl in NORM_IMPLS:
+            if device.type != "cuda" and impl in ("triton", "batch_norm"):
                 continue
-            layout.instance_stats = stats
-            _, inv = layout._stats(x, 1e-5)
-            err = float(((inv.double() - ref) / ref).abs().max())
-            rows[f"invstd max rel error {stats} mean/std {ratio}"] = err
-            print(f"norm stats {stats:10s} |mean|/std {ratio:4.0f}: max rel error of 1/std {err:.1e}", flush=True)
-        layout.instance_stats = "auto"
-    # whole norm, forward + backward, (2, 48, 96^3) bf16
-    shape = (2, 48, 96, 96, 96)
-    for stats in ("batch_norm", "sums", "F.instance_norm NCDHW"):
-        cl = not stats.startswith("F.")
-        x = torch.randn(shape, device=device, dtype=torch.bfloat16)
-        x = (x.contiguous(memory_format=torch.channels_last_3d) if cl else x.contiguous()).requires_grad_()
-        g = torch.randn_like(x)
-        if cl:
-            if stats == "batch_norm" and device.type != "cuda":
-                continue
-            layout.instance_stats = stats
-            norm = ChannelsLastInstanceNorm3d(48).to(device)
-        else:
-            norm = torch.nn.InstanceNorm3d(48).to(device)
-
-        def fwd_bwd(norm=norm, x=x, g=g):
-            norm(x).backward(g)
-
-        rows[f"norm fwd+bwd {stats}"] = r = median_ms(fwd_bwd, device, warmup=3, reps=reps)
-        print(f"norm fwd+bwd {stats:22s} {shape}: {r['median_ms']:.3f} ms", flush=True)
-        layout.instance_stats = "auto"
+            layout.instance_norm_impl = impl
+            with torch.no_grad():
+                y = ChannelsLastInstanceNorm3d(48).to(device)(x)
+            layout.instance_norm_impl = "auto"
+            rows[f"float32 output max abs error {impl} mean/std {ratio}"] = err = float((y.double() - ref).abs().max())
+            print(f"norm {impl:10s} float32, |mean|/std {ratio:4.0f}: max abs error of the normalised output {err:.1e}", flush=True)
     RESULTS["norms"] = rows
 
 
@@ -266,15 +263,15 @@ def section_check(device, roi, batch, classes, tiny) -> None:
     rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
     for label, dtype in (("float32", None), ("bf16", torch.bfloat16)):
         outs = {}
-        for stats in ("batch_norm", "sums"):
-            layout.instance_stats = stats
+        for stats in ("batch_norm",) + tuple(i for i in NORM_IMPLS if i != "batch_norm" and (device.type == "cuda" or i == "sums")):
+            layout.instance_norm_impl = stats
             model.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 y = model(x)
             (y.float() ** 2).mean().backward()
             outs[stats] = (y.detach().float(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
-        layout.instance_stats = "auto"
-        for stats in ("sums",):
+        layout.instance_norm_impl = "auto"
+        for stats in [k for k in outs if k != "batch_norm"]:
             rows[f"{stats} {label}"] = {"logits_rel_l2": rel(outs[stats][0], outs["batch_norm"][0]), "grads_rel_l2": rel(outs[stats][1], outs["batch_norm"][1])}
             print(f"{stats} vs batch_norm statistics, {label}: logits rel L2 {rows[f'{stats} {label}']['logits_rel_l2']:.2e}, gradients {rows[f'{stats} {label}']['grads_rel_l2']:.2e}", flush=True)
     RESULTS["check_stats"] = rows
@@ -415,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("norms", lambda: section_norms(device, a.reps)),
         ("step", lambda: section_step(device, roi, batch, classes, a.reps, a.quick, a.step.split(","))),
         ("infer", lambda: section_infer(device, roi, volume, classes, a.quick, max(3, a.reps // 3), a.infer.split(","))),
-        ("profile", lambda: (setattr(layout, "instance_stats", a.profile_stats), section_profile(device, roi, batch, classes, a.quick))),
+        ("profile", lambda: (setattr(layout, "instance_norm_impl", a.profile_stats), section_profile(device, roi, batch, classes, a.quick))),
     ):
         if name in sections:
             fn()

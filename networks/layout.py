@@ -13,6 +13,9 @@ channels-last (NDHWC) tensors without layout copies between them (benchmarks/RES
 
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,26 +44,58 @@ def to_channels_last_3d(x: torch.Tensor) -> torch.Tensor:
     return out.copy_(x)
 
 
-#: How :class:`_ChannelsLastInstanceNormCUDA` computes each sample's per-channel mean and 1/std (the
-#: normalisation and the backward are the same whichever): ``"batch_norm"``, PyTorch's channels-last
-#: Welford kernel, one sample at a time; ``"sums"``, float32 sums of x and x^2 over the whole batch in two
-#: reductions, ``var = E[x^2] - mean^2``, which loses about 1e-7 (mean / std)^2 of 1/std to cancellation
-#: (1.3e-4 at |mean| / std = 30, measured); ``"auto"``: ``"sums"`` for bf16 / fp16 activations (whose own
-#: rounding, 4e-3 in bf16, is far larger) of at least :data:`SUMS_MIN_VOXELS` voxels a sample, where it is
-#: the faster (H200: 0.48 against 0.88 ms for 4 x 48 x 96^3; slower at 2 x 96 x 48^3, 0.30 against 0.14 ms:
-#: benchmarks/RESULTS.md, issue 25), else ``"batch_norm"``.
-instance_stats = "auto"
+#: Which kernels :class:`ChannelsLastInstanceNorm3d` runs on a channels-last CUDA tensor (speed only; the
+#: same function): ``"triton"``, the Triton kernels of :mod:`networks.triton_norm`; ``"batch_norm"``,
+#: PyTorch's channels-last batch-norm kernels one sample at a time (Welford statistics); ``"sums"``, the
+#: same but with the statistics from float32 sums of x and x^2 over the whole batch, ``var = E[x^2] -
+#: mean^2``, which loses about 1e-7 (mean / std)^2 of 1/std to cancellation (1.3e-4 at |mean| / std = 30,
+#: measured); ``"auto"``: Triton where it imports (the first failure to compile falls back for good, with a
+#: warning), else ``"sums"`` for bf16 / fp16 activations (whose own rounding, 4e-3 in bf16, is far larger)
+#: of at least :data:`SUMS_MIN_VOXELS` voxels a sample, where it is the faster of the two (H200: 0.48
+#: against 0.88 ms for 4 x 48 x 96^3; slower at 2 x 96 x 48^3, 0.30 against 0.14 ms), and ``"batch_norm"``
+#: otherwise (benchmarks/RESULTS.md, issue 25).
+instance_norm_impl = "auto"
+INSTANCE_NORM_IMPLS = ("auto", "triton", "batch_norm", "sums")
 SUMS_MIN_VOXELS = 2**18
+_triton: dict = {}  # the loaded networks.triton_norm module, or the reason it is not used
+
+
+def _check_impl() -> None:
+    if instance_norm_impl not in INSTANCE_NORM_IMPLS:
+        raise ValueError(f"instance_norm_impl must be one of {', '.join(INSTANCE_NORM_IMPLS)}, got {instance_norm_impl!r}")
 
 
 def stats_mode(x: torch.Tensor) -> str:
-    """Which way :data:`instance_stats` computes the statistics of ``x``."""
-    if instance_stats == "auto":
+    """How the PyTorch-kernel path computes the statistics of ``x``: ``"sums"`` or ``"batch_norm"``."""
+    _check_impl()
+    if instance_norm_impl in ("auto", "triton"):
         reduced = x.dtype in (torch.bfloat16, torch.float16)
         return "sums" if reduced and x[0, 0].numel() >= SUMS_MIN_VOXELS else "batch_norm"
-    if instance_stats not in ("batch_norm", "sums"):
-        raise ValueError(f"instance_stats must be 'auto', 'batch_norm' or 'sums', got {instance_stats!r}")
-    return instance_stats
+    return instance_norm_impl
+
+
+def triton_norm(x: torch.Tensor):
+    """:class:`networks.triton_norm.TritonInstanceNorm` if :data:`instance_norm_impl` wants it for the CUDA
+    tensor ``x`` and Triton works, else None. The first call loads it and runs it forward and backward on a
+    small tensor; with ``"auto"`` a failure (no Triton, no compiler for this GPU) falls back to PyTorch's
+    kernels for the rest of the process with a warning, with ``"triton"`` it raises."""
+    _check_impl()
+    if instance_norm_impl in ("batch_norm", "sums") or "off" in _triton:
+        return None
+    if "module" not in _triton:
+        try:  # by name: a network's sources stay free of Triton (networks/triton_norm.py's docstring)
+            module = importlib.import_module(".triton_norm", __package__)
+            probe = torch.randn(2, 8, 4, 5, 6, device=x.device).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+            module.TritonInstanceNorm.apply(probe, None, None, 1e-5).sum().backward()
+            _triton["module"] = module
+        except Exception as err:
+            if instance_norm_impl == "triton":
+                raise
+            _triton["off"] = f"{type(err).__name__}: {err}"
+            if not isinstance(err, ImportError):
+                warnings.warn(f"the Triton instance norm does not run here ({_triton['off'][:300]}); PyTorch's kernels are used instead", stacklevel=3)
+            return None
+    return _triton["module"].TritonInstanceNorm
 
 
 def _stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +196,9 @@ class ChannelsLastInstanceNorm3d(nn.Module):
         if memory_format_of(x) != torch.channels_last_3d:
             return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
         if x.is_cuda and not torch.compiler.is_compiling():
+            fn = triton_norm(x)
+            if fn is not None:
+                return fn.apply(x, self.weight, self.bias, self.eps)
             return _ChannelsLastInstanceNormCUDA.apply(x, self.weight, self.bias, self.eps)
         # Elsewhere (CPU, or traced by torch.compile): the same with functional ops, which autograd and
         # inductor understand; the batch statistics of one sample are its instance statistics.

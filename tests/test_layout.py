@@ -53,10 +53,10 @@ def test_channels_last_instance_norm_equals_instance_norm(n, affine):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the custom CUDA autograd path needs a GPU")
-@pytest.mark.parametrize("stats", ["batch_norm", "sums"])
+@pytest.mark.parametrize("stats", ["batch_norm", "sums", "auto"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_channels_last_instance_norm_cuda_matches(n, stats, monkeypatch):
-    monkeypatch.setattr(layout, "instance_stats", stats)
+    monkeypatch.setattr(layout, "instance_norm_impl", stats)
     torch.manual_seed(0)
     x = (torch.randn(n, 24, 10, 12, 14, device="cuda") * 0.1 + 2.0).contiguous(memory_format=CL)
     g = torch.randn_like(x)
@@ -73,7 +73,7 @@ def test_channels_last_instance_norm_cuda_matches(n, stats, monkeypatch):
 
 
 def test_instance_statistics_as_sums_match_float64(monkeypatch):
-    monkeypatch.setattr(layout, "instance_stats", "sums")
+    monkeypatch.setattr(layout, "instance_norm_impl", "sums")
     torch.manual_seed(0)
     x = (torch.randn(3, 5, 6, 7, 8) * torch.tensor([0.5, 1.0, 3.0, 0.5, 2.0]).view(1, 5, 1, 1, 1) + 4.0).contiguous(memory_format=CL)
     mean, invstd = layout._stats(x, 1e-5)  # |mean| / std up to 8: ~1e-7 (mean/std)^2 lost to cancellation
@@ -85,16 +85,68 @@ def test_instance_statistics_as_sums_match_float64(monkeypatch):
 
 def test_instance_statistics_auto_sums_only_long_reduced_precision_samples(monkeypatch):
     big, small = (1, 2, 64, 64, 64), (2, 4, 32, 32, 32)  # 2^18 and 2^15 voxels a sample
-    assert layout.instance_stats == "auto"
+    assert layout.instance_norm_impl == "auto"
     assert layout.stats_mode(torch.empty(big, dtype=torch.bfloat16)) == "sums"
     assert layout.stats_mode(torch.empty(big, dtype=torch.float16)) == "sums"
     assert layout.stats_mode(torch.empty(big)) == "batch_norm"  # float32: keep Welford's accuracy
     assert layout.stats_mode(torch.empty(small, dtype=torch.bfloat16)) == "batch_norm"
-    monkeypatch.setattr(layout, "instance_stats", "batch_norm")
+    monkeypatch.setattr(layout, "instance_norm_impl", "batch_norm")
     assert layout.stats_mode(torch.empty(big, dtype=torch.bfloat16)) == "batch_norm"
-    monkeypatch.setattr(layout, "instance_stats", "welford")
-    with pytest.raises(ValueError, match="instance_stats"):
+    monkeypatch.setattr(layout, "instance_norm_impl", "welford")
+    with pytest.raises(ValueError, match="instance_norm_impl"):
         layout.stats_mode(torch.empty(small))
+
+
+def test_triton_norm_is_optional(monkeypatch):
+    """Without Triton, "auto" runs PyTorch's kernels and "triton" says why it cannot."""
+    def no_triton(name, package=None):
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(layout, "_triton", {})
+    monkeypatch.setattr(layout.importlib, "import_module", no_triton)
+    x = torch.zeros(1, 2, 2, 2, 2)
+    monkeypatch.setattr(layout, "instance_norm_impl", "triton")
+    with pytest.raises(ImportError, match="triton"):
+        layout.triton_norm(x)
+    monkeypatch.setattr(layout, "instance_norm_impl", "auto")
+    assert layout.triton_norm(x) is None and "triton" in layout._triton["off"]
+    monkeypatch.setattr(layout, "instance_norm_impl", "sums")
+    assert layout.triton_norm(x) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+@pytest.mark.parametrize(
+    "shape,affine,dtype",
+    [
+        ((2, 5, 6, 7, 8), True, torch.float32),
+        ((3, 48, 9, 10, 11), False, torch.float32),
+        ((1, 20, 70, 8, 9), True, torch.bfloat16),
+        ((1, 32, 61, 41, 31), False, torch.float32),  # more tiles than programs: several tiles a program
+        ((2, 768, 3, 3, 3), True, torch.bfloat16),
+    ],
+)
+def test_triton_instance_norm_matches_float64(shape, affine, dtype, monkeypatch):
+    monkeypatch.setattr(layout, "instance_norm_impl", "triton")
+    torch.manual_seed(0)
+    mean = 30 * torch.rand(shape[1], device="cuda").view(1, -1, 1, 1, 1)  # |mean| / std up to 60
+    x = (torch.randn(shape, device="cuda") * 0.5 + mean).to(dtype).contiguous(memory_format=CL).requires_grad_()
+    g = torch.randn(shape, device="cuda").to(dtype)
+    ours = ChannelsLastInstanceNorm3d(shape[1], affine=affine).cuda()
+    ref = nn.InstanceNorm3d(shape[1], affine=affine).cuda().double()
+    if affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5), ours.bias.normal_()
+            ref.weight.copy_(ours.weight), ref.bias.copy_(ours.bias)
+    y = ours(x)
+    y.backward(g)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = ref(x_ref)
+    y_ref.backward(g.double())
+    assert memory_format_of(y) == CL and y.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    pairs = [(y, y_ref), (x.grad, x_ref.grad)] + ([(ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)] if affine else [])
+    for a, b in pairs:
+        assert (a.double() - b).abs().max() <= tol * b.abs().max()
 
 
 def test_to_channels_last_single_channel_gets_channels_last_strides():
