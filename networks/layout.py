@@ -14,7 +14,6 @@ channels-last (NDHWC) tensors without layout copies between them (benchmarks/RES
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import torch
 import torch.nn as nn
@@ -45,19 +44,21 @@ def to_channels_last_3d(x: torch.Tensor) -> torch.Tensor:
 
 
 #: Which kernels :class:`ChannelsLastInstanceNorm3d` runs on a channels-last CUDA tensor (speed only; the
-#: same function): ``"triton"``, the Triton kernels of :mod:`networks.triton_norm`; ``"batch_norm"``,
-#: PyTorch's channels-last batch-norm kernels one sample at a time (Welford statistics); ``"sums"``, the
-#: same but with the statistics from float32 sums of x and x^2 over the whole batch, ``var = E[x^2] -
-#: mean^2``, which loses about 1e-7 (mean / std)^2 of 1/std to cancellation (1.3e-4 at |mean| / std = 30,
-#: measured); ``"auto"``: Triton where it imports (the first failure to compile falls back for good, with a
-#: warning), else ``"sums"`` for bf16 / fp16 activations (whose own rounding, 4e-3 in bf16, is far larger)
-#: of at least :data:`SUMS_MIN_VOXELS` voxels a sample, where it is the faster of the two (H200: 0.48
-#: against 0.88 ms for 4 x 48 x 96^3; slower at 2 x 96 x 48^3, 0.30 against 0.14 ms), and ``"batch_norm"``
-#: otherwise (benchmarks/RESULTS.md, issue 25).
+#: same function): ``"batch_norm"``, PyTorch's channels-last batch-norm kernels one sample at a time
+#: (Welford statistics); ``"sums"``, the same but with the statistics from float32 sums of x and x^2 over
+#: the whole batch, ``var = E[x^2] - mean^2``, which loses about 1e-7 (mean / std)^2 of 1/std to
+#: cancellation (1.3e-4 at |mean| / std = 30, measured); ``"auto"`` (the default): ``"sums"`` for bf16 /
+#: fp16 activations (whose own rounding, 4e-3 in bf16, is far larger) of at least :data:`SUMS_MIN_VOXELS`
+#: voxels a sample, where it is the faster of the two (H200, 4 x 48 x 96^3: forward 1.06 against 1.37 ms,
+#: and 0.76 against 0.82 s for REP3D's deploy inference of a 256 x 256 x 160 volume; slower at
+#: 2 x 96 x 48^3), ``"batch_norm"`` otherwise; ``"triton"`` (opt-in): the Triton kernels of
+#: :mod:`networks.triton_norm`, which take 11-20% off the GPU's kernel time of a step / window batch but
+#: launch more from Python, so that on the H200 the step and the inference came out slower (67.8 against
+#: 62.5 ms, 0.877 against 0.821 s: benchmarks/RESULTS.md, issue 25); raises if Triton does not run.
 instance_norm_impl = "auto"
 INSTANCE_NORM_IMPLS = ("auto", "triton", "batch_norm", "sums")
 SUMS_MIN_VOXELS = 2**18
-_triton: dict = {}  # the loaded networks.triton_norm module, or the reason it is not used
+_triton: dict = {}  # the loaded networks.triton_norm module
 
 
 def _check_impl() -> None:
@@ -75,26 +76,18 @@ def stats_mode(x: torch.Tensor) -> str:
 
 
 def triton_norm(x: torch.Tensor):
-    """:class:`networks.triton_norm.TritonInstanceNorm` if :data:`instance_norm_impl` wants it for the CUDA
-    tensor ``x`` and Triton works, else None. The first call loads it and runs it forward and backward on a
-    small tensor; with ``"auto"`` a failure (no Triton, no compiler for this GPU) falls back to PyTorch's
-    kernels for the rest of the process with a warning, with ``"triton"`` it raises."""
+    """:class:`networks.triton_norm.TritonInstanceNorm` if :data:`instance_norm_impl` is ``"triton"``,
+    else None. The first call loads it and runs it forward and backward on a small tensor on ``x``'s
+    device, so that a Triton that cannot compile for this GPU fails here, with its own error."""
     _check_impl()
-    if instance_norm_impl in ("batch_norm", "sums") or "off" in _triton:
+    if instance_norm_impl != "triton":
         return None
     if "module" not in _triton:
-        try:  # by name: a network's sources stay free of Triton (networks/triton_norm.py's docstring)
-            module = importlib.import_module(".triton_norm", __package__)
-            probe = torch.randn(2, 8, 4, 5, 6, device=x.device).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-            module.TritonInstanceNorm.apply(probe, None, None, 1e-5).sum().backward()
-            _triton["module"] = module
-        except Exception as err:
-            if instance_norm_impl == "triton":
-                raise
-            _triton["off"] = f"{type(err).__name__}: {err}"
-            if not isinstance(err, ImportError):
-                warnings.warn(f"the Triton instance norm does not run here ({_triton['off'][:300]}); PyTorch's kernels are used instead", stacklevel=3)
-            return None
+        # by name: a network's sources stay free of Triton (networks/triton_norm.py's docstring)
+        module = importlib.import_module(".triton_norm", __package__)
+        probe = torch.randn(2, 8, 4, 5, 6, device=x.device).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+        module.TritonInstanceNorm.apply(probe, None, None, 1e-5).sum().backward()
+        _triton["module"] = module
     return _triton["module"].TritonInstanceNorm
 
 

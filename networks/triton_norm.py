@@ -1,24 +1,25 @@
-"""Instance norm of channels-last (NDHWC) CUDA tensors as four Triton kernels: speed only.
+"""Instance norm of channels-last (NDHWC) CUDA tensors as Triton kernels: speed only, opt-in.
 
 What :class:`networks.layout.ChannelsLastInstanceNorm3d` computes (``nn.InstanceNorm3d`` without running
 statistics), forward and backward, reading each sample as the contiguous (voxels, C) matrix that NDHWC
-memory is. PyTorch's channels-last batch-norm kernels, which the norm used before, run 4-5x below the
-H200's memory bandwidth on the decoder's full-resolution activations (48 channels): 1.49 ms for the forward
-and backward of 2 x 48 x 96^3 in bf16, where the eight passes over memory take about 0.35 ms
-(benchmarks/RESULTS.md, issue 25). Here:
+memory is. Used when ``networks.layout.instance_norm_impl = "triton"``.
 
 * statistics: each program walks a run of voxels in tiles; a tile's mean and sum of squared deviations are
   computed from the tile itself (two passes in registers) and merged into the program's running ones
   (Chan et al.'s pairwise update), so there is no ``E[x^2] - mean^2`` cancellation; the programs' partial
-  results are merged the same way in float32 on the host side (a few tiny tensors);
+  results are merged the same way in float32 by PyTorch ops on small tensors;
 * normalisation: ``(x - mean) * invstd * weight + bias``, one read and one write;
 * backward: the per-(sample, channel) sums of ``dy`` and ``dy * xhat``, then
   ``dx = invstd * weight * (dy - mean(dy) - xhat * mean(dy * xhat))``.
 
 Statistics and arithmetic are float32 whatever the activations' dtype; outputs have the input's dtype.
-This module imports Triton at the top: :mod:`networks.layout` loads it only on CUDA, where Triton is
-importable, by name (``importlib``), so that a network's sources stay free of it (a MONAI bundle, for one,
-runs the PyTorch kernels instead).
+Measured on an H200 (benchmarks/RESULTS.md, issue 25): the GPU's kernel time of a REP3D training step fell
+from about 57 to 53 ms and of a deploy window batch from about 43 to 36 ms, but the step and the inference
+came out slower (the GPU waits on the Python side's launches: the merges above are a dozen small ops per
+norm), so it is not the default. Next: the merges in a kernel of their own, then measure again.
+
+This module imports Triton at the top: :mod:`networks.layout` loads it by name (``importlib``) only when
+asked for, so that a network's sources stay free of it (a MONAI bundle, for one, runs PyTorch's kernels).
 """
 
 from __future__ import annotations
