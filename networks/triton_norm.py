@@ -35,13 +35,19 @@ __all__ = ["TritonInstanceNorm"]
 
 
 @triton.jit
-def _stats_kernel(x_ptr, mean_ptr, m2_ptr, S, C, rows_per_prog, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _reduction_program(S, C, rows_per_prog, BLOCK_C: tl.constexpr):
+    """A reduction program's sample n, its index p among the sample's programs, the channel lanes, and its
+    run of voxels [start, stop)."""
     n = tl.program_id(0)
     p = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
     start = p * rows_per_prog
-    stop = tl.minimum(start + rows_per_prog, S)
+    return n, p, cols, cols < C, start, tl.minimum(start + rows_per_prog, S)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, mean_ptr, m2_ptr, S, C, rows_per_prog, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, p, cols, col_ok, start, stop = _reduction_program(S, C, rows_per_prog, BLOCK_C)
     base = x_ptr + n.to(tl.int64) * S * C
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -87,12 +93,7 @@ def _normalise_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, S, C, HA
 
 @triton.jit
 def _grad_sums_kernel(g_ptr, x_ptr, mean_ptr, invstd_ptr, sg_ptr, sgx_ptr, S, C, rows_per_prog, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
-    p = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    start = p * rows_per_prog
-    stop = tl.minimum(start + rows_per_prog, S)
+    n, p, cols, col_ok, start, stop = _reduction_program(S, C, rows_per_prog, BLOCK_C)
     base = n.to(tl.int64) * S * C
     mean = tl.load(mean_ptr + n * C + cols, mask=col_ok, other=0.0)
     invstd = tl.load(invstd_ptr + n * C + cols, mask=col_ok, other=0.0)
