@@ -73,13 +73,19 @@ def _stats_kernel(x_ptr, mean_ptr, m2_ptr, S, C, rows_per_prog, P, BLOCK_S: tl.c
 
 
 @triton.jit
-def _normalise_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, S, C, HAS_AFFINE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+def _tile_program(S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An elementwise program's sample n, the channel lanes, and its tile's mask and element offsets."""
     n = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     ok = (rows < S)[:, None] & col_ok[None, :]
-    offs = n.to(tl.int64) * S * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    return n, cols, col_ok, ok, n.to(tl.int64) * S * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+
+
+@triton.jit
+def _normalise_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, S, C, HAS_AFFINE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    n, cols, col_ok, ok, offs = _tile_program(S, C, BLOCK_S, BLOCK_C)
     mean = tl.load(mean_ptr + n * C + cols, mask=col_ok, other=0.0)
     scale = tl.load(invstd_ptr + n * C + cols, mask=col_ok, other=0.0)
     if HAS_AFFINE:
@@ -114,12 +120,7 @@ def _grad_sums_kernel(g_ptr, x_ptr, mean_ptr, invstd_ptr, sg_ptr, sgx_ptr, S, C,
 
 @triton.jit
 def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, k_ptr, mg_ptr, mgx_ptr, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    ok = (rows < S)[:, None] & col_ok[None, :]
-    offs = n.to(tl.int64) * S * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    n, cols, col_ok, ok, offs = _tile_program(S, C, BLOCK_S, BLOCK_C)
     at = n * C + cols
     mean = tl.load(mean_ptr + at, mask=col_ok, other=0.0)
     invstd = tl.load(invstd_ptr + at, mask=col_ok, other=0.0)
