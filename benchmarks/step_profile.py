@@ -28,6 +28,7 @@ Usage, on the GPU machine from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -121,6 +122,22 @@ STEP_VARIANTS = "REP3D,REP3D@triton,REP3D@batch_norm,REP3D@sums,REP3D_FixedPrior
 INFER_VARIANTS = "REP3D,REP3D@triton,REP3D@batch_norm,REP3D@sums,nnUNet,REP3D+compile,nnUNet+compile"
 
 
+@contextlib.contextmanager
+def norm_impl(impl: str):
+    """``networks.layout.instance_norm_impl = impl`` inside, its default ``"auto"`` again after."""
+    layout.instance_norm_impl = impl
+    try:
+        yield
+    finally:
+        layout.instance_norm_impl = "auto"
+
+
+def _failed(rows: dict, key: str, label: str, err: Exception) -> None:
+    """Record a variant that failed (e.g. to compile), so that the others still run."""
+    rows[key] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+    print(f"{label}: FAILED {rows[key]['error'][:300]}", flush=True)
+
+
 def _ratios(rows: dict, pairs) -> None:
     for a, b in pairs:
         if "median_ms" in rows.get(a, {}) and "median_ms" in rows.get(b, {}):
@@ -132,7 +149,6 @@ def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
     rows = {}
     for key in keys:
         name, stats, compiled = variant(key)
-        layout.instance_norm_impl = stats
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny).to(device).train()
         step = train_step(torch.compile(model) if compiled else model, device, roi, batch, classes)
@@ -140,14 +156,13 @@ def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
-            step()  # the first step: cuDNN autotuning, and torch.compile's compilation
-            _sync(device)
-            first_s = time.perf_counter() - t0
-            r = median_ms(step, device, warmup=3, reps=reps)
-        except Exception as e:  # a variant that fails (e.g. to compile) is recorded, and the others still run
-            rows[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            print(f"step {key}: FAILED {rows[key]['error'][:300]}", flush=True)
-            layout.instance_norm_impl = "auto"
+            with norm_impl(stats):
+                step()  # the first step: cuDNN autotuning, and torch.compile's compilation
+                _sync(device)
+                first_s = time.perf_counter() - t0
+                r = median_ms(step, device, warmup=3, reps=reps)
+        except Exception as e:
+            _failed(rows, key, f"step {key}", e)
             continue
         r["first_step_s"] = first_s
         r["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -155,7 +170,6 @@ def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
         rows[key] = r
         print(f"step {key}: {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), first step {first_s:.1f} s, peak {r['peak_gib'] or 0:.2f} GiB, {r['params_m']:.1f}M params", flush=True)
         del model, step
-        layout.instance_norm_impl = "auto"
         if device.type == "cuda":
             torch.cuda.empty_cache()
         RESULTS["step"] = rows
@@ -170,7 +184,6 @@ def section_infer(device, roi, volume, classes, tiny, reps, keys) -> None:
     sw = 4
     for key in keys:
         name, stats, compiled = variant(key)
-        layout.instance_norm_impl = stats
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny, deploy=True).to(device).eval()
         windows = compile_for_windows(model, sw) if compiled else model
@@ -181,20 +194,18 @@ def section_infer(device, roi, volume, classes, tiny, reps, keys) -> None:
 
         t0 = time.perf_counter()
         try:
-            run()
-            _sync(device)
-            first_s = time.perf_counter() - t0
-            r = median_ms(run, device, warmup=2, reps=reps)
+            with norm_impl(stats):
+                run()
+                _sync(device)
+                first_s = time.perf_counter() - t0
+                r = median_ms(run, device, warmup=2, reps=reps)
         except Exception as e:
-            rows[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            print(f"infer {key}: FAILED {rows[key]['error'][:300]}", flush=True)
-            layout.instance_norm_impl = "auto"
+            _failed(rows, key, f"infer {key}", e)
             continue
         r["first_call_s"] = first_s
         rows[key] = r
         print(f"infer {key}: {r['median_ms'] / 1e3:.3f} s per volume (first call {first_s:.1f} s)", flush=True)
         del model, windows
-        layout.instance_norm_impl = "auto"
         RESULTS["infer"] = rows
         _save()
     _ratios(rows, [(k, "nnUNet") for k in keys if k.startswith("REP3D")] + [("nnUNet+compile", "nnUNet"), ("REP3D+compile", "nnUNet+compile")])
@@ -219,7 +230,6 @@ def section_norms(device, reps) -> None:
             x = (x.contiguous() if ncdhw else x.contiguous(memory_format=cl)).requires_grad_()
             g = torch.randn_like(x)
             norm = (torch.nn.InstanceNorm3d(shape[1]) if ncdhw else ChannelsLastInstanceNorm3d(shape[1])).to(device)
-            layout.instance_norm_impl = "auto" if ncdhw else impl
 
             def fwd(norm=norm, x=x):
                 with torch.no_grad():
@@ -229,13 +239,11 @@ def section_norms(device, reps) -> None:
                 norm(x).backward(g)
 
             try:
-                f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+                with norm_impl("auto" if ncdhw else impl):
+                    f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
             except Exception as e:
-                rows[f"norm {impl} {shape}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-                print(f"norm {impl} {shape}: FAILED {rows[f'norm {impl} {shape}']['error'][:300]}", flush=True)
+                _failed(rows, f"norm {impl} {shape}", f"norm {impl} {shape}", e)
                 continue
-            finally:
-                layout.instance_norm_impl = "auto"
             rows[f"norm fwd {impl} {shape}"], rows[f"norm fwd+bwd {impl} {shape}"] = f, fb
             print(f"norm {impl:22s} {shape}: forward {f['median_ms']:.3f} ms ({gib / f['median_ms'] * 1e3:.0f} GiB/s of input), forward + backward {fb['median_ms']:.3f} ms", flush=True)
     for ratio in (0.0, 3.0, 30.0):
@@ -244,10 +252,8 @@ def section_norms(device, reps) -> None:
         for impl in NORM_IMPLS:
             if device.type != "cuda" and impl in ("triton", "batch_norm"):
                 continue
-            layout.instance_norm_impl = impl
-            with torch.no_grad():
+            with norm_impl(impl), torch.no_grad():
                 y = ChannelsLastInstanceNorm3d(48).to(device)(x)
-            layout.instance_norm_impl = "auto"
             rows[f"float32 output max abs error {impl} mean/std {ratio}"] = err = float((y.double() - ref).abs().max())
             print(f"norm {impl:10s} float32, |mean|/std {ratio:4.0f}: max abs error of the normalised output {err:.1e}", flush=True)
     RESULTS["norms"] = rows
@@ -264,13 +270,12 @@ def section_check(device, roi, batch, classes, tiny) -> None:
     for label, dtype in (("float32", None), ("bf16", torch.bfloat16)):
         outs = {}
         for stats in ("batch_norm",) + tuple(i for i in NORM_IMPLS if i != "batch_norm" and (device.type == "cuda" or i == "sums")):
-            layout.instance_norm_impl = stats
             model.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                y = model(x)
-            (y.float() ** 2).mean().backward()
+            with norm_impl(stats):
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    y = model(x)
+                (y.float() ** 2).mean().backward()
             outs[stats] = (y.detach().float(), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
-        layout.instance_norm_impl = "auto"
         for stats in [k for k in outs if k != "batch_norm"]:
             rows[f"{stats} {label}"] = {"logits_rel_l2": rel(outs[stats][0], outs["batch_norm"][0]), "grads_rel_l2": rel(outs[stats][1], outs["batch_norm"][1])}
             print(f"{stats} vs batch_norm statistics, {label}: logits rel L2 {rows[f'{stats} {label}']['logits_rel_l2']:.2e}, gradients {rows[f'{stats} {label}']['grads_rel_l2']:.2e}", flush=True)
@@ -376,6 +381,11 @@ def section_profile(device, roi, batch, classes, tiny) -> None:
     RESULTS["profile_step_nnunet"] = profile("nnU-Net topology training step", train_step(nn_model, device, roi, batch, classes), device, top=12)
 
 
+def _profiled(impl: str, *args) -> None:
+    with norm_impl(impl):
+        section_profile(*args)
+
+
 def environment(device) -> dict:
     env = {"torch": torch.__version__, "device": str(device), "date": time.strftime("%Y-%m-%d")}
     if device.type == "cuda":
@@ -412,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("norms", lambda: section_norms(device, a.reps)),
         ("step", lambda: section_step(device, roi, batch, classes, a.reps, a.quick, a.step.split(","))),
         ("infer", lambda: section_infer(device, roi, volume, classes, a.quick, max(3, a.reps // 3), a.infer.split(","))),
-        ("profile", lambda: (setattr(layout, "instance_norm_impl", a.profile_stats), section_profile(device, roi, batch, classes, a.quick))),
+        ("profile", lambda: _profiled(a.profile_stats, device, roi, batch, classes, a.quick)),
     ):
         if name in sections:
             fn()
