@@ -28,10 +28,7 @@ from rep3d.inference.postprocess import (
     keep_largest_component,
     load_decision,
 )
-from rep3d.inference.sliding_window import (
-    compile_for_windows,
-    ensemble_probabilities,
-)
+from rep3d.inference.sliding_window import compile_for_windows, ensemble_probabilities
 from rep3d.inference.writer import native_probabilities
 from rep3d.runtime import cpu_has_native_bf16, is_oom, resolve_amp
 
@@ -204,9 +201,7 @@ class Predictor:
         self.models = []
         for m in members:
             model = load_model(m, self.device, m["path"])
-            if compile:
-                model = compile_for_windows(model, self.sw_batch_size)
-            self.models.append(model)
+            self.models.append(compile_for_windows(model, self.sw_batch_size) if compile else model)
         self.rois = [tuple(m["cfg"].roi) for m in members]
         self.names = [m["network"] for m in members]
         self.members = members

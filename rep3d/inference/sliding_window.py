@@ -20,15 +20,6 @@ def _flip_sets(spatial_dims: int) -> Iterator[tuple[int, ...]]:
         yield from itertools.combinations(dims, r)
 
 
-def _padded(x: torch.Tensor, sw_batch_size: int) -> tuple[torch.Tensor, int]:
-    """``x`` with a short last window batch zero-padded to ``sw_batch_size``, and its own batch size
-    (the output is cropped back to it): one shape for every batch of every volume."""
-    n = x.shape[0]
-    if n < sw_batch_size:
-        x = torch.cat([x, x.new_zeros((sw_batch_size - n, *x.shape[1:]))])
-    return x, n
-
-
 def compile_for_windows(model: nn.Module, sw_batch_size: int, **compile_kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile(model)`` for sliding-window inference, compiled for one input shape only.
 
@@ -40,7 +31,9 @@ def compile_for_windows(model: nn.Module, sw_batch_size: int, **compile_kwargs: 
     compiled = torch.compile(model, dynamic=False, **compile_kwargs)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        x, n = _padded(x, sw_batch_size)
+        n = x.shape[0]
+        if n < sw_batch_size:
+            x = torch.cat([x, x.new_zeros((sw_batch_size - n, *x.shape[1:]))])
         return compiled(x)[:n]
 
     return predict
