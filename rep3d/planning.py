@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
+import inspect
 import json
 import logging
 import math
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,14 +31,14 @@ from rep3d.data.store_layout import (
     case_identity,
     file_identity,
     settings_hash,
+    source_digest,
 )
 from rep3d.fileio import WriteError, write_json
 from rep3d.runtime import thread_map
 
 logger = logging.getLogger(__name__)
-#: A digest of this module's source: a plan kept by :func:`plan_dataset` is reused only by the same code.
-with open(__file__, "rb") as _f:
-    _MODULE_DIGEST = hashlib.sha256(_f.read()).hexdigest()[:16]
+#: A digest of this module's code: a plan kept by :func:`plan_dataset` is reused only by the same code.
+_MODULE_DIGEST = source_digest(inspect.getsource(sys.modules[__name__]))
 
 
 def resolve_dataset(

@@ -34,17 +34,14 @@ others wait for it, and DDP ranks other than 0 wait for rank 0's ``store.json``
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import errno
 import functools
-import hashlib
 import inspect
 import multiprocessing
 import os
 import socket
 import sys
-import textwrap
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -84,6 +81,7 @@ from rep3d.data.store_layout import (  # the layout's public names are this modu
     label_dtype,
     resolve_base,
     settings_hash,
+    source_digest,
 )
 from rep3d.data.transforms import get_train_transforms, get_val_transforms
 from rep3d.fileio import (
@@ -143,22 +141,12 @@ def store_settings(cfg: DatasetConfig, roi: Sequence[int] | None = None, crop_ra
     }
 
 
-def _code_digest(source: str) -> str:
-    """Digest of Python code without its docstrings, comments and layout (its AST)."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
-
-
 @functools.lru_cache(maxsize=1)
 def pipeline_digest() -> str:
     """A digest of the code that makes the stored bytes: the transform chains, the intensity schemes,
     the image readers and this module's pre-processing of a case. A change of that code (not of its
     comments or docstrings) builds new stores, so that training never reads arrays an older pipeline made."""
-    return hashlib.sha256("".join(_code_digest(textwrap.dedent(p)) for p in _PIPELINE_SOURCES).encode()).hexdigest()[:16]
+    return source_digest(*_PIPELINE_SOURCES)
 
 
 def _locate(base: str, cfg: DatasetConfig, root: str | None, datalist: str | None, roi: Sequence[int] | None, crop_ratios: Sequence[float] | None) -> tuple[tuple[int, ...], dict, str]:

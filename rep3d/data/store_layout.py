@@ -7,11 +7,13 @@ its docstring for the layout on disk.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
 import os
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +97,20 @@ def label_dtype(num_classes: int) -> np.dtype:
 
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_digest(*sources: str) -> str:
+    """Digest of Python sources without their docstrings, comments and layout (their ASTs): what keys a
+    store or a kept plan to the code that made it, so that editing a comment does not invalidate them."""
+    h = hashlib.sha256()
+    for source in sources:
+        tree = ast.parse(textwrap.dedent(source))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(hashlib.sha256(ast.dump(tree).encode()).hexdigest().encode())
+    return h.hexdigest()[:16]
 
 
 def dataset_key(root: str | None, datalist: str | None) -> str:
