@@ -207,27 +207,25 @@ def _check_case(
                 f"{case['label']}: label affine differs from the image's ({files[0]}) by up to {diff:.4g} mm. "
                 "Fix: if the voxels do correspond, re-save the label with the image's header (nibabel.Nifti1Image(label_data, image.affine)); otherwise resample the label onto the image"
             )
-    if check_labels and label is not None and lshape is not None and known is not None:
-        values = np.asarray(known["label_values"], dtype=np.int64)
-        if info is not None:
-            info["label_values"] = [int(v) for v in values]
-        problems += _label_value_problems(case["label"], values, num_classes)
-    elif check_labels and label is not None and lshape is not None:
-        top = f"0..{num_classes - 1}" if num_classes else "0, 1, 2, ..."
-        try:
-            data = _voxels(case["label"])
-        except Exception as e:
-            problems.append(f"{case['label']}: corrupt label: the voxel data cannot be read ({type(e).__name__}: {e}). Fix: re-export the file")
-            return problems, info
-        if data.dtype.kind == "f":
-            finite = np.isfinite(data)
-            if not finite.all():
-                problems.append(f"{case['label']}: label has NaN/inf values. Fix: store integer class values {top}")
+    if check_labels and label is not None and lshape is not None:
+        if known is not None:  # unchanged since it passed: its recorded values, no voxel read
+            values = np.asarray(known["label_values"], dtype=np.int64)
+        else:
+            top = f"0..{num_classes - 1}" if num_classes else "0, 1, 2, ..."
+            try:
+                data = _voxels(case["label"])
+            except Exception as e:
+                problems.append(f"{case['label']}: corrupt label: the voxel data cannot be read ({type(e).__name__}: {e}). Fix: re-export the file")
                 return problems, info
-            if not np.array_equal(data, np.round(data)):
-                problems.append(f"{case['label']}: label has non-integer values (an interpolated label?). Fix: store integer class values {top}, resampling labels with nearest neighbour")
-                return problems, info
-        values = _label_values(data)
+            if data.dtype.kind == "f":
+                finite = np.isfinite(data)
+                if not finite.all():
+                    problems.append(f"{case['label']}: label has NaN/inf values. Fix: store integer class values {top}")
+                    return problems, info
+                if not np.array_equal(data, np.round(data)):
+                    problems.append(f"{case['label']}: label has non-integer values (an interpolated label?). Fix: store integer class values {top}, resampling labels with nearest neighbour")
+                    return problems, info
+            values = _label_values(data)
         if info is not None:
             info["label_values"] = [int(v) for v in values]
         problems += _label_value_problems(case["label"], values, num_classes)
