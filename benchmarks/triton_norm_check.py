@@ -17,7 +17,9 @@ import sys
 import torch
 from torch import nn
 
-from networks.triton_norm import TritonInstanceNorm
+import torch.nn.functional as F
+
+from networks.triton_norm import TritonInstanceNorm, fused_norm
 
 CASES = [
     ((1, 32, 61, 41, 31), False, torch.float32),  # several tiles a program, several merge chunks
@@ -27,21 +29,75 @@ CASES = [
     ((1, 20, 70, 8, 9), True, torch.bfloat16),
     ((2, 3, 5, 5, 5), True, torch.float32),
 ]
+#: the fused tails of MONAI's decoder blocks: (shape, affine, dtype, mode), mode "act" = norm + LeakyReLU,
+#: "res" = norm + residual + LeakyReLU, "two" = norm(a) + norm(b) + LeakyReLU
+FUSED_CASES = [
+    ((2, 48, 9, 10, 11), False, torch.float32, "act"),
+    ((1, 24, 33, 17, 20), False, torch.float32, "res"),
+    ((2, 96, 6, 7, 5), False, torch.float32, "two"),
+    ((2, 7, 5, 6, 7), True, torch.float32, "two"),
+    ((1, 20, 30, 8, 9), True, torch.bfloat16, "res"),
+    ((2, 16, 12, 12, 12), False, torch.bfloat16, "two"),
+]
+SLOPE = 0.01
 
 
 def tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 1e-2
 
 
+def _input(shape, dtype, device, offset):
+    torch.manual_seed(offset)
+    mean = 30 * torch.rand(shape[1], device=device).view(1, -1, 1, 1, 1)  # |mean| / std up to 60
+    return (torch.randn(shape, device=device) * 0.5 + mean).to(dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+
+
+def _params(c, affine, device, seed):
+    torch.manual_seed(seed)
+    if not affine:
+        return None, None
+    return (torch.rand(c, device=device) + 0.5).requires_grad_(), torch.randn(c, device=device).requires_grad_()
+
+
+def _errors(ours, refs) -> list[float]:
+    return [float((a.detach().double() - r.detach()).abs().max() / r.detach().abs().max()) for a, r in zip(ours, refs)]
+
+
+def fused_case_errors(shape, affine: bool, dtype: torch.dtype, mode: str, device: str) -> list[float]:
+    """Largest errors of :func:`fused_norm` against float64 PyTorch ops (``F.instance_norm``, the add,
+    the LeakyReLU), relative to the reference's largest value: output, then every input's gradient."""
+    a, b = _input(shape, dtype, device, 0), _input(shape, dtype, device, 1)
+    r = (torch.randn(shape, device=device) * 2).to(dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    wa, ba = _params(shape[1], affine, device, 2)
+    wb, bb = _params(shape[1], affine, device, 3)
+    g = torch.randn(shape, device=device).to(dtype)
+    kw = {"two": dict(b=b, weight_b=wb, bias_b=bb), "res": dict(residual=r), "act": {}}[mode]
+    y = fused_norm(a, wa, ba, **kw, slope=SLOPE)
+    y.backward(g)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and y.dtype == dtype
+    leaves = [t for t in (a, wa, ba) if t is not None] + [t for t in kw.values() if t is not None]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    d = dict(zip(map(id, leaves), refs))
+    dd = lambda t: None if t is None else d[id(t)]  # noqa: E731
+    z = F.instance_norm(dd(a), weight=dd(wa), bias=dd(ba), eps=1e-5)
+    if mode == "two":
+        z = z + F.instance_norm(dd(b), weight=dd(wb), bias=dd(bb), eps=1e-5)
+    if mode == "res":
+        z = z + dd(r)
+    # LeakyReLU with the mask of our output: where z is within rounding of 0, either side is right, and
+    # one flipped element would read as an error of |g| (1 - slope)
+    y_ref = torch.where((y.detach() > 0).contiguous(), z, z * SLOPE)  # (a channels-last mask: wrong CPU backward, torch 2.13)
+    y_ref.backward(g.double())
+    return _errors([y] + [t.grad for t in leaves], [y_ref] + [t.grad for t in refs])
+
+
 def case_errors(shape, affine: bool, dtype: torch.dtype, device: str) -> list[float]:
     """Largest errors of the Triton norm against float64, relative to the reference's largest value:
     output, input gradient, and (affine) weight and bias gradients."""
-    torch.manual_seed(0)
-    mean = 30 * torch.rand(shape[1], device=device).view(1, -1, 1, 1, 1)  # |mean| / std up to 60
-    x = (torch.randn(shape, device=device) * 0.5 + mean).to(dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    x = _input(shape, dtype, device, 0)
+    torch.manual_seed(1)
     g = torch.randn(shape, device=device).to(dtype)
-    w = (torch.rand(shape[1], device=device) + 0.5).requires_grad_() if affine else None
-    b = torch.randn(shape[1], device=device).requires_grad_() if affine else None
+    w, b = _params(shape[1], affine, device, 2)
     y = TritonInstanceNorm.apply(x, w, b, 1e-5)
     y.backward(g)
     assert y.is_contiguous(memory_format=torch.channels_last_3d) and y.dtype == dtype
@@ -53,7 +109,7 @@ def case_errors(shape, affine: bool, dtype: torch.dtype, device: str) -> list[fl
     y_ref = ref(x_ref)
     y_ref.backward(g.double())
     pairs = [(y, y_ref), (x.grad, x_ref.grad)] + ([(w.grad, ref.weight.grad), (b.grad, ref.bias.grad)] if affine else [])
-    return [float((a.detach().double() - r.detach()).abs().max() / r.detach().abs().max()) for a, r in pairs]
+    return _errors(*zip(*pairs))
 
 
 def main() -> int:
@@ -64,6 +120,11 @@ def main() -> int:
         ok = max(errors) <= tolerance(dtype)
         all_ok &= ok
         print(f"{shape} {str(dtype):14s} affine={affine!s:5s} errors {' '.join(f'{e:.1e}' for e in errors)} {'ok' if ok else 'TOO LARGE'}")
+    for shape, affine, dtype, mode in FUSED_CASES:
+        errors = fused_case_errors(shape, affine, dtype, mode, device)
+        ok = max(errors) <= tolerance(dtype)
+        all_ok &= ok
+        print(f"fused {mode:4s} {shape} {str(dtype):14s} affine={affine!s:5s} errors {' '.join(f'{e:.1e}' for e in errors)} {'ok' if ok else 'TOO LARGE'}")
     return 0 if all_ok else 1
 
 

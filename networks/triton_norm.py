@@ -1,23 +1,26 @@
-"""Instance norm of channels-last (NDHWC) CUDA tensors as Triton kernels: speed only, opt-in.
+"""Instance norms of channels-last (NDHWC) CUDA tensors as Triton kernels, with the tails of MONAI's decoder
+blocks fused into them: speed only, loaded by :mod:`networks.layout` when asked for.
 
-What :class:`networks.layout.ChannelsLastInstanceNorm3d` computes (``nn.InstanceNorm3d`` without running
-statistics), forward and backward, reading each sample as the contiguous (voxels, C) matrix that NDHWC
-memory is. Used when ``networks.layout.instance_norm_impl = "triton"``.
+One autograd function, :func:`fused_norm`, computes
 
-* statistics: each program walks a run of voxels in tiles; a tile's mean and sum of squared deviations are
-  computed from the tile itself (two passes in registers) and merged into the program's running ones
-  (Chan et al.'s pairwise update), so there is no ``E[x^2] - mean^2`` cancellation; a small kernel merges
-  the programs' partial results the same way (three launches a norm forward, three backward);
-* normalisation: ``(x - mean) * invstd * weight + bias``, one read and one write;
-* backward: the per-(sample, channel) sums of ``dy`` and ``dy * xhat``, then
-  ``dx = invstd * weight * (dy - mean(dy) - xhat * mean(dy * xhat))``.
+    y = act(norm(a) [+ norm(b)] [+ r])
 
-Statistics and arithmetic are float32 whatever the activations' dtype; outputs have the input's dtype.
-Measured on an H200 (benchmarks/RESULTS.md, issue 25): the GPU's kernel time of a REP3D training step fell
-from about 57 to 53 ms and of a deploy window batch from about 43 to 36 ms, but the step and the inference
-came out slower: the GPU waited on the Python side's launches, the partial results being merged then by a
-dozen small PyTorch ops per norm. They are merged in a kernel now (unmeasured on a GPU so far), so it is
-not the default until it is measured again.
+where ``norm`` is ``nn.InstanceNorm3d`` without running statistics (per sample and channel over D, H, W,
+optionally affine), ``act`` an optional LeakyReLU, ``b`` a second normalised input (the residual branch of
+``UnetResBlock`` when the width changes: ``norm3(conv3(x))``) and ``r`` a residual added as it is. So that
+``conv -> norm -> LeakyReLU`` and ``conv -> norm -> + residual -> LeakyReLU`` each read and write their
+activations a minimal number of times: forward, a statistics pass over the normalised inputs and one pass
+that writes ``y``; backward, a pass of gradient sums and one that writes the input gradients (the
+activation's mask recomputed, or read from ``y``). Each way that is three launches (statistics or sums, a
+merge of the programs' partial results, the elementwise pass), whatever the inputs.
+
+* Statistics: every lane of a program's (rows x channels) tile keeps its own Welford mean and M2 over the
+  voxels it visits (no reduction across threads inside the loop); the lanes, then the programs, are merged
+  with Chan et al.'s pairwise formula. No ``E[x^2] - mean^2`` cancellation: as exact as PyTorch's kernel.
+* Arithmetic in float32 whatever the activations' dtype; outputs and gradients in their inputs' dtypes.
+
+Each sample of an NDHWC tensor is a contiguous (voxels, C) matrix: programs tile it as (rows, channels).
+The launch settings are :data:`CONFIG` (``benchmarks/triton_norm_check.py --tune`` times alternatives).
 
 This module imports Triton at the top: :mod:`networks.layout` loads it by name (``importlib``) only when
 asked for, so that a network's sources stay free of it (a MONAI bundle, for one, runs PyTorch's kernels).
@@ -32,77 +35,106 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-__all__ = ["TritonInstanceNorm"]
+__all__ = ["CONFIG", "TritonInstanceNorm", "fused_norm"]
+
+#: Launch settings. ``reduce_tile`` / ``tile``: elements of a (rows x channel lanes) tile of the reduction
+#: and of the elementwise kernels; ``programs``: reduction programs over the whole batch (a few per
+#: streaming multiprocessor, so that enough loads are in flight); ``*_warps``: warps per program.
+CONFIG = {"reduce_tile": 2048, "reduce_warps": 4, "programs": 2048, "tile": 4096, "warps": 4, "merge_rows": 256}
 
 
 @triton.jit
-def _reduction_program(S, C, rows_per_prog, BLOCK_C: tl.constexpr):
-    """A reduction program's sample n, its index p among the sample's programs, the channel lanes, and its
-    run of voxels [start, stop)."""
-    n = tl.program_id(0)
-    p = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_C)
-    start = p * rows_per_prog
-    return n, p, cols, cols < C, start, tl.minimum(start + rows_per_prog, S)
-
-
-@triton.jit
-def _stats_kernel(x_ptr, mean_ptr, m2_ptr, S, C, rows_per_prog, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, p, cols, col_ok, start, stop = _reduction_program(S, C, rows_per_prog, BLOCK_C)
-    base = x_ptr + n.to(tl.int64) * S * C
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r0 in range(0, rows_per_prog, BLOCK_S):  # the last program's last tiles may be empty (k = 0: no change)
+def _lane_welford(x_ptr, base, start, stop, rows_per_prog, C, cols, col_ok, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Mean and M2 per channel of the rows [start, stop) of a (rows, C) matrix at ``x_ptr + base``: per
+    lane Welford over the tiles, then the lanes merged (Chan et al.)."""
+    cnt = tl.zeros([BLOCK_S], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, rows_per_prog, BLOCK_S):
         rows = start + r0 + tl.arange(0, BLOCK_S)
         row_ok = rows < stop
         ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        v = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-        k = tl.sum(row_ok.to(tl.float32), axis=0)
-        t_mean = tl.sum(v, axis=0) / tl.maximum(k, 1.0)
-        dev = tl.where(ok, v - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(dev * dev, axis=0)
-        total = count + k
-        delta = t_mean - mean
-        mean = mean + delta * (k / total)
-        m2 = m2 + t_m2 + delta * delta * (count * k / total)
-        count = total
-    out = (n * P + p) * C + cols
-    tl.store(mean_ptr + out, mean, mask=col_ok)
-    tl.store(m2_ptr + out, m2, mask=col_ok)
+        v = tl.load(x_ptr + base + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        cnt += row_ok.to(tl.float32)
+        inv = 1.0 / tl.maximum(cnt, 1.0)
+        d = v - mean
+        mean += tl.where(ok, d * inv[:, None], 0.0)
+        m2 += tl.where(ok, d * (v - mean), 0.0)
+    total = tl.maximum(tl.sum(cnt, axis=0), 1.0)
+    p_mean = tl.sum(mean * cnt[:, None], axis=0) / total
+    dev = mean - p_mean[None, :]
+    p_m2 = tl.sum(m2 + dev * dev * cnt[:, None], axis=0)
+    return p_mean, p_m2
 
 
 @triton.jit
-def _merge_stats_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, S, C, rows_per_prog, P, eps, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A sample's statistics from its programs' (count, mean, M2): the mean first, then
-    M2 = sum(M2_p) + sum(count_p (mean_p - mean)^2); every program but the last saw rows_per_prog voxels."""
+def _stats_kernel(a_ptr, b_ptr, part_ptr, S, C, N, rows_per_prog, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (N, P, K): program p of sample n of normalised input k (a, then b) writes its voxels' mean and
+    M2 into part[0 / 1, k, n, p, :]."""
     n = tl.program_id(0)
+    p = tl.program_id(1)
+    k = tl.program_id(2)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        ok = (ps < P)[:, None] & col_ok[None, :]
-        count = tl.where(ps < P, tl.minimum(rows_per_prog, S - ps * rows_per_prog), 0).to(tl.float32)
-        m = tl.load(part_mean_ptr + (n * P + ps)[:, None] * C + cols[None, :], mask=ok, other=0.0)
-        total += tl.sum(m * count[:, None], axis=0)
-    mean = total / S
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        ok = (ps < P)[:, None] & col_ok[None, :]
-        count = tl.where(ps < P, tl.minimum(rows_per_prog, S - ps * rows_per_prog), 0).to(tl.float32)
-        at = (n * P + ps)[:, None] * C + cols[None, :]
-        d = tl.load(part_mean_ptr + at, mask=ok, other=0.0) - mean[None, :]
-        m2 += tl.sum(tl.where(ok, tl.load(part_m2_ptr + at, mask=ok, other=0.0) + d * d * count[:, None], 0.0), axis=0)
-    tl.store(mean_ptr + n * C + cols, mean, mask=col_ok)
-    tl.store(invstd_ptr + n * C + cols, 1.0 / tl.sqrt(m2 / S + eps), mask=col_ok)
+    start = p * rows_per_prog
+    stop = tl.minimum(start + rows_per_prog, S)
+    base = n.to(tl.int64) * S * C
+    if k == 0:
+        p_mean, p_m2 = _lane_welford(a_ptr, base, start, stop, rows_per_prog, C, cols, col_ok, BLOCK_S, BLOCK_C)
+    else:
+        p_mean, p_m2 = _lane_welford(b_ptr, base, start, stop, rows_per_prog, C, cols, col_ok, BLOCK_S, BLOCK_C)
+    K = tl.num_programs(2)
+    out = ((k * N + n) * P + p).to(tl.int64) * C + cols
+    tl.store(part_ptr + out, p_mean, mask=col_ok)
+    tl.store(part_ptr + K * N * P * C + out, p_m2, mask=col_ok)
 
 
 @triton.jit
-def _tile_program(S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """An elementwise program's sample n, the channel lanes, and its tile's mask and element offsets."""
+def _merge_stats_kernel(
+    part_ptr, w_ptr, b_ptr, stat_ptr, S, C, N, rows_per_prog, P, eps,
+    HAS_AFFINE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (K * N, channel chunks): a sample's statistics from its programs' (count, mean, M2): the mean
+    first, then M2 = sum(M2_p) + sum(count_p (mean_p - mean)^2). Writes stat[j, k, n, c] for j = mean,
+    1 / std, scale (= weight / std) and shift (= bias)."""
+    kn = tl.program_id(0)
+    KN = tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    row0 = kn.to(tl.int64) * P
+    m2_off = KN.to(tl.int64) * P * C
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        ok = (ps < P)[:, None] & col_ok[None, :]
+        count = tl.where(ps < P, tl.minimum(rows_per_prog, S - ps * rows_per_prog), 0).to(tl.float32)
+        acc += tl.load(part_ptr + (row0 + ps)[:, None] * C + cols[None, :], mask=ok, other=0.0) * count[:, None]
+    mean = tl.sum(acc, axis=0) / S
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        ok = (ps < P)[:, None] & col_ok[None, :]
+        count = tl.where(ps < P, tl.minimum(rows_per_prog, S - ps * rows_per_prog), 0).to(tl.float32)
+        at = (row0 + ps)[:, None] * C + cols[None, :]
+        d = tl.load(part_ptr + at, mask=ok, other=0.0) - mean[None, :]
+        acc += tl.where(ok, tl.load(part_ptr + m2_off + at, mask=ok, other=0.0) + d * d * count[:, None], 0.0)
+    invstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / S + eps)
+    scale = invstd
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_AFFINE:
+        k = kn // N
+        scale = invstd * tl.load(w_ptr + k * C + cols, mask=col_ok, other=0.0)
+        shift = tl.load(b_ptr + k * C + cols, mask=col_ok, other=0.0)
+    at = kn * C + cols
+    tl.store(stat_ptr + at, mean, mask=col_ok)
+    tl.store(stat_ptr + KN * C + at, invstd, mask=col_ok)
+    tl.store(stat_ptr + 2 * KN * C + at, scale, mask=col_ok)
+    tl.store(stat_ptr + 3 * KN * C + at, shift, mask=col_ok)
+
+
+@triton.jit
+def _tile(S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """An elementwise program's sample n, channel lanes, mask and element offsets (grid (N, row tiles))."""
     n = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_C)
@@ -112,98 +144,131 @@ def _tile_program(S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _normalise_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, S, C, HAS_AFFINE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, cols, col_ok, ok, offs = _tile_program(S, C, BLOCK_S, BLOCK_C)
-    mean = tl.load(mean_ptr + n * C + cols, mask=col_ok, other=0.0)
-    scale = tl.load(invstd_ptr + n * C + cols, mask=col_ok, other=0.0)
-    if HAS_AFFINE:
-        scale = scale * tl.load(w_ptr + cols, mask=col_ok, other=0.0)
-    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    y = (v - mean[None, :]) * scale[None, :]
-    if HAS_AFFINE:
-        y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+def _affine(x_ptr, offs, ok, stat_ptr, at, KNC, col_ok):
+    """The normalised input (x - mean) / std (float32) and its affine image (x - mean) / std * w + b."""
+    mean = tl.load(stat_ptr + at, mask=col_ok, other=0.0)
+    invstd = tl.load(stat_ptr + KNC + at, mask=col_ok, other=0.0)
+    scale = tl.load(stat_ptr + 2 * KNC + at, mask=col_ok, other=0.0)
+    shift = tl.load(stat_ptr + 3 * KNC + at, mask=col_ok, other=0.0)
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]
+    return v * invstd[None, :], v * scale[None, :] + shift[None, :]
+
+
+@triton.jit
+def _forward_kernel(
+    a_ptr, b_ptr, r_ptr, y_ptr, stat_ptr, S, C, N, slope,
+    TWO: tl.constexpr, HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n, cols, col_ok, ok, offs = _tile(S, C, BLOCK_S, BLOCK_C)
+    KNC = (2 if TWO else 1) * N * C
+    _, y = _affine(a_ptr, offs, ok, stat_ptr, n * C + cols, KNC, col_ok)
+    if TWO:
+        _, yb = _affine(b_ptr, offs, ok, stat_ptr, (N + n) * C + cols, KNC, col_ok)
+        y += yb
+    if HAS_RES:
+        y += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ACT:
+        y = tl.where(y > 0, y, y * slope)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _grad_sums_kernel(g_ptr, x_ptr, mean_ptr, invstd_ptr, sg_ptr, sgx_ptr, S, C, rows_per_prog, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, p, cols, col_ok, start, stop = _reduction_program(S, C, rows_per_prog, BLOCK_C)
+def _masked_grad(g_ptr, y_ptr, offs, ok, z, slope, HAS_ACT: tl.constexpr, MASK_FROM_Y: tl.constexpr):
+    """dL/d(pre-activation): the output gradient through the LeakyReLU, whose sign is read from the saved
+    output y, or taken from ``z``, the pre-activation recomputed (a single normalised input)."""
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_ACT:
+        if MASK_FROM_Y:
+            z = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.where(z > 0, g, g * slope)
+    return g
+
+
+@triton.jit
+def _grad_sums_kernel(
+    g_ptr, y_ptr, a_ptr, b_ptr, stat_ptr, part_ptr, S, C, N, rows_per_prog, P, slope,
+    TWO: tl.constexpr, HAS_ACT: tl.constexpr, MASK_FROM_Y: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (N, P): program p of sample n writes its voxels' sums of g, g * ahat (and g * bhat), g the
+    gradient of the pre-activation, into part[j, n, p, :]."""
+    n = tl.program_id(0)
+    p = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    start = p * rows_per_prog
+    stop = tl.minimum(start + rows_per_prog, S)
     base = n.to(tl.int64) * S * C
-    mean = tl.load(mean_ptr + n * C + cols, mask=col_ok, other=0.0)
-    invstd = tl.load(invstd_ptr + n * C + cols, mask=col_ok, other=0.0)
-    sg = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sgx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    KNC = (2 if TWO else 1) * N * C
+    sg = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    sga = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    sgb = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for r0 in range(0, rows_per_prog, BLOCK_S):
         rows = start + r0 + tl.arange(0, BLOCK_S)
         ok = (rows < stop)[:, None] & col_ok[None, :]
         offs = base + rows.to(tl.int64)[:, None] * C + cols[None, :]
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        xhat = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * invstd[None, :]
-        sg += tl.sum(g, axis=0)
-        sgx += tl.sum(tl.where(ok, g * xhat, 0.0), axis=0)
-    out = (n * P + p) * C + cols
-    tl.store(sg_ptr + out, sg, mask=col_ok)
-    tl.store(sgx_ptr + out, sgx, mask=col_ok)
+        ahat, za = _affine(a_ptr, offs, ok, stat_ptr, n * C + cols, KNC, col_ok)
+        g = tl.where(ok, _masked_grad(g_ptr, y_ptr, offs, ok, za, slope, HAS_ACT, MASK_FROM_Y), 0.0)
+        sg += g
+        sga += g * ahat
+        if TWO:
+            bhat, _ = _affine(b_ptr, offs, ok, stat_ptr, (N + n) * C + cols, KNC, col_ok)
+            sgb += g * bhat
+    out = (n * P + p).to(tl.int64) * C + cols
+    NPC = N * P * C
+    tl.store(part_ptr + out, tl.sum(sg, axis=0), mask=col_ok)
+    tl.store(part_ptr + NPC + out, tl.sum(sga, axis=0), mask=col_ok)
+    if TWO:
+        tl.store(part_ptr + 2 * NPC + out, tl.sum(sgb, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _merge_grad_kernel(
-    part_g_ptr, part_gx_ptr, invstd_ptr, w_ptr, sg_ptr, sgx_ptr, k_ptr, S, C, P,
-    HAS_AFFINE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """A sample's sums of dy and dy * xhat over its programs, and k = invstd * weight."""
-    n = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
+def _merge_sums_kernel(part_ptr, sums_ptr, N, C, P, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (J * N, channel chunks): sums[j, n, c] = sum over the programs p of part[j, n, p, c]."""
+    jn = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    sg = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sgx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    row0 = jn.to(tl.int64) * P
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         ok = (ps < P)[:, None] & col_ok[None, :]
-        at = (n * P + ps)[:, None] * C + cols[None, :]
-        sg += tl.sum(tl.load(part_g_ptr + at, mask=ok, other=0.0), axis=0)
-        sgx += tl.sum(tl.load(part_gx_ptr + at, mask=ok, other=0.0), axis=0)
-    k = tl.load(invstd_ptr + n * C + cols, mask=col_ok, other=0.0)
-    if HAS_AFFINE:
-        k = k * tl.load(w_ptr + cols, mask=col_ok, other=0.0)
-    tl.store(sg_ptr + n * C + cols, sg, mask=col_ok)
-    tl.store(sgx_ptr + n * C + cols, sgx, mask=col_ok)
-    tl.store(k_ptr + n * C + cols, k, mask=col_ok)
+        acc += tl.load(part_ptr + (row0 + ps)[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    tl.store(sums_ptr + jn * C + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _grad_input_kernel(g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, k_ptr, sg_ptr, sgx_ptr, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, cols, col_ok, ok, offs = _tile_program(S, C, BLOCK_S, BLOCK_C)
-    at = n * C + cols
-    mean = tl.load(mean_ptr + at, mask=col_ok, other=0.0)
-    invstd = tl.load(invstd_ptr + at, mask=col_ok, other=0.0)
-    k = tl.load(k_ptr + at, mask=col_ok, other=0.0)  # invstd * weight
-    mg = tl.load(sg_ptr + at, mask=col_ok, other=0.0) / S  # mean of dy
-    mgx = tl.load(sgx_ptr + at, mask=col_ok, other=0.0) / S  # mean of dy * xhat
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    xhat = (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * invstd[None, :]
-    dx = k[None, :] * (g - mg[None, :] - xhat * mgx[None, :])
+def _input_grad(x_ptr, dx_ptr, offs, ok, g, stat_ptr, stat_at, KNC, sum_g, sum_gx, col_ok, S):
+    """dx = scale * (g - mean(g) - xhat * mean(g * xhat)), scale = weight / std (per channel)."""
+    xhat, _ = _affine(x_ptr, offs, ok, stat_ptr, stat_at, KNC, col_ok)
+    scale = tl.load(stat_ptr + 2 * KNC + stat_at, mask=col_ok, other=0.0)
+    dx = scale[None, :] * (g - (sum_g / S)[None, :] - xhat * (sum_gx / S)[None, :])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-#: elements of one tile (BLOCK_S x BLOCK_C), and the programs per sample a reduction aims at (times
-#: the batch: a few per streaming multiprocessor)
-_TILE = 4096
-_REDUCE_PROGRAMS = 512
-
-
-def _blocks(c: int) -> tuple[int, int]:
-    """(rows, channel lanes) of a tile: also the partial results a merge program reads at a time."""
-    block_c = triton.next_power_of_2(c)
-    return max(1, _TILE // block_c), block_c
-
-
-def _split(n: int, s: int, block_s: int) -> tuple[int, int]:
-    """(programs per sample, voxels per program) of a reduction over ``s`` voxels."""
-    tiles = triton.cdiv(s, block_s)
-    programs = max(1, min(tiles, triton.cdiv(_REDUCE_PROGRAMS, n)))
-    rows = triton.cdiv(tiles, programs) * block_s
-    return triton.cdiv(s, rows), rows
+@triton.jit
+def _backward_kernel(
+    g_ptr, y_ptr, a_ptr, b_ptr, da_ptr, db_ptr, dr_ptr, stat_ptr, sums_ptr, S, C, N, slope,
+    TWO: tl.constexpr, HAS_RES: tl.constexpr, HAS_ACT: tl.constexpr, MASK_FROM_Y: tl.constexpr,
+    NEED_A: tl.constexpr, NEED_B: tl.constexpr, NEED_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n, cols, col_ok, ok, offs = _tile(S, C, BLOCK_S, BLOCK_C)
+    NC = N * C
+    KNC = (2 if TWO else 1) * NC
+    at = n * C + cols
+    za = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    if HAS_ACT and not MASK_FROM_Y:
+        _, za = _affine(a_ptr, offs, ok, stat_ptr, at, KNC, col_ok)
+    g = _masked_grad(g_ptr, y_ptr, offs, ok, za, slope, HAS_ACT, MASK_FROM_Y)
+    if HAS_RES and NEED_R:
+        tl.store(dr_ptr + offs, g.to(dr_ptr.dtype.element_ty), mask=ok)
+    # sums[0] = sum of g, sums[1] = sum of g * ahat, sums[2] = sum of g * bhat, each (N, C)
+    sum_g = tl.load(sums_ptr + at, mask=col_ok, other=0.0)
+    if NEED_A:
+        sum_ga = tl.load(sums_ptr + NC + at, mask=col_ok, other=0.0)
+        _input_grad(a_ptr, da_ptr, offs, ok, g, stat_ptr, at, KNC, sum_g, sum_ga, col_ok, S)
+    if TWO and NEED_B:
+        sum_gb = tl.load(sums_ptr + 2 * NC + at, mask=col_ok, other=0.0)
+        _input_grad(b_ptr, db_ptr, offs, ok, g, stat_ptr, NC + at, KNC, sum_g, sum_gb, col_ok, S)
 
 
 def _on(device: torch.device):
@@ -211,61 +276,129 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-class TritonInstanceNorm(torch.autograd.Function):
-    """``TritonInstanceNorm.apply(x, weight, bias, eps)``: instance norm of a channels-last_3d CUDA tensor
-    ``x`` (N, C, D, H, W); ``weight`` and ``bias`` of shape (C,) or both None. Output channels-last_3d."""
+class _Launch:
+    """Block shapes and grids for (N, C, voxels S) per :data:`CONFIG`."""
+
+    def __init__(self, n: int, c: int, s: int) -> None:
+        self.block_c = triton.next_power_of_2(c)
+        self.reduce_s = max(1, CONFIG["reduce_tile"] // self.block_c)
+        self.tile_s = max(1, CONFIG["tile"] // self.block_c)
+        tiles = triton.cdiv(s, self.reduce_s)
+        programs = max(1, min(tiles, triton.cdiv(CONFIG["programs"], n)))
+        self.rows = triton.cdiv(tiles, programs) * self.reduce_s  # voxels per reduction program
+        self.P = triton.cdiv(s, self.rows)
+        self.merge_c = min(self.block_c, 16)
+        self.merge_p = max(1, CONFIG["merge_rows"] * 16 // self.merge_c)
+        self.grid_reduce = (n, self.P)
+        self.grid_tiles = (n, triton.cdiv(s, self.tile_s))
+        self.grid_merge = triton.cdiv(c, self.merge_c)
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last_3d)
+
+
+class _FusedNorm(torch.autograd.Function):
+    """See :func:`fused_norm`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        with _on(x.device):
-            return TritonInstanceNorm._forward(ctx, x, weight, bias, eps)
+    def forward(ctx, a, wa, ba, b, wb, bb, r, eps, slope):
+        with _on(a.device):
+            n, c = a.shape[:2]
+            s = a[0, 0].numel()
+            two, affine = b is not None, wa is not None
+            L = _Launch(n, c, s)
+            k = 2 if two else 1
+            part = torch.empty(2, k, n, L.P, c, device=a.device, dtype=torch.float32)
+            _stats_kernel[(n, L.P, k)](
+                a, b if two else a, part, s, c, n, L.rows, L.P,
+                BLOCK_S=L.reduce_s, BLOCK_C=L.block_c, num_warps=CONFIG["reduce_warps"],
+            )
+            stat = torch.empty(4, k, n, c, device=a.device, dtype=torch.float32)  # mean, 1/std, scale, shift
+            w = torch.stack([wa, wb]).float() if two and affine else (wa.float().contiguous() if affine else stat)
+            bias = torch.stack([ba, bb]).float() if two and affine else (ba.float().contiguous() if affine else stat)
+            _merge_stats_kernel[(k * n, L.grid_merge)](
+                part, w, bias, stat, s, c, n, L.rows, L.P, eps, HAS_AFFINE=affine, BLOCK_P=L.merge_p, BLOCK_C=L.merge_c,
+            )
+            y = torch.empty_like(a, memory_format=torch.channels_last_3d)
+            act = slope is not None
+            _forward_kernel[L.grid_tiles](
+                a, b if two else a, r if r is not None else a, y, stat, s, c, n, float(slope or 0.0),
+                TWO=two, HAS_RES=r is not None, HAS_ACT=act, BLOCK_S=L.tile_s, BLOCK_C=L.block_c, num_warps=CONFIG["warps"],
+            )
+        # The activation's mask: recomputed from a alone, else read from y (a saved output costs no memory).
+        ctx.mask_from_y = act and (two or r is not None)
+        ctx.save_for_backward(a, b, stat, y if ctx.mask_from_y else None)
+        ctx.eps, ctx.slope, ctx.two, ctx.affine, ctx.has_res = eps, slope, two, affine, r is not None
+        ctx.dtypes = (wa.dtype if affine else None, r.dtype if r is not None else None)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        with _on(grad_out.device):
-            return TritonInstanceNorm._backward(ctx, grad_out)
+        a, b, stat, y = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with _on(a.device):
+            n, c = a.shape[:2]
+            s = a[0, 0].numel()
+            two, act = ctx.two, ctx.slope is not None
+            L = _Launch(n, c, s)
+            g = _cl(grad_out)
+            j = 3 if two else 2
+            part = torch.empty(j, n, L.P, c, device=a.device, dtype=torch.float32)
+            flags = dict(TWO=two, HAS_ACT=act, MASK_FROM_Y=ctx.mask_from_y)
+            _grad_sums_kernel[L.grid_reduce](
+                g, y if y is not None else g, a, b if two else a, stat, part, s, c, n, L.rows, L.P, float(ctx.slope or 0.0),
+                **flags, BLOCK_S=L.reduce_s, BLOCK_C=L.block_c, num_warps=CONFIG["reduce_warps"],
+            )
+            sums = torch.empty(j, n, c, device=a.device, dtype=torch.float32)
+            _merge_sums_kernel[(j * n, L.grid_merge)](part, sums, n, c, L.P, BLOCK_P=L.merge_p, BLOCK_C=L.merge_c)
+            need_a, need_b, need_r = needs[0], two and needs[3], ctx.has_res and needs[6]
+            da = torch.empty_like(a, memory_format=torch.channels_last_3d) if need_a else None
+            db = torch.empty_like(b, memory_format=torch.channels_last_3d) if need_b else None
+            dr = torch.empty_like(a, dtype=ctx.dtypes[1], memory_format=torch.channels_last_3d) if need_r else None
+            if need_a or need_b or need_r:
+                _backward_kernel[L.grid_tiles](
+                    g, y if y is not None else g, a, b if two else a, da if need_a else g, db if need_b else g, dr if need_r else g,
+                    stat, sums, s, c, n, float(ctx.slope or 0.0), **flags, HAS_RES=ctx.has_res,
+                    NEED_A=need_a, NEED_B=need_b, NEED_R=need_r, BLOCK_S=L.tile_s, BLOCK_C=L.block_c, num_warps=CONFIG["warps"],
+                )
+        grads = [da, None, None, db, None, None, dr]
+        if ctx.affine:  # d/dweight = sum over samples of sum(g * xhat); d/dbias = sum of sum(g)
+            wdt = ctx.dtypes[0]
+            grads[1] = sums[1].sum(0).to(wdt) if needs[1] else None
+            grads[2] = sums[0].sum(0).to(wdt) if needs[2] else None
+            if two:
+                grads[4] = sums[2].sum(0).to(wdt) if needs[4] else None
+                grads[5] = sums[0].sum(0).to(wdt) if needs[5] else None
+        return (*grads, None, None)
+
+
+def fused_norm(a, weight_a=None, bias_a=None, b=None, weight_b=None, bias_b=None, residual=None, eps=1e-5, slope=None):
+    """``leaky_relu(norm(a) [+ norm(b)] [+ residual], slope)`` of channels-last_3d CUDA tensors (N, C, D, H, W).
+
+    Args:
+        a: the normalised input.
+        weight_a, bias_a: its affine parameters, shape (C,), or both None.
+        b, weight_b, bias_b: a second normalised input of ``a``'s shape and dtype, and its parameters
+            (affine exactly when ``a``'s are), or None.
+        residual: added after the norms, as it is (not together with ``b``), or None.
+        eps: added to the variance.
+        slope: the LeakyReLU's negative slope; None: no activation.
+
+    Returns:
+        A channels-last_3d tensor of ``a``'s dtype.
+    """
+    if b is not None and residual is not None:
+        raise ValueError("fused_norm takes a second normalised input or a residual, not both")
+    return _FusedNorm.apply(_cl(a), weight_a, bias_a, None if b is None else _cl(b), weight_b, bias_b,
+                            None if residual is None else _cl(residual), eps, slope)  # fmt: skip
+
+
+class TritonInstanceNorm:
+    """``TritonInstanceNorm.apply(x, weight, bias, eps)``: the plain instance norm of a channels-last_3d
+    CUDA tensor ``x`` (N, C, D, H, W); ``weight`` and ``bias`` of shape (C,) or both None."""
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, eps):
-        n, c = x.shape[:2]
-        s = x[0, 0].numel()
-        block_s, block_c = _blocks(c)
-        programs, rows = _split(n, s, block_s)
-        part_mean = torch.empty(n, programs, c, device=x.device, dtype=torch.float32)
-        part_m2 = torch.empty_like(part_mean)
-        _stats_kernel[(n, programs)](x, part_mean, part_m2, s, c, rows, programs, BLOCK_S=block_s, BLOCK_C=block_c)
-        mean = torch.empty(n, c, device=x.device, dtype=torch.float32)
-        invstd = torch.empty_like(mean)
-        _merge_stats_kernel[(n,)](part_mean, part_m2, mean, invstd, s, c, rows, programs, eps, BLOCK_P=block_s, BLOCK_C=block_c)
-        y = torch.empty_like(x, memory_format=torch.channels_last_3d)
-        affine = weight is not None
-        w = weight.float().contiguous() if affine else mean
-        b = bias.float().contiguous() if affine else mean
-        _normalise_kernel[(n, triton.cdiv(s, block_s))](x, y, mean, invstd, w, b, s, c, HAS_AFFINE=affine, BLOCK_S=block_s, BLOCK_C=block_c)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.affine = affine
-        return y
-
-    @staticmethod
-    def _backward(ctx, grad_out):
-        x, weight, mean, invstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        s = x[0, 0].numel()
-        g = grad_out.contiguous(memory_format=torch.channels_last_3d)
-        block_s, block_c = _blocks(c)
-        programs, rows = _split(n, s, block_s)
-        part_g = torch.empty(n, programs, c, device=x.device, dtype=torch.float32)
-        part_gx = torch.empty_like(part_g)
-        _grad_sums_kernel[(n, programs)](g, x, mean, invstd, part_g, part_gx, s, c, rows, programs, BLOCK_S=block_s, BLOCK_C=block_c)
-        sum_g, sum_gx, k = (torch.empty_like(mean) for _ in range(3))  # (N, C); k = invstd * weight
-        w = weight.float().contiguous() if ctx.affine else mean
-        _merge_grad_kernel[(n,)](part_g, part_gx, invstd, w, sum_g, sum_gx, k, s, c, programs, HAS_AFFINE=ctx.affine, BLOCK_P=block_s, BLOCK_C=block_c)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x, memory_format=torch.channels_last_3d)
-            _grad_input_kernel[(n, triton.cdiv(s, block_s))](g, x, grad_x, mean, invstd, k, sum_g, sum_gx, s, c, BLOCK_S=block_s, BLOCK_C=block_c)
-        if ctx.affine:
-            grad_w = sum_gx.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            grad_b = sum_g.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+    def apply(x, weight, bias, eps):
+        return fused_norm(x, weight, bias, eps=eps)
