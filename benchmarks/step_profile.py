@@ -118,8 +118,8 @@ def train_step(model, device, roi, batch, classes):
     return step
 
 
-STEP_VARIANTS = "REP3D,REP3D@triton,REP3D@batch_norm,REP3D@sums,REP3D_FixedPrior,nnUNet,REP3D+compile,nnUNet+compile"
-INFER_VARIANTS = "REP3D,REP3D@triton,REP3D@batch_norm,REP3D@sums,nnUNet,REP3D+compile,nnUNet+compile"
+STEP_VARIANTS = "REP3D,REP3D@triton,REP3D_FixedPrior,REP3D_FixedPrior@triton,nnUNet,REP3D+compile,nnUNet+compile"
+INFER_VARIANTS = "REP3D,REP3D@triton,nnUNet,REP3D+compile,nnUNet+compile"
 
 
 @contextlib.contextmanager
@@ -246,6 +246,34 @@ def section_norms(device, reps) -> None:
                 continue
             rows[f"norm fwd {impl} {shape}"], rows[f"norm fwd+bwd {impl} {shape}"] = f, fb
             print(f"norm {impl:22s} {shape}: forward {f['median_ms']:.3f} ms ({gib / f['median_ms'] * 1e3:.0f} GiB/s of input), forward + backward {fb['median_ms']:.3f} ms", flush=True)
+    # A residual block's last tail, LeakyReLU(norm2(a) + norm3(b)): PyTorch's kernels (the default
+    # statistics) against the fused Triton kernels of networks/triton_norm.py
+    for shape in [(2, 48, 96, 96, 96), (4, 48, 96, 96, 96)]:
+        if device.type != "cuda":
+            break
+        a, b = (torch.randn(shape, device=device, dtype=torch.bfloat16).contiguous(memory_format=cl).requires_grad_() for _ in range(2))
+        g = torch.randn_like(a)
+        n2, n3, act = ChannelsLastInstanceNorm3d(shape[1]), ChannelsLastInstanceNorm3d(shape[1]), torch.nn.LeakyReLU(0.01, inplace=True)
+        try:
+            with norm_impl("triton"):
+                kernels = layout.triton_kernels(a)
+        except Exception as e:
+            _failed(rows, f"tail triton {shape}", f"tail triton {shape}", e)
+            kernels = None
+        ways = {"pytorch": lambda: act(n2(a).add_(n3(b)))}
+        if kernels is not None:
+            ways["triton fused"] = lambda: kernels.fused_norm(a, b=b, slope=0.01)
+        for label, fn in ways.items():
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    fn()
+
+            def fwd_bwd(fn=fn):
+                fn().backward(g)
+
+            f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+            rows[f"tail fwd {label} {shape}"], rows[f"tail fwd+bwd {label} {shape}"] = f, fb
+            print(f"tail LeakyReLU(norm(a) + norm(b)) {label:13s} {shape}: forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms", flush=True)
     for ratio in (0.0, 3.0, 30.0):
         x = (torch.randn(2, 48, 48, 48, 48, device=device) + ratio).contiguous(memory_format=cl)
         ref = torch.nn.functional.instance_norm(x.double(), eps=1e-5)
@@ -318,12 +346,15 @@ def profile(label: str, fn, device, steps: int = 3, top: int = 25) -> dict:
     # GPU kernels only (not the CPU-side ops that contain them): device type CUDA events.
     kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")]
     by_cat: dict = defaultdict(float)
+    by_name: dict = defaultdict(lambda: [0.0, 0])
     kernel_ms = 0.0
     spans = []
     for e in kernels:
         ms = e.time_range.elapsed_us() / 1e3 / steps
         kernel_ms += ms
         by_cat[_category(e.name)] += ms
+        by_name[e.name][0] += ms
+        by_name[e.name][1] += 1
         spans.append((e.time_range.start, e.time_range.end))
     busy = 0.0
     last_end = None
@@ -343,6 +374,7 @@ def profile(label: str, fn, device, steps: int = 3, top: int = 25) -> dict:
         "kernels_per_step": len(kernels) / steps,
         "by_category_ms": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
         "top_ops": [r for r in ops if not r["op"].startswith("ProfilerStep")][:top],
+        "top_kernels": [{"kernel": k[:200], "ms": v[0], "calls": v[1] / steps} for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]],
     }
     print(f"\n== profile: {label} ==\nwall {wall_ms:.1f} ms/step, GPU busy {busy_ms:.1f} ms ({100 * (1 - (out['gpu_idle_fraction'] or 0)):.0f}%), "
           f"kernel time {kernel_ms:.1f} ms, {out['kernels_per_step']:.0f} kernels/step", flush=True)
@@ -350,6 +382,9 @@ def profile(label: str, fn, device, steps: int = 3, top: int = 25) -> dict:
         print(f"  {cat:14s} {ms:8.2f} ms", flush=True)
     for r in out["top_ops"][:top]:
         print(f"  {r['ms']:8.2f} ms  {r['calls']:6.0f}x  {r['op'][:90]}", flush=True)
+    print("  -- kernels by name --", flush=True)
+    for r in out["top_kernels"][:top]:
+        print(f"  {r['ms']:8.2f} ms  {r['calls']:6.0f}x  {r['kernel'][:110]}", flush=True)
     return out
 
 

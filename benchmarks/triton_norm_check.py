@@ -3,6 +3,7 @@ backward, at shapes that exercise its tiling and merging: on a GPU, or on the CP
 
     python3 -m benchmarks.triton_norm_check                      # CUDA
     TRITON_INTERPRET=1 python3 -m benchmarks.triton_norm_check   # CPU (Triton 3.6's interpreter wants numpy < 2.3)
+    python3 -m benchmarks.triton_norm_check --tune               # CUDA: time the launch settings
 
 Prints each case's largest error relative to the reference's largest value (output, input gradient, and
 weight / bias gradients when affine) and exits 1 if one is above the tolerance (1e-4 in float32, where |mean| / std up to 60 costs (x - mean) about
@@ -112,8 +113,49 @@ def case_errors(shape, affine: bool, dtype: torch.dtype, device: str) -> list[fl
     return _errors(*zip(*pairs))
 
 
+#: (shape, mode) the launch settings are timed on: the decoder's full-resolution tails in training (batch
+#: 2) and in a deploy window batch (4), and a half-resolution one
+TUNE_SHAPES = [((2, 48, 96, 96, 96), "two"), ((4, 48, 96, 96, 96), "act"), ((2, 96, 48, 48, 48), "two")]
+#: each alternative changes one setting of networks.triton_norm.CONFIG
+TUNE_CHOICES = {"reduce_tile": (1024, 4096, 8192), "reduce_warps": (2, 8), "programs": (1024, 4096, 8192), "tile": (2048, 8192), "warps": (2, 8)}
+
+
+def tune(reps: int = 20) -> None:
+    """Median forward and forward + backward times (CUDA events) of :func:`fused_norm` in bf16 with the
+    default :data:`CONFIG` and with each alternative of :data:`TUNE_CHOICES`."""
+    from networks import triton_norm
+
+    default = dict(triton_norm.CONFIG)
+    configs = [("default", {})] + [(f"{k}={v}", {k: v}) for k, choices in TUNE_CHOICES.items() for v in choices]
+    for shape, mode in TUNE_SHAPES:
+        a, b = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d).requires_grad_() for _ in range(2))
+        g = torch.randn_like(a)
+        kw = {"b": b} if mode == "two" else {}
+        gb = a.numel() * a.element_size() / 1e9
+        for label, change in configs:
+            triton_norm.CONFIG.update(default, **change)
+            times = {}
+            for what, fn in (("fwd", lambda: fused_norm(a, **kw, slope=SLOPE)), ("fwd+bwd", lambda: fused_norm(a, **kw, slope=SLOPE).backward(g))):
+                for _ in range(3):
+                    fn()
+                ts = []
+                for _ in range(reps):
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    fn()
+                    e1.record()
+                    e1.synchronize()
+                    ts.append(e0.elapsed_time(e1))
+                times[what] = sorted(ts)[len(ts) // 2]
+            print(f"tune {mode} {shape} {label:18s} forward {times['fwd']:.3f} ms, forward + backward {times['fwd+bwd']:.3f} ms ({gb:.3f} GB a tensor)", flush=True)
+    triton_norm.CONFIG.update(default)
+
+
 def main() -> int:
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    if "--tune" in sys.argv[1:]:
+        tune()
+        return 0
     all_ok = True
     for shape, affine, dtype in CASES:
         errors = case_errors(shape, affine, dtype, device)

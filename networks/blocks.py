@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 
-from .layout import decoder_uses_channels_last, memory_format_of, to_channels_last_3d, use_channels_last_instance_norms
+from .layout import decoder_uses_channels_last, memory_format_of, to_channels_last_3d, use_channels_last_instance_norms, use_fused_block_tails
 
 
 class LayerNormChannelsFirst(nn.Module):
@@ -198,6 +198,8 @@ class UnetrDecoderNet(nn.Module):
         # MONAI's instance norms copy channels-last tensors to NCDHW; these keep the decoder's layout
         # (same parameters and keys). The encoders have none: this swaps the decoder's.
         use_channels_last_instance_norms(self)
+        # ... and their "norm (+ add) + LeakyReLU" tails run as fused Triton kernels where asked for (layout.py)
+        use_fused_block_tails(self)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming a usable ROI if the network cannot take ``x`` (a meta tensor will do)."""

@@ -18,14 +18,18 @@ import importlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
 from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ChannelsLastInstanceNorm3d",
+    "FusedUnetBasicBlock",
+    "FusedUnetResBlock",
     "decoder_uses_channels_last",
     "memory_format_of",
     "to_channels_last_3d",
     "use_channels_last_instance_norms",
+    "use_fused_block_tails",
 ]
 
 
@@ -75,9 +79,9 @@ def stats_mode(x: torch.Tensor) -> str:
     return instance_norm_impl
 
 
-def triton_norm(x: torch.Tensor):
-    """:class:`networks.triton_norm.TritonInstanceNorm` if :data:`instance_norm_impl` is ``"triton"``,
-    else None. The first call loads it and runs it forward and backward on a small tensor on ``x``'s
+def triton_kernels(x: torch.Tensor):
+    """:mod:`networks.triton_norm` if :data:`instance_norm_impl` asks for Triton's kernels (``"triton"``), else
+    None. The first call loads it and runs each of its ways forward and backward on a small tensor on ``x``'s
     device, so that a Triton that cannot compile for this GPU fails here, with its own error."""
     _check_impl()
     if instance_norm_impl != "triton":
@@ -85,10 +89,18 @@ def triton_norm(x: torch.Tensor):
     if "module" not in _triton:
         # by name: a network's sources stay free of Triton (networks/triton_norm.py's docstring)
         module = importlib.import_module(".triton_norm", __package__)
-        probe = torch.randn(2, 8, 4, 5, 6, device=x.device).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-        module.TritonInstanceNorm.apply(probe, None, None, 1e-5).sum().backward()
+        probe = [torch.randn(2, 8, 4, 5, 6, device=x.device).contiguous(memory_format=torch.channels_last_3d).requires_grad_() for _ in range(3)]
+        for kw in ({}, {"slope": 0.01}, {"residual": probe[2], "slope": 0.01}, {"b": probe[1], "slope": 0.01}):
+            module.fused_norm(probe[0], **kw).sum().backward()
         _triton["module"] = module
-    return _triton["module"].TritonInstanceNorm
+    return _triton["module"]
+
+
+def triton_norm(x: torch.Tensor):
+    """:class:`networks.triton_norm.TritonInstanceNorm` if :data:`instance_norm_impl` is ``"triton"``, else
+    None (:func:`triton_kernels`)."""
+    module = triton_kernels(x)
+    return None if module is None else module.TritonInstanceNorm
 
 
 def _stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,3 +251,69 @@ def decoder_uses_channels_last(setting: bool | str, x: torch.Tensor) -> bool:
     if not isinstance(setting, bool):
         raise ValueError(f"decoder_channels_last must be True, False or 'auto', got {setting!r}.")
     return setting
+
+
+def _fused_kernels(block: nn.Module, inp: torch.Tensor):
+    """The Triton module for ``block``'s input, or None where the stock forward runs: off CUDA, on an input
+    that is not channels-last, inside torch.compile / TorchScript / ONNX export, or when
+    :data:`instance_norm_impl` does not ask for Triton."""
+    if not inp.is_cuda or not inp.is_contiguous(memory_format=torch.channels_last_3d):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return None
+    return triton_kernels(inp)
+
+
+def _norm_args(norm: "ChannelsLastInstanceNorm3d") -> dict:
+    return {"weight_a": norm.weight, "bias_a": norm.bias, "eps": norm.eps}
+
+
+class FusedUnetResBlock(UnetResBlock):
+    """MONAI's ``UnetResBlock`` whose "norm -> LeakyReLU" and "norm (+ the residual's norm) -> add ->
+    LeakyReLU" tails run as the fused Triton kernels of :mod:`networks.triton_norm` where
+    :func:`_fused_kernels` allows, else MONAI's forward. Same modules, parameters and state dict."""
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        kernels = _fused_kernels(self, inp)
+        if kernels is None:
+            return super().forward(inp)
+        slope = self.lrelu.negative_slope
+        out = self.conv2(kernels.fused_norm(self.conv1(inp), **_norm_args(self.norm1), slope=slope))
+        if hasattr(self, "conv3"):
+            norm3 = self.norm3
+            return kernels.fused_norm(out, **_norm_args(self.norm2), b=self.conv3(inp), weight_b=norm3.weight, bias_b=norm3.bias, slope=slope)
+        return kernels.fused_norm(out, **_norm_args(self.norm2), residual=inp, slope=slope)
+
+
+class FusedUnetBasicBlock(UnetBasicBlock):
+    """MONAI's ``UnetBasicBlock`` with its two "norm -> LeakyReLU" tails fused, as :class:`FusedUnetResBlock`."""
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        kernels = _fused_kernels(self, inp)
+        if kernels is None:
+            return super().forward(inp)
+        slope = self.lrelu.negative_slope
+        out = self.conv2(kernels.fused_norm(self.conv1(inp), **_norm_args(self.norm1), slope=slope))
+        return kernels.fused_norm(out, **_norm_args(self.norm2), slope=slope)
+
+
+def _fusable(block: nn.Module) -> bool:
+    norms = [getattr(block, name) for name in ("norm1", "norm2", "norm3") if hasattr(block, name)]
+    if not isinstance(block.lrelu, nn.LeakyReLU) or not all(isinstance(n, ChannelsLastInstanceNorm3d) for n in norms):
+        return False
+    # the residual's norm is fused with norm2: one eps, both affine or neither
+    return len(norms) < 3 or (norms[1].eps == norms[2].eps and (norms[1].weight is None) == (norms[2].weight is None))
+
+
+def use_fused_block_tails(module: nn.Module) -> int:
+    """Give every MONAI ``UnetResBlock`` / ``UnetBasicBlock`` inside ``module`` whose norms are
+    :class:`ChannelsLastInstanceNorm3d` and whose activation is a LeakyReLU the fused forward of
+    :class:`FusedUnetResBlock` / :class:`FusedUnetBasicBlock` (its class is swapped for the subclass: same
+    modules, parameters and state dict); returns how many blocks."""
+    count = 0
+    for block in module.modules():
+        for stock, fused in ((UnetResBlock, FusedUnetResBlock), (UnetBasicBlock, FusedUnetBasicBlock)):
+            if type(block) is stock and _fusable(block):
+                block.__class__ = fused
+                count += 1
+    return count

@@ -122,6 +122,56 @@ def test_triton_instance_norm_matches_float64(case):
     assert max(case_errors(shape, affine, dtype, "cuda")) <= tolerance(dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+@pytest.mark.parametrize("case", range(6))
+def test_triton_fused_tails_match_float64(case):
+    from benchmarks.triton_norm_check import FUSED_CASES, fused_case_errors, tolerance
+
+    shape, affine, dtype, mode = FUSED_CASES[case]
+    assert max(fused_case_errors(shape, affine, dtype, mode, "cuda")) <= tolerance(dtype)
+
+
+def _logits_and_grads(net, x):
+    net.zero_grad(set_to_none=True)
+    y = net(x)
+    (y.float() ** 2).mean().backward()
+    return y.detach().float(), torch.cat([p.grad.flatten().float() for p in net.parameters()])
+
+
+def test_fused_block_tails_keep_modules_and_stock_forward_off_cuda():
+    """The decoder's MONAI blocks get the fused forward by a class swap: same modules and state dict,
+    still MONAI's classes; on the CPU they run MONAI's forward (the same numbers as unswapped blocks)."""
+    from monai.networks.blocks.dynunet_block import UnetResBlock
+
+    torch.manual_seed(0)
+    net = build_network("REP3D", **FFT_TINY).double()
+    blocks = [m for m in net.modules() if isinstance(m, UnetResBlock)]
+    assert blocks and all(type(m) is layout.FusedUnetResBlock for m in blocks)
+    stock = copy.deepcopy(net)
+    for m in stock.modules():
+        if type(m) is layout.FusedUnetResBlock:
+            m.__class__ = UnetResBlock
+    assert list(stock.state_dict()) == list(net.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32, dtype=torch.float64)
+    for a, b in zip(_logits_and_grads(net, x), _logits_and_grads(stock, x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+def test_triton_decoder_matches_pytorch_kernels(monkeypatch):
+    """A tiny REP3D with the fused Triton tails gives the logits and gradients of PyTorch's kernels
+    (float32, channels-last decoder on CUDA)."""
+    torch.manual_seed(0)
+    net = build_network("REP3D", **FFT_TINY).cuda()
+    x = torch.randn(2, 1, 32, 32, 32, device="cuda")
+    monkeypatch.setattr(layout, "instance_norm_impl", "batch_norm")
+    ref = _logits_and_grads(net, x)
+    monkeypatch.setattr(layout, "instance_norm_impl", "triton")
+    ours = _logits_and_grads(net, x)
+    for a, b in zip(ours, ref):
+        assert float((a - b).norm() / b.norm()) < 1e-4
+
+
 def test_to_channels_last_single_channel_gets_channels_last_strides():
     x = torch.randn(2, 1, 4, 5, 6)
     y = to_channels_last_3d(x)
