@@ -118,8 +118,8 @@ def train_step(model, device, roi, batch, classes):
     return step
 
 
-STEP_VARIANTS = "REP3D,REP3D@triton,REP3D_FixedPrior,REP3D_FixedPrior@triton,nnUNet,REP3D+compile,nnUNet+compile"
-INFER_VARIANTS = "REP3D,REP3D@triton,nnUNet,REP3D+compile,nnUNet+compile"
+STEP_VARIANTS = "REP3D,REP3D@pytorch,REP3D_FixedPrior,REP3D_FixedPrior@pytorch,nnUNet,REP3D+compile,nnUNet+compile"
+INFER_VARIANTS = "REP3D,REP3D@pytorch,nnUNet,REP3D+compile,nnUNet+compile"
 
 
 @contextlib.contextmanager
@@ -274,6 +274,8 @@ def section_norms(device, reps) -> None:
             f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
             rows[f"tail fwd {label} {shape}"], rows[f"tail fwd+bwd {label} {shape}"] = f, fb
             print(f"tail LeakyReLU(norm(a) + norm(b)) {label:13s} {shape}: forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms", flush=True)
+    if device.type == "cuda":
+        _encoder_pieces(device, reps, rows)
     for ratio in (0.0, 3.0, 30.0):
         x = (torch.randn(2, 48, 48, 48, 48, device=device) + ratio).contiguous(memory_format=cl)
         ref = torch.nn.functional.instance_norm(x.double(), eps=1e-5)
@@ -285,6 +287,53 @@ def section_norms(device, reps) -> None:
             rows[f"float32 output max abs error {impl} mean/std {ratio}"] = err = float((y.double() - ref).abs().max())
             print(f"norm {impl:10s} float32, |mean|/std {ratio:4.0f}: max abs error of the normalised output {err:.1e}", flush=True)
     RESULTS["norms"] = rows
+
+
+def _encoder_pieces(device, reps, rows) -> None:
+    """Two smaller pieces the Triton path changes: the single-channel 3^3 convolution into ``encoder1``
+    (stock, and zero-padded to networks.layout.PAD_CHANNELS channels) and the encoders' channels-first
+    LayerNorm (PyTorch's route, and the Triton kernel), bf16 autocast, forward and forward + backward."""
+    from monai.networks.blocks.dynunet_block import get_conv_layer
+
+    from networks.blocks import LayerNormChannelsFirst
+
+    for n in (2, 4):
+        conv = get_conv_layer(3, 1, 48, kernel_size=3, stride=1, conv_only=False, act=None, norm=None).to(device).to(memory_format=torch.channels_last_3d)
+        x = layout.to_channels_last_3d(torch.randn(n, 1, 96, 96, 96, device=device))
+        for label, fn in (("stock", lambda: conv(x)), ("padded", lambda: layout._conv(conv, x, layout._padded_input(x)))):
+            def fwd(fn=fn):
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    fn()
+
+            def fwd_bwd(fn=fn):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = fn()
+                y.float().sum().backward()
+
+            f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+            rows[f"conv 1->48 fwd {label} n={n}"], rows[f"conv 1->48 fwd+bwd {label} n={n}"] = f, fb
+            print(f"conv 1 -> 48 channels, 3^3, {n} x 96^3, {label:6s}: forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms", flush=True)
+    for shape in [(2, 48, 48, 48, 48), (4, 96, 24, 24, 24)]:
+        ln = LayerNormChannelsFirst(shape[1]).to(device)
+        x = torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+        for impl in ("pytorch", "triton"):
+            def fwd():
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    ln(x)
+
+            def fwd_bwd():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = ln(x)
+                y.sum().backward()
+
+            try:
+                with norm_impl(impl):
+                    f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+            except Exception as e:
+                _failed(rows, f"layer norm {impl} {shape}", f"layer norm {impl} {shape}", e)
+                continue
+            rows[f"layer norm fwd {impl} {shape}"], rows[f"layer norm fwd+bwd {impl} {shape}"] = f, fb
+            print(f"channels-first LayerNorm {impl:7s} {shape}: forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms", flush=True)
 
 
 def section_check(device, roi, batch, classes, tiny) -> None:

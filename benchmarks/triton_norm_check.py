@@ -20,7 +20,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from networks.triton_norm import TritonInstanceNorm, fused_norm
+from networks.triton_norm import TritonInstanceNorm, fused_norm, layer_norm_channels_first
 
 CASES = [
     ((1, 32, 61, 41, 31), False, torch.float32),  # several tiles a program, several merge chunks
@@ -41,6 +41,12 @@ FUSED_CASES = [
     ((2, 16, 12, 12, 12), False, torch.bfloat16, "two"),
 ]
 SLOPE = 0.01
+#: the encoders' channels-first LayerNorm: (shape, input dtype, output dtype)
+LN_CASES = [
+    ((2, 48, 9, 10, 11), torch.float32, torch.float32),
+    ((1, 384, 3, 3, 3), torch.bfloat16, torch.float32),  # wide channels, autocast's float32 output
+    ((2, 5, 17, 6, 7), torch.float32, torch.float32),
+]
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -92,6 +98,22 @@ def fused_case_errors(shape, affine: bool, dtype: torch.dtype, mode: str, device
     return _errors([y] + [t.grad for t in leaves], [y_ref] + [t.grad for t in refs])
 
 
+def layer_norm_errors(shape, dtype: torch.dtype, out_dtype: torch.dtype, device: str) -> list[float]:
+    """Largest errors of :func:`layer_norm_channels_first` against float64 ``F.layer_norm`` over the
+    channels, relative to the reference's largest value: output, input, weight and bias gradients."""
+    x = _input(shape, dtype, device, 0).detach().contiguous().requires_grad_()
+    w, b = _params(shape[1], True, device, 2)
+    torch.manual_seed(1)
+    g = torch.randn(shape, device=device, dtype=out_dtype)
+    y = layer_norm_channels_first(x, w, b, 1e-6, out_dtype)
+    y.backward(g)
+    assert y.dtype == out_dtype and y.is_contiguous()
+    refs = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y_ref = F.layer_norm(refs[0].movedim(1, -1), (shape[1],), refs[1], refs[2], 1e-6).movedim(-1, 1)
+    y_ref.backward(g.double())
+    return _errors([y, x.grad, w.grad, b.grad], [y_ref] + [t.grad for t in refs])
+
+
 def case_errors(shape, affine: bool, dtype: torch.dtype, device: str) -> list[float]:
     """Largest errors of the Triton norm against float64, relative to the reference's largest value:
     output, input gradient, and (affine) weight and bias gradients."""
@@ -117,7 +139,7 @@ def case_errors(shape, affine: bool, dtype: torch.dtype, device: str) -> list[fl
 #: 2) and in a deploy window batch (4), and a half-resolution one
 TUNE_SHAPES = [((2, 48, 96, 96, 96), "two"), ((4, 48, 96, 96, 96), "act"), ((2, 96, 48, 48, 48), "two")]
 #: each alternative changes one setting of networks.triton_norm.CONFIG
-TUNE_CHOICES = {"reduce_tile": (1024, 4096, 8192), "reduce_warps": (2, 8), "programs": (1024, 4096, 8192), "tile": (2048, 8192), "warps": (2, 8)}
+TUNE_CHOICES = {"reduce_tile": (512, 2048), "reduce_warps": (2, 8), "programs": (1024, 4096), "tile": (2048, 8192), "warps": (8,), "merge_rows": (64,)}
 
 
 def tune(reps: int = 20) -> None:
@@ -167,6 +189,11 @@ def main() -> int:
         ok = max(errors) <= tolerance(dtype)
         all_ok &= ok
         print(f"fused {mode:4s} {shape} {str(dtype):14s} affine={affine!s:5s} errors {' '.join(f'{e:.1e}' for e in errors)} {'ok' if ok else 'TOO LARGE'}")
+    for shape, dtype, out_dtype in LN_CASES:
+        errors = layer_norm_errors(shape, dtype, out_dtype, device)
+        ok = max(errors) <= tolerance(dtype)
+        all_ok &= ok
+        print(f"layer norm {shape} {str(dtype):14s} -> {str(out_dtype):14s} errors {' '.join(f'{e:.1e}' for e in errors)} {'ok' if ok else 'TOO LARGE'}")
     return 0 if all_ok else 1
 
 

@@ -11,7 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 
-from .layout import decoder_uses_channels_last, memory_format_of, to_channels_last_3d, use_channels_last_instance_norms, use_fused_block_tails
+from .layout import (
+    decoder_uses_channels_last,
+    memory_format_of,
+    to_channels_last_3d,
+    triton_kernels_for,
+    use_channels_last_instance_norms,
+    use_fused_block_tails,
+)
 
 
 class LayerNormChannelsFirst(nn.Module):
@@ -29,6 +36,10 @@ class LayerNormChannelsFirst(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = triton_kernels_for(x) if x.is_cuda and x.is_contiguous() else None
+        if kernels is not None:  # one Triton pass over the NCDHW tensor (networks/layout.py: instance_norm_impl)
+            autocast = torch.is_autocast_enabled("cuda") and x.dtype != torch.float64
+            return kernels.layer_norm_channels_first(x, self.weight, self.bias, self.eps, torch.float32 if autocast else x.dtype)
         # Move channels last so that F.layer_norm (one fused kernel) normalises over them.
         y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
         # Back in the input's memory format: a stray channels-last view sends the next cuDNN convolutions

@@ -14,6 +14,7 @@ channels-last (NDHWC) tensors without layout copies between them (benchmarks/RES
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -47,22 +48,28 @@ def to_channels_last_3d(x: torch.Tensor) -> torch.Tensor:
     return out.copy_(x)
 
 
-#: Which kernels :class:`ChannelsLastInstanceNorm3d` runs on a channels-last CUDA tensor (speed only; the
-#: same function): ``"batch_norm"``, PyTorch's channels-last batch-norm kernels one sample at a time
-#: (Welford statistics); ``"sums"``, the same but with the statistics from float32 sums of x and x^2 over
-#: the whole batch, ``var = E[x^2] - mean^2``, which loses about 1e-7 (mean / std)^2 of 1/std to
-#: cancellation (1.3e-4 at |mean| / std = 30, measured); ``"auto"`` (the default): ``"sums"`` for bf16 /
-#: fp16 activations (whose own rounding, 4e-3 in bf16, is far larger) of at least :data:`SUMS_MIN_VOXELS`
-#: voxels a sample, where it is the faster of the two (H200, 4 x 48 x 96^3: forward 1.06 against 1.37 ms,
-#: and 0.76 against 0.82 s for REP3D's deploy inference of a 256 x 256 x 160 volume; slower at
-#: 2 x 96 x 48^3), ``"batch_norm"`` otherwise; ``"triton"`` (opt-in): the Triton kernels of
-#: :mod:`networks.triton_norm`, which take 11-20% off the GPU's kernel time of a step / window batch but
-#: launch more from Python, so that on the H200 the step and the inference came out slower (67.8 against
-#: 62.5 ms, 0.877 against 0.821 s: benchmarks/RESULTS.md, issue 25); raises if Triton does not run.
+#: Which kernels the decoder's norms (and the encoders' channels-first LayerNorms) run on CUDA tensors
+#: (speed only; the same function):
+#:
+#: * ``"auto"`` (the default): the Triton kernels of :mod:`networks.triton_norm` where Triton loads and runs
+#:   on the GPU (checked once, on first use; otherwise a warning and PyTorch's kernels as below). On the
+#:   H200 they took a REP3D training step from 58.3 to 50.4 ms and its deploy inference of a 256 x 256 x
+#:   160 volume from 0.766 to 0.603 s (benchmarks/RESULTS.md, issue 25): the decoder blocks' "norm
+#:   (+ add) + LeakyReLU" tails become one statistics pass and one elementwise pass each way;
+#: * ``"triton"``: the same, and an error where Triton does not run;
+#: * ``"pytorch"``: PyTorch's kernels, with the statistics chosen as ``"auto"`` does without Triton (below);
+#: * ``"batch_norm"``: PyTorch's channels-last batch-norm kernels one sample at a time (Welford statistics);
+#: * ``"sums"``: the same with the statistics from float32 sums of x and x^2 over the whole batch,
+#:   ``var = E[x^2] - mean^2``, which loses about 1e-7 (mean / std)^2 of 1/std to cancellation (1.3e-4 at
+#:   |mean| / std = 30, measured).
+#:
+#: Without Triton, ``"auto"`` takes ``"sums"`` for bf16 / fp16 activations (whose own rounding, 4e-3 in
+#: bf16, is far larger) of at least :data:`SUMS_MIN_VOXELS` voxels a sample, where it is the faster of the
+#: two (H200, 4 x 48 x 96^3: forward 1.06 against 1.37 ms), ``"batch_norm"`` otherwise.
 instance_norm_impl = "auto"
-INSTANCE_NORM_IMPLS = ("auto", "triton", "batch_norm", "sums")
+INSTANCE_NORM_IMPLS = ("auto", "triton", "pytorch", "batch_norm", "sums")
 SUMS_MIN_VOXELS = 2**18
-_triton: dict = {}  # the loaded networks.triton_norm module
+_triton: dict = {}  # "module": the loaded networks.triton_norm; "error": why it did not load under "auto"
 
 
 def _check_impl() -> None:
@@ -73,32 +80,58 @@ def _check_impl() -> None:
 def stats_mode(x: torch.Tensor) -> str:
     """How the PyTorch-kernel path computes the statistics of ``x``: ``"sums"`` or ``"batch_norm"``."""
     _check_impl()
-    if instance_norm_impl in ("auto", "triton"):
+    if instance_norm_impl in ("auto", "triton", "pytorch"):
         reduced = x.dtype in (torch.bfloat16, torch.float16)
         return "sums" if reduced and x[0, 0].numel() >= SUMS_MIN_VOXELS else "batch_norm"
     return instance_norm_impl
 
 
-def triton_kernels(x: torch.Tensor):
-    """:mod:`networks.triton_norm` if :data:`instance_norm_impl` asks for Triton's kernels (``"triton"``), else
-    None. The first call loads it and runs each of its ways forward and backward on a small tensor on ``x``'s
-    device, so that a Triton that cannot compile for this GPU fails here, with its own error."""
-    _check_impl()
-    if instance_norm_impl != "triton":
-        return None
-    if "module" not in _triton:
-        # by name: a network's sources stay free of Triton (networks/triton_norm.py's docstring)
-        module = importlib.import_module(".triton_norm", __package__)
-        probe = [torch.randn(2, 8, 4, 5, 6, device=x.device).contiguous(memory_format=torch.channels_last_3d).requires_grad_() for _ in range(3)]
+def _load_triton(device: torch.device):
+    # by name: a network's sources stay free of Triton (networks/triton_norm.py's docstring)
+    module = importlib.import_module(".triton_norm", __package__)
+    with torch.enable_grad():  # (the first use may be inside torch.no_grad(): inference)
+        probe = [torch.randn(2, 8, 4, 5, 6, device=device).contiguous(memory_format=torch.channels_last_3d).requires_grad_() for _ in range(3)]
         for kw in ({}, {"slope": 0.01}, {"residual": probe[2], "slope": 0.01}, {"b": probe[1], "slope": 0.01}):
             module.fused_norm(probe[0], **kw).sum().backward()
-        _triton["module"] = module
+        w, b = torch.ones(8, device=device, requires_grad=True), torch.zeros(8, device=device, requires_grad=True)
+        module.layer_norm_channels_first(probe[0].detach().contiguous().requires_grad_(), w, b, 1e-6, torch.float32).sum().backward()
+    return module
+
+
+def triton_kernels(x: torch.Tensor):
+    """:mod:`networks.triton_norm` where :data:`instance_norm_impl` asks for Triton's kernels and they run,
+    else None. The first call loads the module and runs each of its kernels forward and backward on small
+    tensors on ``x``'s device, so that a Triton that cannot compile for this GPU is found there: under
+    ``"auto"`` with one warning (PyTorch's kernels from then on), under ``"triton"`` as its own error."""
+    _check_impl()
+    if instance_norm_impl not in ("auto", "triton"):
+        return None
+    if "module" not in _triton:
+        if "error" in _triton and instance_norm_impl == "auto":
+            return None
+        try:
+            _triton["module"] = _load_triton(x.device)
+        except Exception as err:  # noqa: BLE001 - any failure to import or compile: PyTorch's kernels
+            if instance_norm_impl == "triton":
+                raise
+            _triton["error"] = err
+            warnings.warn(f"Triton's norm kernels do not run here ({type(err).__name__}: {err}); using PyTorch's (slower) kernels", stacklevel=2)
+            return None
     return _triton["module"]
 
 
+def triton_kernels_for(x: torch.Tensor):
+    """:func:`triton_kernels` for an input ``x`` of a norm or block, or None where PyTorch's path runs:
+    off CUDA, and inside torch.compile / TorchScript / ONNX export."""
+    if not x.is_cuda:
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return None
+    return triton_kernels(x)
+
+
 def triton_norm(x: torch.Tensor):
-    """:class:`networks.triton_norm.TritonInstanceNorm` if :data:`instance_norm_impl` is ``"triton"``, else
-    None (:func:`triton_kernels`)."""
+    """:class:`networks.triton_norm.TritonInstanceNorm` where :func:`triton_kernels` gives the module, else None."""
     module = triton_kernels(x)
     return None if module is None else module.TritonInstanceNorm
 
@@ -201,9 +234,9 @@ class ChannelsLastInstanceNorm3d(nn.Module):
         if memory_format_of(x) != torch.channels_last_3d:
             return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
         if x.is_cuda and not torch.compiler.is_compiling():
-            fn = triton_norm(x)
-            if fn is not None:
-                return fn.apply(x, self.weight, self.bias, self.eps)
+            kernels = triton_kernels_for(x)
+            if kernels is not None:
+                return kernels.TritonInstanceNorm.apply(x, self.weight, self.bias, self.eps)
             return _ChannelsLastInstanceNormCUDA.apply(x, self.weight, self.bias, self.eps)
         # Elsewhere (CPU, or traced by torch.compile): the same with functional ops, which autograd and
         # inductor understand; the batch statistics of one sample are its instance statistics.
@@ -253,15 +286,49 @@ def decoder_uses_channels_last(setting: bool | str, x: torch.Tensor) -> bool:
     return setting
 
 
-def _fused_kernels(block: nn.Module, inp: torch.Tensor):
-    """The Triton module for ``block``'s input, or None where the stock forward runs: off CUDA, on an input
-    that is not channels-last, inside torch.compile / TorchScript / ONNX export, or when
-    :data:`instance_norm_impl` does not ask for Triton."""
-    if not inp.is_cuda or not inp.is_contiguous(memory_format=torch.channels_last_3d):
+def _fused_kernels(inp: torch.Tensor):
+    """The Triton module for a block's input (:func:`triton_kernels_for`), on channels-last inputs only."""
+    if not inp.is_contiguous(memory_format=torch.channels_last_3d):
         return None
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    return triton_kernels_for(inp)
+
+
+#: Zero-pad a single-channel input (the image, into the decoder's ``encoder1``) and the weights of the
+#: convolutions that read it to :data:`PAD_CHANNELS` channels on the fused CUDA path: cuDNN has no
+#: tensor-core kernel for one input channel and runs a generic one (1.4 ms of a 4-window deploy batch of
+#: REP3D on the H200, for a convolution of 1 / 50 of the network's work). The padded channels are zeros,
+#: so the result is the same up to the order of the sums.
+pad_single_channel_input = True
+PAD_CHANNELS = 8
+
+
+def _padded_input(x: torch.Tensor) -> torch.Tensor:
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    out = torch.zeros((x.shape[0], PAD_CHANNELS, *x.shape[2:]), device=x.device, dtype=dtype)
+    out = out.contiguous(memory_format=torch.channels_last_3d)
+    out[:, :1] = x
+    return out
+
+
+def _conv(block_conv: nn.Module, x: torch.Tensor, padded: torch.Tensor | None) -> torch.Tensor:
+    """``block_conv(x)``, a MONAI ``Convolution`` holding only its ``conv``; on ``padded`` (``x`` with zero
+    channels added) with zero-padded weights when given."""
+    if padded is None:
+        return block_conv(x)
+    conv = block_conv.conv
+    weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, PAD_CHANNELS - conv.weight.shape[1]))
+    return F.conv3d(padded, weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+
+def _pad_for(block: nn.Module, inp: torch.Tensor) -> torch.Tensor | None:
+    if not pad_single_channel_input or inp.shape[1] != 1:
         return None
-    return triton_kernels(inp)
+    convs = [getattr(block, name) for name in ("conv1", "conv3") if hasattr(block, name)]
+    plain = all(
+        list(c.children()) == [getattr(c, "conv", None)] and isinstance(c.conv, nn.Conv3d) and c.conv.groups == 1 and c.conv.padding_mode == "zeros"
+        for c in convs
+    )
+    return _padded_input(inp) if plain else None
 
 
 def _norm_args(norm: "ChannelsLastInstanceNorm3d") -> dict:
@@ -274,14 +341,16 @@ class FusedUnetResBlock(UnetResBlock):
     :func:`_fused_kernels` allows, else MONAI's forward. Same modules, parameters and state dict."""
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        kernels = _fused_kernels(self, inp)
+        kernels = _fused_kernels(inp)
         if kernels is None:
             return super().forward(inp)
         slope = self.lrelu.negative_slope
-        out = self.conv2(kernels.fused_norm(self.conv1(inp), **_norm_args(self.norm1), slope=slope))
+        padded = _pad_for(self, inp)
+        out = self.conv2(kernels.fused_norm(_conv(self.conv1, inp, padded), **_norm_args(self.norm1), slope=slope))
         if hasattr(self, "conv3"):
             norm3 = self.norm3
-            return kernels.fused_norm(out, **_norm_args(self.norm2), b=self.conv3(inp), weight_b=norm3.weight, bias_b=norm3.bias, slope=slope)
+            res = _conv(self.conv3, inp, padded)
+            return kernels.fused_norm(out, **_norm_args(self.norm2), b=res, weight_b=norm3.weight, bias_b=norm3.bias, slope=slope)
         return kernels.fused_norm(out, **_norm_args(self.norm2), residual=inp, slope=slope)
 
 
@@ -289,11 +358,12 @@ class FusedUnetBasicBlock(UnetBasicBlock):
     """MONAI's ``UnetBasicBlock`` with its two "norm -> LeakyReLU" tails fused, as :class:`FusedUnetResBlock`."""
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        kernels = _fused_kernels(self, inp)
+        kernels = _fused_kernels(inp)
         if kernels is None:
             return super().forward(inp)
         slope = self.lrelu.negative_slope
-        out = self.conv2(kernels.fused_norm(self.conv1(inp), **_norm_args(self.norm1), slope=slope))
+        padded = _pad_for(self, inp)
+        out = self.conv2(kernels.fused_norm(_conv(self.conv1, inp, padded), **_norm_args(self.norm1), slope=slope))
         return kernels.fused_norm(out, **_norm_args(self.norm2), slope=slope)
 
 

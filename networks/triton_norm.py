@@ -1,5 +1,6 @@
 """Instance norms of channels-last (NDHWC) CUDA tensors as Triton kernels, with the tails of MONAI's decoder
-blocks fused into them: speed only, loaded by :mod:`networks.layout` when asked for.
+blocks fused into them, and the encoders' channels-first LayerNorm (:func:`layer_norm_channels_first`):
+speed only, loaded by :mod:`networks.layout` when asked for.
 
 One autograd function, :func:`fused_norm`, computes
 
@@ -35,12 +36,12 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-__all__ = ["CONFIG", "TritonInstanceNorm", "fused_norm"]
+__all__ = ["CONFIG", "TritonInstanceNorm", "fused_norm", "layer_norm_channels_first"]
 
 #: Launch settings. ``reduce_tile`` / ``tile``: elements of a (rows x channel lanes) tile of the reduction
 #: and of the elementwise kernels; ``programs``: reduction programs over the whole batch (a few per
 #: streaming multiprocessor, so that enough loads are in flight); ``*_warps``: warps per program.
-CONFIG = {"reduce_tile": 2048, "reduce_warps": 4, "programs": 2048, "tile": 4096, "warps": 4, "merge_rows": 256}
+CONFIG = {"reduce_tile": 1024, "reduce_warps": 4, "programs": 2048, "tile": 4096, "warps": 4, "merge_rows": 256}
 
 
 @triton.jit
@@ -402,3 +403,104 @@ class TritonInstanceNorm:
     @staticmethod
     def apply(x, weight, bias, eps):
         return fused_norm(x, weight, bias, eps=eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LayerNorm over the channels of an NCDHW tensor (the encoders' "channels-first" LayerNorm): each voxel's C
+# values lie S apart, so a program reads a (channels x voxels) tile, coalesced along the voxels, and
+# normalises its columns. PyTorch's route (movedim, a copy to make the rows contiguous, layer_norm, a copy
+# back to NCDHW, and autocast's casts) reads and writes the activation four to six times.
+
+
+@triton.jit
+def _ln_tile(S, C, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (N, voxel tiles): sample n, the channel lanes, the voxels, the mask and element offsets."""
+    n = tl.program_id(0)
+    chans = tl.arange(0, BLOCK_C)
+    vox = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = (chans < C)[:, None] & (vox < S)[None, :]
+    return n, chans, vox, ok, n.to(tl.int64) * C * S + chans.to(tl.int64)[:, None] * S + vox[None, :]
+
+
+@triton.jit
+def _ln_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, S, C, eps, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    n, chans, vox, ok, offs = _ln_tile(S, C, BLOCK_C, BLOCK_S)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    d = tl.where(ok, x - mean[None, :], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+    w = tl.load(w_ptr + chans, mask=chans < C, other=0.0)
+    b = tl.load(b_ptr + chans, mask=chans < C, other=0.0)
+    y = d * rstd[None, :] * w[:, None] + b[:, None]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+    vox_ok = vox < S
+    tl.store(mean_ptr + n * S + vox, mean, mask=vox_ok)
+    tl.store(rstd_ptr + n * S + vox, rstd, mask=vox_ok)
+
+
+@triton.jit
+def _ln_backward_kernel(
+    g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, S, C, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """dx = rstd (g w - mean_c(g w) - xhat mean_c(g w xhat)); and the program's sums over its voxels of
+    g * xhat and g (the weight and bias gradients) into part[0 / 1, program, :]."""
+    n, chans, vox, ok, offs = _ln_tile(S, C, BLOCK_C, BLOCK_S)
+    vox_ok = vox < S
+    mean = tl.load(mean_ptr + n * S + vox, mask=vox_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + n * S + vox, mask=vox_ok, other=0.0)
+    w = tl.load(w_ptr + chans, mask=chans < C, other=0.0)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    xhat = tl.where(ok, (tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
+    gw = g * w[:, None]
+    m1 = tl.sum(gw, axis=0) / C
+    m2 = tl.sum(gw * xhat, axis=0) / C
+    dx = rstd[None, :] * (gw - m1[None, :] - xhat * m2[None, :])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    prog = n * tl.num_programs(1) + tl.program_id(1)
+    P = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(part_ptr + prog.to(tl.int64) * C + chans, tl.sum(g * xhat, axis=1), mask=chans < C)
+    tl.store(part_ptr + (P + prog).to(tl.int64) * C + chans, tl.sum(g, axis=1), mask=chans < C)
+
+
+def _ln_blocks(c: int) -> tuple[int, int]:
+    block_c = triton.next_power_of_2(c)
+    return block_c, max(1, CONFIG["tile"] // block_c)
+
+
+class _ChannelsFirstLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        with _on(x.device):
+            n, c = x.shape[:2]
+            s = x[0, 0].numel()
+            block_c, block_s = _ln_blocks(c)
+            y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+            mean = torch.empty(n, s, device=x.device, dtype=torch.float32)
+            rstd = torch.empty_like(mean)
+            grid = (n, triton.cdiv(s, block_s))
+            _ln_forward_kernel[grid](x, weight.float(), bias.float(), y, mean, rstd, s, c, eps, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["warps"])
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, mean, rstd = ctx.saved_tensors
+        with _on(x.device):
+            n, c = x.shape[:2]
+            s = x[0, 0].numel()
+            block_c, block_s = _ln_blocks(c)
+            grid = (n, triton.cdiv(s, block_s))
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            part = torch.empty(2, grid[0] * grid[1], c, device=x.device, dtype=torch.float32)
+            _ln_backward_kernel[grid](grad_out.contiguous(), x, weight.float(), mean, rstd, dx, part, s, c, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["warps"])
+            sums = part.sum(1)
+        needs = ctx.needs_input_grad
+        return (dx if needs[0] else None, sums[0].to(weight.dtype) if needs[1] else None, sums[1].to(weight.dtype) if needs[2] else None, None, None)
+
+
+def layer_norm_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over the channel axis of a contiguous (NCDHW) CUDA tensor (N, C, D, H, W), with per-channel
+    ``weight`` and ``bias``; the result (NCDHW) in ``out_dtype`` (float32 under autocast, as
+    ``F.layer_norm`` gives)."""
+    return _ChannelsFirstLayerNorm.apply(x.contiguous(), weight, bias, eps, out_dtype)
