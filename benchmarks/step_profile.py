@@ -77,13 +77,14 @@ def median_ms(fn, device: torch.device, warmup: int, reps: int) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
-def variant(key: str) -> tuple[str, str, bool]:
-    """``"REP3D@sums+compile"`` -> (network ``REP3D``, instance statistics ``sums``, compiled): ``@`` picks
-    `networks.layout.instance_norm_impl` for the run, ``+compile`` runs it through ``torch.compile``."""
-    compiled = key.endswith("+compile")
-    key = key.removesuffix("+compile")
+def variant(key: str) -> tuple[str, str, str]:
+    """``"REP3D@sums+compile"`` -> (network ``REP3D``, kernels ``sums``, ``"compile"``): ``@`` picks
+    `networks.layout.instance_norm_impl` for the run, ``+compile`` runs it through ``torch.compile``,
+    ``+graph`` (training step only) replays its forward and backward as CUDA graphs
+    (``torch.cuda.make_graphed_callables``)."""
+    key, _, mode = key.partition("+")
     name, _, stats = key.partition("@")
-    return name, stats or "auto", compiled
+    return name, stats or "auto", mode
 
 
 def build(name: str, classes: int, roi, tiny: bool, deploy: bool = False) -> torch.nn.Module:
@@ -99,16 +100,19 @@ def build(name: str, classes: int, roi, tiny: bool, deploy: bool = False) -> tor
     return networks.build_network(name, 1, classes, **kw)
 
 
-def train_step(model, device, roi, batch, classes):
+def train_step(model, device, roi, batch, classes, graph: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.08, **({"fused": True} if device.type == "cuda" else {}))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.randn(batch, 1, *roi, device=device)
     y = torch.randint(0, classes, (batch, 1, *roi), device=device)
     dtype = torch.bfloat16
+    if graph:  # the network's forward and backward captured once, replayed each step (autocast's cache must be off)
+        with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
+            model = torch.cuda.make_graphed_callables(model, (x,), num_warmup_iters=3)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda", cache_enabled=not graph):
             out = model(x)
             out = out[0] if isinstance(out, (list, tuple)) else out
             loss = loss_fn(out.float(), y)
@@ -148,33 +152,41 @@ def _ratios(rows: dict, pairs) -> None:
 def section_step(device, roi, batch, classes, reps, tiny, keys) -> None:
     rows = {}
     for key in keys:
-        name, stats, compiled = variant(key)
+        name, stats, mode = variant(key)
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny).to(device).train()
-        step = train_step(torch.compile(model) if compiled else model, device, roi, batch, classes)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         try:
             with norm_impl(stats):
-                step()  # the first step: cuDNN autotuning, and torch.compile's compilation
+                step = train_step(torch.compile(model) if mode == "compile" else model, device, roi, batch, classes, graph=mode == "graph")
+                step()  # the first step: cuDNN autotuning, torch.compile's compilation (graphs: captured above)
                 _sync(device)
                 first_s = time.perf_counter() - t0
                 r = median_ms(step, device, warmup=3, reps=reps)
+                host = []
+                for _ in range(7):  # host time to issue a step (no synchronisation inside): ~ the step when host-bound
+                    _sync(device)
+                    t = time.perf_counter()
+                    step()
+                    host.append(1e3 * (time.perf_counter() - t))
+                _sync(device)
         except Exception as e:
             _failed(rows, key, f"step {key}", e)
             continue
+        r["host_ms"] = statistics.median(host)
         r["first_step_s"] = first_s
         r["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         r["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         rows[key] = r
-        print(f"step {key}: {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}), first step {first_s:.1f} s, peak {r['peak_gib'] or 0:.2f} GiB, {r['params_m']:.1f}M params", flush=True)
+        print(f"step {key}: {r['median_ms']:.1f} ms (min {r['min_ms']:.1f}; host {r['host_ms']:.1f}), first step {first_s:.1f} s, peak {r['peak_gib'] or 0:.2f} GiB, {r['params_m']:.1f}M params", flush=True)
         del model, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
         RESULTS["step"] = rows
         _save()
-    _ratios(rows, [(k, "nnUNet") for k in keys if k.startswith("REP3D")] + [("REP3D", "REP3D_FixedPrior"), ("nnUNet+compile", "nnUNet"), ("REP3D+compile", "nnUNet+compile")])
+    _ratios(rows, [(k, "nnUNet") for k in keys if k.startswith("REP3D")] + [("REP3D", "REP3D_FixedPrior"), ("REP3D+graph", "REP3D_FixedPrior+graph"), ("nnUNet+compile", "nnUNet"), ("REP3D+compile", "nnUNet+compile"), ("REP3D+graph", "nnUNet+graph")])
 
 
 def section_infer(device, roi, volume, classes, tiny, reps, keys) -> None:
@@ -183,10 +195,10 @@ def section_infer(device, roi, volume, classes, tiny, reps, keys) -> None:
     amp = torch.bfloat16 if device.type == "cuda" else None
     sw = 4
     for key in keys:
-        name, stats, compiled = variant(key)
+        name, stats, mode = variant(key)
         torch.manual_seed(0)
         model = build(name, classes, roi, tiny, deploy=True).to(device).eval()
-        windows = compile_for_windows(model, sw) if compiled else model
+        windows = compile_for_windows(model, sw) if mode == "compile" else model
 
         def run(windows=windows):
             with torch.no_grad():
@@ -290,29 +302,10 @@ def section_norms(device, reps) -> None:
 
 
 def _encoder_pieces(device, reps, rows) -> None:
-    """Two smaller pieces the Triton path changes: the single-channel 3^3 convolution into ``encoder1``
-    (stock, and zero-padded to networks.layout.PAD_CHANNELS channels) and the encoders' channels-first
-    LayerNorm (PyTorch's route, and the Triton kernel), bf16 autocast, forward and forward + backward."""
-    from monai.networks.blocks.dynunet_block import get_conv_layer
-
+    """The encoders' channels-first LayerNorm: PyTorch's route and the Triton kernel, bf16 autocast,
+    forward and forward + backward."""
     from networks.blocks import LayerNormChannelsFirst
 
-    for n in (2, 4):
-        conv = get_conv_layer(3, 1, 48, kernel_size=3, stride=1, conv_only=False, act=None, norm=None).to(device).to(memory_format=torch.channels_last_3d)
-        x = layout.to_channels_last_3d(torch.randn(n, 1, 96, 96, 96, device=device))
-        for label, fn in (("stock", lambda: conv(x)), ("padded", lambda: layout._conv(conv, x, layout._padded_input(x)))):
-            def fwd(fn=fn):
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    fn()
-
-            def fwd_bwd(fn=fn):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = fn()
-                y.float().sum().backward()
-
-            f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
-            rows[f"conv 1->48 fwd {label} n={n}"], rows[f"conv 1->48 fwd+bwd {label} n={n}"] = f, fb
-            print(f"conv 1 -> 48 channels, 3^3, {n} x 96^3, {label:6s}: forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms", flush=True)
     for shape in [(2, 48, 48, 48, 48), (4, 96, 24, 24, 24)]:
         ln = LayerNormChannelsFirst(shape[1]).to(device)
         x = torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -3,7 +3,8 @@ backward, at shapes that exercise its tiling and merging: on a GPU, or on the CP
 
     python3 -m benchmarks.triton_norm_check                      # CUDA
     TRITON_INTERPRET=1 python3 -m benchmarks.triton_norm_check   # CPU (Triton 3.6's interpreter wants numpy < 2.3)
-    python3 -m benchmarks.triton_norm_check --tune               # CUDA: time the launch settings
+    python3 -m benchmarks.triton_norm_check --tune               # CUDA: time the launch settings (and --host)
+    python3 -m benchmarks.triton_norm_check --host               # CUDA: the host time of a call
 
 Prints each case's largest error relative to the reference's largest value (output, input gradient, and
 weight / bias gradients when affine) and exits 1 if one is above the tolerance (1e-4 in float32, where |mean| / std up to 60 costs (x - mean) about
@@ -173,10 +174,29 @@ def tune(reps: int = 20) -> None:
     triton_norm.CONFIG.update(default)
 
 
+def host_times() -> None:
+    """Host time a call costs, on tensors small enough that the GPU waits for the host."""
+    import time
+
+    a, b = (torch.randn(1, 8, 4, 4, 4, device="cuda").contiguous(memory_format=torch.channels_last_3d).requires_grad_() for _ in range(2))
+    for label, fn in (("fused_norm two, forward", lambda: fused_norm(a, b=b, slope=SLOPE)), ("fused_norm two, fwd+bwd", lambda: fused_norm(a, b=b, slope=SLOPE).sum().backward()),
+                      ("F.instance_norm, forward", lambda: F.instance_norm(a)), ("F.leaky_relu, forward", lambda: F.leaky_relu(a, SLOPE))):  # fmt: skip
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn()
+        torch.cuda.synchronize()
+        print(f"host time a call: {label:26s} {(time.perf_counter() - t) / 200 * 1e6:.0f} us", flush=True)
+
+
 def main() -> int:
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-    if "--tune" in sys.argv[1:]:
-        tune()
+    if "--tune" in sys.argv[1:] or "--host" in sys.argv[1:]:
+        if "--tune" in sys.argv[1:]:
+            tune()
+        host_times()
         return 0
     all_ok = True
     for shape, affine, dtype in CASES:

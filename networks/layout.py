@@ -293,44 +293,6 @@ def _fused_kernels(inp: torch.Tensor):
     return triton_kernels_for(inp)
 
 
-#: Zero-pad a single-channel input (the image, into the decoder's ``encoder1``) and the weights of the
-#: convolutions that read it to :data:`PAD_CHANNELS` channels on the fused CUDA path: cuDNN has no
-#: tensor-core kernel for one input channel and runs a generic one (1.4 ms of a 4-window deploy batch of
-#: REP3D on the H200, for a convolution of 1 / 50 of the network's work). The padded channels are zeros,
-#: so the result is the same up to the order of the sums.
-pad_single_channel_input = True
-PAD_CHANNELS = 8
-
-
-def _padded_input(x: torch.Tensor) -> torch.Tensor:
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    out = torch.zeros((x.shape[0], PAD_CHANNELS, *x.shape[2:]), device=x.device, dtype=dtype)
-    out = out.contiguous(memory_format=torch.channels_last_3d)
-    out[:, :1] = x
-    return out
-
-
-def _conv(block_conv: nn.Module, x: torch.Tensor, padded: torch.Tensor | None) -> torch.Tensor:
-    """``block_conv(x)``, a MONAI ``Convolution`` holding only its ``conv``; on ``padded`` (``x`` with zero
-    channels added) with zero-padded weights when given."""
-    if padded is None:
-        return block_conv(x)
-    conv = block_conv.conv
-    weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, PAD_CHANNELS - conv.weight.shape[1]))
-    return F.conv3d(padded, weight, conv.bias, conv.stride, conv.padding, conv.dilation)
-
-
-def _pad_for(block: nn.Module, inp: torch.Tensor) -> torch.Tensor | None:
-    if not pad_single_channel_input or inp.shape[1] != 1:
-        return None
-    convs = [getattr(block, name) for name in ("conv1", "conv3") if hasattr(block, name)]
-    plain = all(
-        list(c.children()) == [getattr(c, "conv", None)] and isinstance(c.conv, nn.Conv3d) and c.conv.groups == 1 and c.conv.padding_mode == "zeros"
-        for c in convs
-    )
-    return _padded_input(inp) if plain else None
-
-
 def _norm_args(norm: "ChannelsLastInstanceNorm3d") -> dict:
     return {"weight_a": norm.weight, "bias_a": norm.bias, "eps": norm.eps}
 
@@ -345,12 +307,10 @@ class FusedUnetResBlock(UnetResBlock):
         if kernels is None:
             return super().forward(inp)
         slope = self.lrelu.negative_slope
-        padded = _pad_for(self, inp)
-        out = self.conv2(kernels.fused_norm(_conv(self.conv1, inp, padded), **_norm_args(self.norm1), slope=slope))
+        out = self.conv2(kernels.fused_norm(self.conv1(inp), **_norm_args(self.norm1), slope=slope))
         if hasattr(self, "conv3"):
             norm3 = self.norm3
-            res = _conv(self.conv3, inp, padded)
-            return kernels.fused_norm(out, **_norm_args(self.norm2), b=res, weight_b=norm3.weight, bias_b=norm3.bias, slope=slope)
+            return kernels.fused_norm(out, **_norm_args(self.norm2), b=self.conv3(inp), weight_b=norm3.weight, bias_b=norm3.bias, slope=slope)
         return kernels.fused_norm(out, **_norm_args(self.norm2), residual=inp, slope=slope)
 
 
@@ -362,8 +322,7 @@ class FusedUnetBasicBlock(UnetBasicBlock):
         if kernels is None:
             return super().forward(inp)
         slope = self.lrelu.negative_slope
-        padded = _pad_for(self, inp)
-        out = self.conv2(kernels.fused_norm(_conv(self.conv1, inp, padded), **_norm_args(self.norm1), slope=slope))
+        out = self.conv2(kernels.fused_norm(self.conv1(inp), **_norm_args(self.norm1), slope=slope))
         return kernels.fused_norm(out, **_norm_args(self.norm2), slope=slope)
 
 

@@ -30,6 +30,7 @@ asked for, so that a network's sources stay free of it (a MONAI bundle, for one,
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -273,26 +274,39 @@ def _backward_kernel(
 
 
 def _on(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' (CPU tensors: Triton's interpreter)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' where it is not (CPU tensors:
+    Triton's interpreter). (Checked first: entering a device context at every launch costs host time.)"""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 class _Launch:
-    """Block shapes and grids for (N, C, voxels S) per :data:`CONFIG`."""
+    """Block shapes and grids for (N, C, voxels S) per :data:`CONFIG` (:func:`_launch` keeps them)."""
 
-    def __init__(self, n: int, c: int, s: int) -> None:
+    def __init__(self, n: int, c: int, s: int, config: tuple) -> None:
+        cfg = dict(config)
         self.block_c = triton.next_power_of_2(c)
-        self.reduce_s = max(1, CONFIG["reduce_tile"] // self.block_c)
-        self.tile_s = max(1, CONFIG["tile"] // self.block_c)
+        self.reduce_s = max(1, cfg["reduce_tile"] // self.block_c)
+        self.tile_s = max(1, cfg["tile"] // self.block_c)
         tiles = triton.cdiv(s, self.reduce_s)
-        programs = max(1, min(tiles, triton.cdiv(CONFIG["programs"], n)))
+        programs = max(1, min(tiles, triton.cdiv(cfg["programs"], n)))
         self.rows = triton.cdiv(tiles, programs) * self.reduce_s  # voxels per reduction program
         self.P = triton.cdiv(s, self.rows)
         self.merge_c = min(self.block_c, 16)
-        self.merge_p = max(1, CONFIG["merge_rows"] * 16 // self.merge_c)
+        self.merge_p = max(1, cfg["merge_rows"] * 16 // self.merge_c)
         self.grid_reduce = (n, self.P)
         self.grid_tiles = (n, triton.cdiv(s, self.tile_s))
         self.grid_merge = triton.cdiv(c, self.merge_c)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_launch(n: int, c: int, s: int, config: tuple) -> _Launch:
+    return _Launch(n, c, s, config)
+
+
+def _launch(n: int, c: int, s: int) -> _Launch:
+    return _cached_launch(n, c, s, tuple(sorted(CONFIG.items())))
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:
@@ -308,7 +322,7 @@ class _FusedNorm(torch.autograd.Function):
             n, c = a.shape[:2]
             s = a[0, 0].numel()
             two, affine = b is not None, wa is not None
-            L = _Launch(n, c, s)
+            L = _launch(n, c, s)
             k = 2 if two else 1
             part = torch.empty(2, k, n, L.P, c, device=a.device, dtype=torch.float32)
             _stats_kernel[(n, L.P, k)](
@@ -343,7 +357,7 @@ class _FusedNorm(torch.autograd.Function):
             n, c = a.shape[:2]
             s = a[0, 0].numel()
             two, act = ctx.two, ctx.slope is not None
-            L = _Launch(n, c, s)
+            L = _launch(n, c, s)
             g = _cl(grad_out)
             j = 3 if two else 2
             part = torch.empty(j, n, L.P, c, device=a.device, dtype=torch.float32)
