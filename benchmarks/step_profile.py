@@ -41,6 +41,7 @@ import networks
 from networks import layout
 from networks.layout import ChannelsLastInstanceNorm3d
 from rep3d.inference.sliding_window import compile_for_windows, sliding_window_predict
+from rep3d.training.graphs import StepGraph
 
 RESULTS: dict = {}
 JSON_PATH: list[str] = []  # where main() writes RESULTS: after every section and every timed variant
@@ -81,7 +82,7 @@ def variant(key: str) -> tuple[str, str, str]:
     """``"REP3D@sums+compile"`` -> (network ``REP3D``, kernels ``sums``, ``"compile"``): ``@`` picks
     `networks.layout.instance_norm_impl` for the run, ``+compile`` runs it through ``torch.compile``,
     ``+graph`` (training step only) replays its forward and backward as CUDA graphs
-    (``torch.cuda.make_graphed_callables``)."""
+    (``main_train.py --cuda_graph on``: rep3d.training.graphs)."""
     key, _, mode = key.partition("+")
     name, _, stats = key.partition("@")
     return name, stats or "auto", mode
@@ -106,14 +107,13 @@ def train_step(model, device, roi, batch, classes, graph: bool = False):
     x = torch.randn(batch, 1, *roi, device=device)
     y = torch.randint(0, classes, (batch, 1, *roi), device=device)
     dtype = torch.bfloat16
-    if graph:  # the network's forward and backward captured once, replayed each step (autocast's cache must be off)
-        with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
-            model = torch.cuda.make_graphed_callables(model, (x,), num_warmup_iters=3)
+    # +graph: main_train.py --cuda_graph on (forward and backward recorded at the first step, then replayed)
+    step_graph = StepGraph("on" if graph else "off", [])
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda", cache_enabled=not graph):
-            out = model(x)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            out = step_graph.model(model, x, dtype)(x)
             out = out[0] if isinstance(out, (list, tuple)) else out
             loss = loss_fn(out.float(), y)
         loss.backward()

@@ -192,6 +192,8 @@ class TrainConfig:
         seed: seed of weights, crops and shuffling.
         amp: ``auto``, ``bf16``, ``fp16`` or ``off``.
         compile: run the training step through ``torch.compile``.
+        cuda_graph: replay the network's forward and backward as CUDA graphs: ``auto`` (where it can
+            work: CUDA, one process, no ``compile``), ``on`` or ``off`` (:mod:`rep3d.training.graphs`).
         max_nonfinite: stop after this many non-finite losses in a row.
         loss: ``dicece`` (the paper's), ``dice_focal``, ``ce`` or ``dicece_nnunet`` (nnU-Net's: Dice over the
             foreground classes per case, smooth 1e-5, + cross-entropy).
@@ -216,6 +218,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"
     compile: bool = False
+    cuda_graph: str = "auto"
     max_nonfinite: int = 5
     loss: str = "dicece"
     class_weights: tuple[float, ...] | None = None
@@ -303,6 +306,8 @@ class RunConfig:
             problems.append(f"--grad_clip must be a positive number (or not given: no clipping), got {t.grad_clip}")
         if t.lr_schedule not in LR_SCHEDULES:
             problems.append(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule}")
+        if t.cuda_graph not in ("auto", "on", "off"):
+            problems.append(f"--cuda_graph must be auto, on or off, got {t.cuda_graph}")
         if d.loader not in LOADERS:
             problems.append(f"--loader must be one of {', '.join(LOADERS)}, got {d.loader}")
         if not 0.0 <= s.overlap < 1.0:

@@ -90,11 +90,11 @@ def resolve_amp(amp: str, device: torch.device, inference: bool = False) -> torc
     return torch.bfloat16
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``device`` in ``dtype``; a no-op context when ``dtype`` is ``None``."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 unwrap_model = networks.unwrap_model  # the one unwrapper (DDP, DataParallel, torch.compile), re-exported

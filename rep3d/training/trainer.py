@@ -59,6 +59,7 @@ from rep3d.fileio import (
 from rep3d.inference.sliding_window import sliding_window_predict
 from rep3d.metrics import DiceAccumulator, dice_table
 from rep3d.planning import Plan
+from rep3d.training.graphs import StepGraph, graph_blockers
 from rep3d.runtime import (
     autocast,
     is_oom,
@@ -321,6 +322,10 @@ class Trainer:
                 "to start a new one, or delete the folder"
             )
         self.amp_dtype = resolve_amp(t.amp, self.device)
+        try:
+            self.step_graph = StepGraph(t.cuda_graph, graph_blockers(self.device, self.dist.enabled, t.compile))
+        except RuntimeError as err:
+            raise ConfigError(str(err)) from None
         self.environment = environment()
         self.nondeterminism = NondeterminismLog().start() if t.deterministic else None
         if t.deterministic:
@@ -400,7 +405,8 @@ class Trainer:
             f"validation every {t.eval_step}; output {os.path.abspath(self.output)}; recipe {t.recipe}"
             f"{f', gradient norm clipped at {t.grad_clip:g}' if t.grad_clip is not None else ''}"
             f"{', deep supervision' if c.network.options.get('deep_supervision') else ''}; {describe_environment(self.environment)}; "
-            f"deterministic algorithms {'on (warn_only; ops without one are listed at the end)' if t.deterministic else 'off'}"
+            f"deterministic algorithms {'on (warn_only; ops without one are listed at the end)' if t.deterministic else 'off'}; "
+            f"{self.step_graph.describe()}"
         )
         if self.frozen:
             line += f"; encoder frozen for the first {t.freeze_encoder} iterations"
@@ -495,8 +501,9 @@ class Trainer:
         image, label = _tensor(batch["image"], self.device), _tensor(batch["label"], self.device)
         self.timer.start_step()
         self.optimizer.zero_grad(set_to_none=True)
+        net = self.step_graph.model(self.train_model, image, self.amp_dtype)
         with autocast(self.device, self.amp_dtype):
-            logits = self.train_model(image)
+            logits = net(image)
         # float32 loss: softmax/log of bf16 logits is coarse (DeepSupervisionLoss casts each output of a list)
         loss = self.loss_fn(logits if isinstance(logits, (list, tuple)) else logits.float(), label)
         value, finite = self._loss_consensus(loss)
