@@ -302,9 +302,29 @@ def section_norms(device, reps) -> None:
 
 
 def _encoder_pieces(device, reps, rows) -> None:
-    """The encoders' channels-first LayerNorm: PyTorch's route and the Triton kernel, bf16 autocast,
-    forward and forward + backward."""
+    """The single-channel 3^3 convolution into ``encoder1`` (cuDNN, and the gather + matrix product of
+    networks.layout._single_channel_conv) and the encoders' channels-first LayerNorm (PyTorch's route and
+    the Triton kernel), bf16 autocast, forward and forward + backward."""
+    from monai.networks.blocks.dynunet_block import get_conv_layer
+
     from networks.blocks import LayerNormChannelsFirst
+
+    for n in (2, 4):
+        conv = get_conv_layer(3, 1, 48, kernel_size=3, stride=1, conv_only=False, act=None, norm=None).to(device).to(memory_format=torch.channels_last_3d)
+        x = layout.to_channels_last_3d(torch.randn(n, 1, 96, 96, 96, device=device))
+        for label, fn in (("cuDNN", lambda: conv(x)), ("gather", lambda: layout._single_channel_conv(conv, x))):
+            def fwd(fn=fn):
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    fn()
+
+            def fwd_bwd(fn=fn):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    y = fn()
+                y.float().sum().backward()
+
+            f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+            rows[f"conv 1->48 fwd {label} n={n}"], rows[f"conv 1->48 fwd+bwd {label} n={n}"] = f, fb
+            print(f"conv 1 -> 48 channels, 3^3, {n} x 96^3, {label:6s}: forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms", flush=True)
 
     for shape in [(2, 48, 48, 48, 48), (4, 96, 24, 24, 24)]:
         ln = LayerNormChannelsFirst(shape[1]).to(device)
