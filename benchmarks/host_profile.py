@@ -11,8 +11,21 @@ import pstats
 import time
 
 import torch
+import torch.nn.functional as F
 
 from networks.triton_norm import _FusedNorm, fused_norm
+
+
+def host_us(fn, reps: int = 300) -> float:
+    """Microseconds a call of ``fn`` takes when the GPU waits for the host (after 50 warm-up calls)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e6
 
 
 def main() -> None:
@@ -23,16 +36,11 @@ def main() -> None:
         "two forward + backward": lambda: fused_norm(a, b=b, slope=0.01).backward(g),
         "act forward + backward": lambda: fused_norm(a, slope=0.01).backward(g),
         "two forward + autograd.grad": lambda: torch.autograd.grad(fused_norm(a, b=b, slope=0.01), (a, b), g),
+        "F.instance_norm forward": lambda: F.instance_norm(a),
+        "F.leaky_relu forward": lambda: F.leaky_relu(a, 0.01),
     }
     for label, fn in cases.items():
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(300):
-            fn()
-        torch.cuda.synchronize()
-        print(f"{label}: {(time.perf_counter() - t) / 300 * 1e6:.0f} us a call", flush=True)
+        print(f"{label}: {host_us(fn):.0f} us a call", flush=True)
     # forward and backward called directly on this thread (the autograd engine runs backward on its own,
     # where cProfile does not look), with a stand-in for the autograd context
     class Ctx:
@@ -47,15 +55,7 @@ def main() -> None:
             _FusedNorm.forward(ctx, a, None, None, b, None, None, None, 1e-5, 0.01)
             _FusedNorm.backward(ctx, g)
 
-    for label, fn in (("direct forward + backward (no autograd)", direct),):
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(300):
-            fn()
-        torch.cuda.synchronize()
-        print(f"{label}: {(time.perf_counter() - t) / 300 * 1e6:.0f} us a call", flush=True)
+    print(f"direct forward + backward (no autograd): {host_us(direct):.0f} us a call", flush=True)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(300):

@@ -78,6 +78,25 @@ def median_ms(fn, device: torch.device, warmup: int, reps: int) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
+def fwd_and_fwd_bwd(fn, grad, device: torch.device, reps: int, amp: bool = False) -> tuple[dict, dict]:
+    """:func:`median_ms` of ``fn()`` under ``torch.no_grad()``, and of ``fn()`` with its backward (of
+    ``grad``, or of the output's sum when None); ``amp``: inside bf16 autocast."""
+
+    def amp_ctx():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+    def fwd():
+        with torch.no_grad(), amp_ctx():
+            fn()
+
+    def fwd_bwd():
+        with amp_ctx():
+            y = fn()
+        y.backward(grad) if grad is not None else y.float().sum().backward()
+
+    return median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+
+
 def variant(key: str) -> tuple[str, str, str]:
     """``"REP3D@sums+compile"`` -> (network ``REP3D``, kernels ``sums``, ``"compile"``): ``@`` picks
     `networks.layout.instance_norm_impl` for the run, ``+compile`` runs it through ``torch.compile``,
@@ -242,17 +261,9 @@ def section_norms(device, reps) -> None:
             x = (x.contiguous() if ncdhw else x.contiguous(memory_format=cl)).requires_grad_()
             g = torch.randn_like(x)
             norm = (torch.nn.InstanceNorm3d(shape[1]) if ncdhw else ChannelsLastInstanceNorm3d(shape[1])).to(device)
-
-            def fwd(norm=norm, x=x):
-                with torch.no_grad():
-                    norm(x)
-
-            def fwd_bwd(norm=norm, x=x, g=g):
-                norm(x).backward(g)
-
             try:
                 with norm_impl("auto" if ncdhw else impl):
-                    f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+                    f, fb = fwd_and_fwd_bwd(lambda norm=norm, x=x: norm(x), g, device, reps)
             except Exception as e:
                 _failed(rows, f"norm {impl} {shape}", f"norm {impl} {shape}", e)
                 continue
@@ -276,14 +287,7 @@ def section_norms(device, reps) -> None:
         if kernels is not None:
             ways["triton fused"] = lambda: kernels.fused_norm(a, b=b, slope=0.01)
         for label, fn in ways.items():
-            def fwd(fn=fn):
-                with torch.no_grad():
-                    fn()
-
-            def fwd_bwd(fn=fn):
-                fn().backward(g)
-
-            f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+            f, fb = fwd_and_fwd_bwd(fn, g, device, reps)
             rows[f"tail fwd {label} {shape}"], rows[f"tail fwd+bwd {label} {shape}"] = f, fb
             print(f"tail LeakyReLU(norm(a) + norm(b)) {label:13s} {shape}: forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms", flush=True)
     if device.type == "cuda":
@@ -313,16 +317,7 @@ def _encoder_pieces(device, reps, rows) -> None:
         conv = get_conv_layer(3, 1, 48, kernel_size=3, stride=1, conv_only=False, act=None, norm=None).to(device).to(memory_format=torch.channels_last_3d)
         x = layout.to_channels_last_3d(torch.randn(n, 1, 96, 96, 96, device=device))
         for label, fn in (("cuDNN", lambda: conv(x)), ("gather", lambda: layout._single_channel_conv(conv, x))):
-            def fwd(fn=fn):
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    fn()
-
-            def fwd_bwd(fn=fn):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = fn()
-                y.float().sum().backward()
-
-            f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+            f, fb = fwd_and_fwd_bwd(fn, None, device, reps, amp=True)
             rows[f"conv 1->48 fwd {label} n={n}"], rows[f"conv 1->48 fwd+bwd {label} n={n}"] = f, fb
             print(f"conv 1 -> 48 channels, 3^3, {n} x 96^3, {label:6s}: forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms", flush=True)
 
@@ -330,18 +325,9 @@ def _encoder_pieces(device, reps, rows) -> None:
         ln = LayerNormChannelsFirst(shape[1]).to(device)
         x = torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
         for impl in ("pytorch", "triton"):
-            def fwd():
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    ln(x)
-
-            def fwd_bwd():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = ln(x)
-                y.sum().backward()
-
             try:
                 with norm_impl(impl):
-                    f, fb = median_ms(fwd, device, 3, reps), median_ms(fwd_bwd, device, 3, reps)
+                    f, fb = fwd_and_fwd_bwd(lambda: ln(x), None, device, reps, amp=True)
             except Exception as e:
                 _failed(rows, f"layer norm {impl} {shape}", f"layer norm {impl} {shape}", e)
                 continue

@@ -3,8 +3,7 @@ backward, at shapes that exercise its tiling and merging: on a GPU, or on the CP
 
     python3 -m benchmarks.triton_norm_check                      # CUDA
     TRITON_INTERPRET=1 python3 -m benchmarks.triton_norm_check   # CPU (Triton 3.6's interpreter wants numpy < 2.3)
-    python3 -m benchmarks.triton_norm_check --tune               # CUDA: time the launch settings (and --host)
-    python3 -m benchmarks.triton_norm_check --host               # CUDA: the host time of a call
+    python3 -m benchmarks.triton_norm_check --tune               # CUDA: time the launch settings
 
 Prints each case's largest error relative to the reference's largest value (output, input gradient, and
 weight / bias gradients when affine) and exits 1 if one is above the tolerance (1e-4 in float32, where |mean| / std up to 60 costs (x - mean) about
@@ -146,6 +145,7 @@ TUNE_CHOICES = {"reduce_tile": (512, 2048), "reduce_warps": (2, 8), "programs": 
 def tune(reps: int = 20) -> None:
     """Median forward and forward + backward times (CUDA events) of :func:`fused_norm` in bf16 with the
     default :data:`CONFIG` and with each alternative of :data:`TUNE_CHOICES`."""
+    from benchmarks.step_profile import fwd_and_fwd_bwd
     from networks import triton_norm
 
     default = dict(triton_norm.CONFIG)
@@ -157,46 +157,15 @@ def tune(reps: int = 20) -> None:
         gb = a.numel() * a.element_size() / 1e9
         for label, change in configs:
             triton_norm.CONFIG.update(default, **change)
-            times = {}
-            for what, fn in (("fwd", lambda: fused_norm(a, **kw, slope=SLOPE)), ("fwd+bwd", lambda: fused_norm(a, **kw, slope=SLOPE).backward(g))):
-                for _ in range(3):
-                    fn()
-                ts = []
-                for _ in range(reps):
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
-                    fn()
-                    e1.record()
-                    e1.synchronize()
-                    ts.append(e0.elapsed_time(e1))
-                times[what] = sorted(ts)[len(ts) // 2]
-            print(f"tune {mode} {shape} {label:18s} forward {times['fwd']:.3f} ms, forward + backward {times['fwd+bwd']:.3f} ms ({gb:.3f} GB a tensor)", flush=True)
+            f, fb = fwd_and_fwd_bwd(lambda: fused_norm(a, **kw, slope=SLOPE), g, a.device, reps)
+            print(f"tune {mode} {shape} {label:18s} forward {f['median_ms']:.3f} ms, forward + backward {fb['median_ms']:.3f} ms ({gb:.3f} GB a tensor)", flush=True)
     triton_norm.CONFIG.update(default)
-
-
-def host_times() -> None:
-    """Host time a call costs, on tensors small enough that the GPU waits for the host."""
-    import time
-
-    a, b = (torch.randn(1, 8, 4, 4, 4, device="cuda").contiguous(memory_format=torch.channels_last_3d).requires_grad_() for _ in range(2))
-    for label, fn in (("fused_norm two, forward", lambda: fused_norm(a, b=b, slope=SLOPE)), ("fused_norm two, fwd+bwd", lambda: fused_norm(a, b=b, slope=SLOPE).sum().backward()),
-                      ("F.instance_norm, forward", lambda: F.instance_norm(a)), ("F.leaky_relu, forward", lambda: F.leaky_relu(a, SLOPE))):  # fmt: skip
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(200):
-            fn()
-        torch.cuda.synchronize()
-        print(f"host time a call: {label:26s} {(time.perf_counter() - t) / 200 * 1e6:.0f} us", flush=True)
 
 
 def main() -> int:
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-    if "--tune" in sys.argv[1:] or "--host" in sys.argv[1:]:
-        if "--tune" in sys.argv[1:]:
-            tune()
-        host_times()
+    if "--tune" in sys.argv[1:]:
+        tune()
         return 0
     all_ok = True
     for shape, affine, dtype in CASES:

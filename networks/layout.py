@@ -330,6 +330,12 @@ def _norm_args(norm: "ChannelsLastInstanceNorm3d") -> dict:
     return {"weight_a": norm.weight, "bias_a": norm.bias, "eps": norm.eps}
 
 
+def _first_half(block: nn.Module, kernels, inp: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``conv2(LeakyReLU(norm1(conv1(inp))))`` of a MONAI block, the norm and activation fused; and the slope."""
+    slope = block.lrelu.negative_slope
+    return block.conv2(kernels.fused_norm(_first_conv(block, inp), **_norm_args(block.norm1), slope=slope)), slope
+
+
 class FusedUnetResBlock(UnetResBlock):
     """MONAI's ``UnetResBlock`` whose "norm -> LeakyReLU" and "norm (+ the residual's norm) -> add ->
     LeakyReLU" tails run as the fused Triton kernels of :mod:`networks.triton_norm` where
@@ -339,8 +345,7 @@ class FusedUnetResBlock(UnetResBlock):
         kernels = _fused_kernels(inp)
         if kernels is None:
             return super().forward(inp)
-        slope = self.lrelu.negative_slope
-        out = self.conv2(kernels.fused_norm(_first_conv(self, inp), **_norm_args(self.norm1), slope=slope))
+        out, slope = _first_half(self, kernels, inp)
         if hasattr(self, "conv3"):
             norm3 = self.norm3
             return kernels.fused_norm(out, **_norm_args(self.norm2), b=self.conv3(inp), weight_b=norm3.weight, bias_b=norm3.bias, slope=slope)
@@ -354,8 +359,7 @@ class FusedUnetBasicBlock(UnetBasicBlock):
         kernels = _fused_kernels(inp)
         if kernels is None:
             return super().forward(inp)
-        slope = self.lrelu.negative_slope
-        out = self.conv2(kernels.fused_norm(_first_conv(self, inp), **_norm_args(self.norm1), slope=slope))
+        out, slope = _first_half(self, kernels, inp)
         return kernels.fused_norm(out, **_norm_args(self.norm2), slope=slope)
 
 

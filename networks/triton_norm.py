@@ -70,17 +70,22 @@ def _lane_welford(x_ptr, base, start, stop, rows_per_prog, C, cols, col_ok, BLOC
 
 
 @triton.jit
+def _reduction_program(S, C, rows_per_prog, BLOCK_C: tl.constexpr):
+    """A reduction program's sample n (program axis 0), its index p among the sample's programs (axis 1),
+    the channel lanes, its run of voxels [start, stop) and the sample's element offset."""
+    n = tl.program_id(0)
+    p = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    start = p * rows_per_prog
+    return n, p, cols, cols < C, start, tl.minimum(start + rows_per_prog, S), n.to(tl.int64) * S * C
+
+
+@triton.jit
 def _stats_kernel(a_ptr, b_ptr, part_ptr, S, C, N, rows_per_prog, P, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid (N, P, K): program p of sample n of normalised input k (a, then b) writes its voxels' mean and
     M2 into part[0 / 1, k, n, p, :]."""
-    n = tl.program_id(0)
-    p = tl.program_id(1)
+    n, p, cols, col_ok, start, stop, base = _reduction_program(S, C, rows_per_prog, BLOCK_C)
     k = tl.program_id(2)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    start = p * rows_per_prog
-    stop = tl.minimum(start + rows_per_prog, S)
-    base = n.to(tl.int64) * S * C
     if k == 0:
         p_mean, p_m2 = _lane_welford(a_ptr, base, start, stop, rows_per_prog, C, cols, col_ok, BLOCK_S, BLOCK_C)
     else:
@@ -193,13 +198,7 @@ def _grad_sums_kernel(
 ):
     """Grid (N, P): program p of sample n writes its voxels' sums of g, g * ahat (and g * bhat), g the
     gradient of the pre-activation, into part[j, n, p, :]."""
-    n = tl.program_id(0)
-    p = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    start = p * rows_per_prog
-    stop = tl.minimum(start + rows_per_prog, S)
-    base = n.to(tl.int64) * S * C
+    n, p, cols, col_ok, start, stop, base = _reduction_program(S, C, rows_per_prog, BLOCK_C)
     KNC = (2 if TWO else 1) * N * C
     sg = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     sga = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
