@@ -1,14 +1,19 @@
-"""Memory-layout helpers: speed only, no architecture.
+"""Memory-layout and kernel choices: speed only, no architecture.
 
 Nothing here changes what a network computes or its state dict; it changes how tensors are laid out
 in memory so that cuDNN's 3-D convolutions and the instance norms of MONAI's decoder blocks run on
-channels-last (NDHWC) tensors without layout copies between them (benchmarks/RESULTS.md):
+channels-last (NDHWC) tensors without layout copies between them, and which kernels run them
+(benchmarks/RESULTS.md):
 
 * :func:`memory_format_of`, :func:`to_channels_last_3d`: inspect and convert layouts;
 * :class:`ChannelsLastInstanceNorm3d` and :func:`use_channels_last_instance_norms`: an instance norm
   that keeps a channels-last input channels-last (same parameters and keys as ``nn.InstanceNorm3d``);
 * :func:`decoder_uses_channels_last`: what a network's ``decoder_channels_last`` setting means for one
-  input (``"auto"``: on CUDA in eager mode).
+  input (``"auto"``: on CUDA in eager mode);
+* :data:`instance_norm_impl`, :func:`triton_kernels`: PyTorch's kernels or the Triton ones of
+  :mod:`networks.triton_norm` (the default where Triton runs);
+* :class:`FusedUnetResBlock`, :class:`FusedUnetBasicBlock` and :func:`use_fused_block_tails`: MONAI's
+  decoder blocks with their "norm (+ add) + LeakyReLU" tails as fused Triton kernels on CUDA.
 """
 
 from __future__ import annotations
