@@ -151,24 +151,26 @@ def test_triton_channels_first_layer_norm_matches_float64(case):
 
 def test_single_channel_conv_by_gather_equals_the_convolution():
     """encoder1's 3^3 convolution of the 1-channel image as a neighbourhood gather and a matrix product:
-    the convolution's output and weight / bias gradients (float64), channels-last; None where it does not apply."""
+    the convolution's output and weight / bias / input gradients (float64), channels-last; None where it
+    does not apply."""
     from monai.networks.blocks.dynunet_block import get_conv_layer
 
     torch.manual_seed(0)
     conv = get_conv_layer(3, 1, 6, kernel_size=3, stride=1, conv_only=False, act=None, norm=None, bias=True).double()
-    x = torch.randn(2, 1, 5, 7, 9, dtype=torch.float64)
+    x = torch.randn(2, 1, 5, 7, 9, dtype=torch.float64, requires_grad=True)  # (the ERF differentiates the input)
     g = torch.randn(2, 6, 5, 7, 9, dtype=torch.float64)
     outs = []
     for fn in (lambda: layout._single_channel_conv(conv, x), lambda: conv(x)):
         conv.zero_grad(set_to_none=True)
+        x.grad = None
         y = fn()
         (y * g).sum().backward()
-        outs.append([y, conv.conv.weight.grad, conv.conv.bias.grad])
+        outs.append([y, conv.conv.weight.grad, conv.conv.bias.grad, x.grad])
     assert outs[0][0].is_contiguous(memory_format=CL)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     strided = get_conv_layer(3, 1, 6, kernel_size=3, stride=2, conv_only=False, act=None, norm=None)
-    assert layout._single_channel_conv(strided, x.float()) is None
+    assert layout._single_channel_conv(strided, x.detach().float()) is None
     assert layout._single_channel_conv(conv, torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)) is None
 
 

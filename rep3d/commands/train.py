@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     t.add_argument(
         "--cuda_graph", choices=("auto", "on", "off"), default="auto",
-        help="replay the network's forward and backward as CUDA graphs, recorded at the first step (the host issues one "
+        help="replay the network's forward and backward as CUDA graphs, recorded at the first step (about 0.3 s; the host issues one "
         "launch instead of ~1,150 kernels: 46.2 instead of 51.1 ms a REP3D step on an H200, same numbers). auto (default): "
         "on one GPU without --compile; on: insist; off: eager steps",
     )  # fmt: skip
