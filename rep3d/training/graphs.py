@@ -6,7 +6,9 @@ than the host issues them (H200: 46 ms of kernels against 51 ms a step, benchmar
 batch's shape (three warm-up passes and the recording: about 0.3 s for REP3D on the H200, so it pays back
 within the first ten steps), and replays them each step: the host issues one graph launch instead of every kernel
 (46.2 ms a step). The loss, the optimizer, gradient clipping and AMP's scaler stay outside the graph, as
-does validation (evaluation mode runs the network itself). Same kernels, same numbers.
+does validation (evaluation mode runs the network itself). Same kernels, same numbers; the only side
+effect is that the warm-up passes show the first batch to the encoder's batch-norm running statistics
+three more times (momentum 0.1: gone within a few dozen steps).
 
 ``"auto"`` (the default) records the graph where it can work: CUDA, one process (DDP's gradient hooks are
 not recorded), no ``--compile``; a batch of another shape runs the network eagerly; a recording that fails
