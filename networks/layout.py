@@ -131,8 +131,9 @@ def triton_kernels(x: torch.Tensor):
 
 def triton_kernels_for(x: torch.Tensor):
     """:func:`triton_kernels` for an input ``x`` of a norm or block, or None where PyTorch's path runs:
-    off CUDA, and inside torch.compile / TorchScript / ONNX export."""
-    if not x.is_cuda:
+    off CUDA, for float64 tensors (the Triton kernels compute in float32), and inside torch.compile /
+    TorchScript / ONNX export."""
+    if not x.is_cuda or x.dtype == torch.float64:
         return None
     if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return None
