@@ -36,10 +36,10 @@ class LayerNormChannelsFirst(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = triton_kernels_for(x) if x.is_cuda and x.is_contiguous() else None
+        kernels = triton_kernels_for(x) if x.is_contiguous() else None
         if kernels is not None:  # one Triton pass over the NCDHW tensor (networks/layout.py: instance_norm_impl)
-            autocast = torch.is_autocast_enabled("cuda") and x.dtype != torch.float64
-            return kernels.layer_norm_channels_first(x, self.weight, self.bias, self.eps, torch.float32 if autocast else x.dtype)
+            out_dtype = torch.float32 if torch.is_autocast_enabled("cuda") else x.dtype  # (autocast runs layer_norm in float32)
+            return kernels.layer_norm_channels_first(x, self.weight, self.bias, self.eps, out_dtype)
         # Move channels last so that F.layer_norm (one fused kernel) normalises over them.
         y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
         # Back in the input's memory format: a stray channels-last view sends the next cuDNN convolutions

@@ -140,12 +140,6 @@ def triton_kernels_for(x: torch.Tensor):
     return triton_kernels(x)
 
 
-def triton_norm(x: torch.Tensor):
-    """:class:`networks.triton_norm.TritonInstanceNorm` where :func:`triton_kernels` gives the module, else None."""
-    module = triton_kernels(x)
-    return None if module is None else module.TritonInstanceNorm
-
-
 def _stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and 1/sqrt(var + eps) of a channels-last (N, C, D, H, W) tensor, float32, (N, C)."""
     n, c = x.shape[:2]

@@ -45,6 +45,8 @@ LOADERS = ("auto", "gpu", "workers")
 
 
 LR_SCHEDULES = ("warmup_cosine", "constant", "poly")
+#: ``--cuda_graph`` (:mod:`rep3d.training.graphs`)
+CUDA_GRAPH_SETTINGS = ("auto", "on", "off")
 
 
 #: Named sets of training defaults (``--recipe``): the value of each flag a recipe sets when the flag is
@@ -306,8 +308,8 @@ class RunConfig:
             problems.append(f"--grad_clip must be a positive number (or not given: no clipping), got {t.grad_clip}")
         if t.lr_schedule not in LR_SCHEDULES:
             problems.append(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule}")
-        if t.cuda_graph not in ("auto", "on", "off"):
-            problems.append(f"--cuda_graph must be auto, on or off, got {t.cuda_graph}")
+        if t.cuda_graph not in CUDA_GRAPH_SETTINGS:
+            problems.append(f"--cuda_graph must be one of {', '.join(CUDA_GRAPH_SETTINGS)}, got {t.cuda_graph}")
         if d.loader not in LOADERS:
             problems.append(f"--loader must be one of {', '.join(LOADERS)}, got {d.loader}")
         if not 0.0 <= s.overlap < 1.0:

@@ -119,7 +119,7 @@ def test_triton_kernels_fall_back_under_auto_and_fail_when_asked_for(monkeypatch
     assert layout.triton_kernels(x) is None and len(tries) == 1  # the warning once, no second try
     monkeypatch.setattr(layout, "instance_norm_impl", "triton")
     with pytest.raises(ImportError, match="triton"):
-        layout.triton_norm(x)
+        layout.triton_kernels(x)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")

@@ -36,6 +36,7 @@ from rep3d.cli import (
 from rep3d.config import (
     LOSSES,
     LR_SCHEDULES,
+    CUDA_GRAPH_SETTINGS,
     OPTIMIZERS,
     RECIPES,
     ConfigError,
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "validation uses the uncompiled model",
     )  # fmt: skip
     t.add_argument(
-        "--cuda_graph", choices=("auto", "on", "off"), default="auto",
+        "--cuda_graph", choices=CUDA_GRAPH_SETTINGS, default="auto",
         help="replay the network's forward and backward as CUDA graphs, recorded at the first step (about 0.3 s; the host issues one "
         "launch instead of ~1,150 kernels: 46.2 instead of 51.1 ms a REP3D step on an H200, same numbers). auto (default): "
         "on one GPU without --compile; on: insist; off: eager steps",

@@ -22,11 +22,10 @@ import warnings
 import torch
 import torch.nn as nn
 
+from rep3d.config import CUDA_GRAPH_SETTINGS
 from rep3d.runtime import autocast
 
-__all__ = ["CUDA_GRAPH_SETTINGS", "StepGraph", "graph_blockers"]
-
-CUDA_GRAPH_SETTINGS = ("auto", "on", "off")
+__all__ = ["StepGraph", "graph_blockers"]
 
 
 def graph_blockers(device: torch.device, distributed: bool, compiled: bool) -> list[str]:
